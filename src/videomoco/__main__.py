@@ -1,0 +1,5 @@
+import sys
+
+from videomoco.cli import main
+
+sys.exit(main())

@@ -1,0 +1,58 @@
+"""The `videomoco` command: one subcommand per job.
+
+Each subcommand lives next to the code it drives, in a module that exposes
+`add_arguments(parser)` and `main(args) -> int | None`. Modules are imported
+only when their subcommand runs, so `videomoco --help` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+from videomoco import __version__
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "models": ("videomoco.models.registry", "list the encoders with their parameter counts"),
+    "index": ("videomoco.data.index", "scan a dataset root and write an index (quarantining broken videos)"),
+    "transcode": ("videomoco.data.transcode", "re-encode a dataset for fast random access"),
+    "synth": ("videomoco.data.synthetic", "render the synthetic motion dataset"),
+    "pretrain": ("videomoco.engine.pretrain", "pretrain an encoder with VideoMoCo"),
+    "finetune": ("videomoco.eval.finetune", "fine-tune a pretrained encoder on a labeled dataset"),
+    "linear": ("videomoco.eval.linear", "linear probe on frozen features"),
+    "knn": ("videomoco.eval.knn", "kNN classification and retrieval on frozen features"),
+    "robustness": ("videomoco.eval.robustness", "feature stability under dropped frames"),
+    "extract": ("videomoco.eval.extract", "extract one feature vector per video"),
+    "export": ("videomoco.eval.export", "export the query encoder as torchvision-compatible weights"),
+    "evaluate": ("videomoco.eval.suite", "the whole evaluation protocol in one table"),
+    "demo": ("videomoco.demo", "the end-to-end demo on synthetic data (CPU, no download)"),
+    "bench": ("videomoco.bench", "run a benchmark from benchmarks/"),
+}
+
+
+def build_parser(command=None):
+    parser = argparse.ArgumentParser(prog="videomoco", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"videomoco {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    args = build_parser(command).parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 1
+    module = importlib.import_module(COMMANDS[args.command][0])
+    return module.main(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The dataset index: every video probed once, broken ones quarantined with a reason.
+
+    videomoco index ROOT [--out DIR] [--layout auto|kinetics|ucf101|hmdb51|folder]
+                         [--split-dir DIR] [--annotations CSV] [--workers N]
+
+writes `DIR/index.csv` (one row per usable video: path relative to ROOT, label, class,
+splits, metadata, size, mtime), `DIR/quarantine.csv` (path, reason) and `DIR/meta.json`
+(root, layout, classes, counts). Re-running probes only new or changed files (by size
+and mtime). Training and evaluation call `open_index`, which never re-probes an index.
+"""
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from videomoco.data import decode
+from videomoco.data.layouts import LAYOUTS, SplitFileError, scan_layout
+
+log = logging.getLogger(__name__)
+
+INFO_FIELDS = ("frames", "fps", "duration", "width", "height", "codec", "rotation", "size", "mtime")
+QUARANTINE_FIELDS = ("path", "reason", "size", "mtime")
+
+
+@dataclass
+class VideoRecord:
+    """One row of index.csv; split columns are 'train'/'test'/'unused' (ucf101, hmdb51) or
+    'train'/'val'/'test' in `subset` (kinetics), empty where the layout has none."""
+
+    path: str
+    label: int = -1
+    class_name: str = ""
+    split1: str = ""
+    split2: str = ""
+    split3: str = ""
+    subset: str = ""
+    frames: int = 0
+    fps: float = 0.0
+    duration: float = 0.0
+    width: int = 0
+    height: int = 0
+    codec: str = ""
+    rotation: int = 0
+    size: int = 0
+    mtime: float = 0.0
+
+
+RECORD_FIELDS = [f.name for f in fields(VideoRecord)]
+_TYPES = {f.name: f.type for f in fields(VideoRecord)}
+
+
+def _record_from_row(row):
+    return VideoRecord(**{k: _TYPES[k](row[k]) if _TYPES[k] is not str else row[k] for k in RECORD_FIELDS if k in row})
+
+
+@dataclass
+class VideoIndex:
+    """The usable videos of a dataset root: `records[i]`, `path(i)`, `classes[label]`, `select(...)`."""
+
+    root: str
+    layout: str
+    classes: list
+    records: list
+    quarantine: list = field(default_factory=list)  # (relative path, reason)
+    dir: str | None = None  # where index.csv lives, for add_quarantine
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.records)
+
+    def path(self, i):
+        """Absolute path of video `i`."""
+        return os.path.join(self.root, self.records[i].path)
+
+    def select(self, subset=None, split=1):
+        """The videos of one subset: 'train'/'test' of fold `split` (ucf101, hmdb51), the
+        'train'/'val'/'test' folder (kinetics); None keeps all."""
+        if subset is None:
+            return replace(self, records=list(self.records))
+        if self.layout in ("ucf101", "hmdb51"):
+            if subset not in ("train", "test") or split not in (1, 2, 3):
+                raise ValueError(f"{self.layout} has subsets train/test and splits 1-3, got {subset!r}, {split!r}")
+            records = [r for r in self.records if getattr(r, f"split{split}") == subset]
+        elif self.layout == "kinetics":
+            if subset not in ("train", "val", "test"):
+                raise ValueError(f"kinetics has subsets train/val/test, got {subset!r}")
+            records = [r for r in self.records if r.subset == subset]
+        else:
+            raise ValueError(f"layout {self.layout!r} has no subsets; use subset=None")
+        return replace(self, records=records)
+
+    def add_quarantine(self, path, reason):
+        """Record a video that failed at training time (appends one line to quarantine.csv)."""
+        path = os.path.relpath(path, self.root) if os.path.isabs(path) else str(path)
+        reason = " ".join(str(reason).split())
+        self.quarantine.append((path, reason))
+        try:  # size and mtime keep it quarantined when the index is rebuilt, until the file changes
+            stat = os.stat(os.path.join(self.root, path))
+            key = [str(stat.st_size), str(stat.st_mtime)]
+        except OSError:
+            key = ["", ""]
+        if self.dir is not None:
+            with open(os.path.join(self.dir, "quarantine.csv"), "a", newline="") as f:
+                f.write(_csv_line([path, reason, *key]))  # one write: safe to append from several workers
+
+    def save(self, out):
+        """Write index.csv, quarantine.csv and meta.json into `out` (each atomically)."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = [asdict(r) for r in self.records]
+        _write_csv(out / "index.csv", RECORD_FIELDS, [[row[k] for k in RECORD_FIELDS] for row in rows])
+        _write_csv(out / "quarantine.csv", QUARANTINE_FIELDS, [list(q) + [""] * (4 - len(q)) for q in self.quarantine])
+        meta = dict(self.meta, root=str(self.root), layout=self.layout, classes=list(self.classes))
+        _atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+        self.dir = str(out)
+        return out
+
+    @classmethod
+    def load(cls, location):
+        """Read an index directory or its index.csv (meta.json must sit next to it)."""
+        location = Path(location)
+        out = location.parent if location.suffix == ".csv" else location
+        if not (out / "index.csv").is_file() or not (out / "meta.json").is_file():
+            raise FileNotFoundError(f"no index at {out} (need index.csv and meta.json): run `videomoco index ROOT`")
+        meta = json.loads((out / "meta.json").read_text())
+        with open(out / "index.csv", newline="") as f:
+            records = [_record_from_row(row) for row in csv.DictReader(f)]
+        quarantine = [tuple(q[:2]) for q in _read_quarantine(out)]
+        broken = {q[0] for q in quarantine}  # includes videos quarantined at training time
+        records = [r for r in records if r.path not in broken]
+        return cls(meta["root"], meta["layout"], meta["classes"], records, quarantine, str(out), meta)
+
+
+def _csv_line(values):
+    buf = io.StringIO()
+    csv.writer(buf).writerow(values)
+    return buf.getvalue()
+
+
+def _atomic_write(path, text):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _write_csv(path, header, rows):
+    _atomic_write(path, "".join(_csv_line(r) for r in [header, *rows]))
+
+
+def _read_quarantine(out):
+    """Rows [path, reason, size, mtime] of quarantine.csv (size/mtime empty for training-time entries)."""
+    path = Path(out) / "quarantine.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    return [row + [""] * (4 - len(row)) for row in rows if row]
+
+
+def default_out(root):
+    """ROOT/index if writable, else ~/.cache/videomoco/index/<name>-<hash of ROOT>."""
+    root = Path(root).resolve()
+    if os.access(root, os.W_OK):
+        return root / "index"
+    digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
+    return Path.home() / ".cache" / "videomoco" / "index" / f"{root.name}-{digest}"
+
+
+def _probe_one(path):
+    """(VideoInfo fields as a dict, None) or (None, reason) — never raises, so a pool never dies."""
+    try:
+        return asdict(decode.probe(path)), None
+    except decode.VideoError as err:
+        return None, err.reason
+    except Exception as err:  # a probe bug must quarantine one file, not stop the indexing
+        return None, f"probe failed: {type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def _probe_all(paths, workers, progress):
+    """Probe `paths` in `workers` processes (1: in this process), with a progress bar."""
+    bar = dict(total=len(paths), desc="probing", unit="video", disable=not progress or not paths, file=sys.stderr)
+    if workers <= 1 or len(paths) < 2:
+        return [_probe_one(p) for p in tqdm(paths, **bar)]
+    chunk = max(1, min(64, len(paths) // (workers * 8)))
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(_probe_one, paths, chunksize=chunk), **bar))
+
+
+def build_index(root, out=None, layout="auto", split_dir=None, annotations=None, workers=None, progress=True):
+    """Scan `root`, probe new or changed videos, write the index into `out` -> VideoIndex.
+
+    Rows and quarantine entries of files whose size and mtime did not change are reused.
+    """
+    root = Path(root).resolve()
+    if isinstance(annotations, (str, os.PathLike)):
+        annotations = [annotations]
+    annotations = [str(a) for a in annotations or ()]
+    if not root.is_dir():
+        raise NotADirectoryError(f"dataset root {root} is not a directory")
+    out = Path(out) if out else default_out(root)
+    scan = scan_layout(root, layout, split_dir, annotations, exclude=[out])
+    previous, old_quarantine = {}, {}
+    if (out / "index.csv").is_file() and (out / "meta.json").is_file():
+        with open(out / "index.csv", newline="") as f:
+            previous = {row["path"]: _record_from_row(row) for row in csv.DictReader(f)}
+        old_quarantine = {q[0]: q for q in _read_quarantine(out) if q[2]}
+    label_of = {name: i for i, name in enumerate(scan.classes)}
+    records, quarantine, to_probe = [], [], []
+    for rel, entry in scan.videos.items():
+        stat = os.stat(root / rel)
+        key = (stat.st_size, stat.st_mtime)
+        entry = dict(entry, label=label_of.get(entry.get("class_name", ""), -1))
+        old = previous.get(rel)
+        if rel in old_quarantine and tuple(old_quarantine[rel][2:4]) == (str(key[0]), str(key[1])):
+            quarantine.append(old_quarantine[rel])
+        elif old is not None and (old.size, old.mtime) == key:
+            labels = {k: entry.get(k, "") for k in ("class_name", "split1", "split2", "split3", "subset")}
+            records.append(replace(old, **labels, label=entry["label"]))
+        else:
+            to_probe.append((rel, entry))
+    workers = workers or os.cpu_count() or 1
+    results = _probe_all([str(root / rel) for rel, _ in to_probe], workers, progress)
+    for (rel, entry), (info, reason) in zip(to_probe, results):
+        if info is None:
+            stat = os.stat(root / rel)
+            quarantine.append([rel, reason, str(stat.st_size), str(stat.st_mtime)])
+        else:
+            records.append(VideoRecord(path=rel, **{k: v for k, v in entry.items() if k in RECORD_FIELDS}, **info))
+    records.sort(key=lambda r: r.path)
+    quarantine.sort(key=lambda q: q[0])
+    counts = {"videos": len(records), "quarantined": len(quarantine), "probed": len(to_probe),
+              "reused": len(scan.videos) - len(to_probe), "missing": scan.missing}
+    meta = {"counts": counts, "split_dir": str(split_dir or ""), "annotations": annotations}
+    index = VideoIndex(str(root), scan.name, scan.classes, records, [tuple(q) for q in quarantine], None, meta)
+    index.save(out)
+    return index
+
+
+def summary(index):
+    """The one line `videomoco index` prints."""
+    counts = index.meta["counts"]
+    line = f"indexed {counts['videos']:,} videos, quarantined {counts['quarantined']:,}"
+    if counts["quarantined"]:
+        where = os.path.join(index.dir, "quarantine.csv")
+        rel = os.path.relpath(where)
+        line += f": see {where if rel.startswith('..') else rel}"
+    if counts["missing"]:
+        line += f"; split files name {counts['missing']:,} videos that are not on disk"
+    return line
+
+
+def open_index(data, layout="auto", workers=None):
+    """An index from an index directory, its index.csv, or a dataset root.
+
+    A root is indexed into `default_out(root)` the first time; afterwards that index is
+    loaded as is (run `videomoco index ROOT` to pick up new files).
+    """
+    data = Path(data)
+    if data.suffix == ".csv" or (data / "index.csv").is_file():
+        return VideoIndex.load(data)
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data} is neither an index (index.csv) nor a dataset directory")
+    out = default_out(data)
+    if (out / "index.csv").is_file():
+        index = VideoIndex.load(out)
+        if layout in ("auto", index.layout):
+            return index
+    index = build_index(data, out, layout=layout, workers=workers)
+    log.info(summary(index))
+    return index
+
+
+@dataclass
+class IndexConfig:
+    root: str
+    out: str | None = None
+    layout: str = "auto"
+    split_dir: str | None = None
+    annotations: list = field(default_factory=list)
+    workers: int | None = None
+    progress: bool = True
+
+
+def run(cfg):
+    """Build the index -> {"index_dir", "videos", "quarantined", "missing", "summary"}."""
+    index = build_index(cfg.root, cfg.out, cfg.layout, cfg.split_dir, cfg.annotations or None, cfg.workers, cfg.progress)
+    counts = index.meta["counts"]
+    return {"index_dir": index.dir, "videos": counts["videos"], "quarantined": counts["quarantined"],
+            "missing": counts["missing"], "summary": summary(index)}
+
+
+def add_arguments(parser):
+    parser.add_argument("root", help="dataset root directory")
+    parser.add_argument("--out", default=None, help="index directory (default ROOT/index, or ~/.cache/videomoco/index/...)")
+    parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
+    parser.add_argument("--split-dir", default=None, help="UCF101 ucfTrainTestlist/ or HMDB51 testTrainMulti_7030_splits/")
+    parser.add_argument("--annotations", action="append", default=[], help="Kinetics CSV (repeatable)")
+    parser.add_argument("--workers", type=int, default=None, help="probing processes (default: all cores)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def main(args):
+    cfg = IndexConfig(args.root, args.out, args.layout, args.split_dir, args.annotations, args.workers, args.progress)
+    try:
+        print(run(cfg)["summary"])
+    except (SplitFileError, OSError) as err:  # bad split file, missing root: one line, no traceback
+        print(f"videomoco index: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,22 @@
+"""VideoMoCo: the MoCo discriminator with a decayed queue, the frame-dropping generator, the losses
+and the adversarial training step."""
+
+from videomoco.method.adversarial import AdversarialConfig, AdversarialTrainer
+from videomoco.method.generator import FrameDropGenerator, drop_frames, num_dropped, random_drop
+from videomoco.method.losses import contrastive_loss, decayed_logits, feature_l1, topk_accuracy
+from videomoco.method.moco import VideoMoCo, concat_all_gather
+
+__all__ = [
+    "AdversarialConfig",
+    "AdversarialTrainer",
+    "FrameDropGenerator",
+    "VideoMoCo",
+    "concat_all_gather",
+    "contrastive_loss",
+    "decayed_logits",
+    "drop_frames",
+    "feature_l1",
+    "num_dropped",
+    "random_drop",
+    "topk_accuracy",
+]

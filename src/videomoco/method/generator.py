@@ -1,0 +1,112 @@
+"""The frame-dropping generator: scores every frame of a clip and drops the k highest.
+
+    clip (B, C, T, H, W)
+      -> per frame: adaptive avg pool to input_size^2, 3 strided convs, global pool   (B, T, hidden)
+      -> bidirectional GRU over T                                                     (B, T, hidden)
+      -> linear score per frame                                                       (B, T)
+      -> drop the k = round(drop_ratio * T) highest-scoring frames, fill them         (B, C, T, H, W)
+
+Unlike the authors' `MaskGenerator` (32 frames and 112 px hard-coded in its layer sizes) this
+one works for any T, H, W. The drop is a hard top-k in the forward pass with a straight-through
+gradient to the scores: keep = hard + (soft - soft.detach()), soft = 1 - k * softmax(scores).
+
+Fill modes for a dropped frame:
+- "mean": the frame's own mean over (C, H, W), one scalar per frame (the authors' choice);
+- "zero": zeros;
+- "hold": the previous kept frame (the first kept frame when the clip starts with drops).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FILL_MODES = ("mean", "zero", "hold")
+
+
+def num_dropped(num_frames, drop_ratio):
+    """Frames dropped from a clip of `num_frames`: Python round(drop_ratio * T) (half to even), at most T - 1."""
+    if not 0.0 <= drop_ratio < 1.0:
+        raise ValueError(f"drop_ratio must be in [0, 1), got {drop_ratio}")
+    return min(round(drop_ratio * num_frames), num_frames - 1)
+
+
+def _fill_value(clip, keep, fill):
+    """The replacement for dropped frames. clip: (B, C, T, H, W), keep: (B, T) bool."""
+    if fill == "mean":
+        return clip.mean(dim=(1, 3, 4), keepdim=True)  # (B, 1, T, 1, 1)
+    if fill == "zero":
+        return torch.zeros_like(clip)
+    # hold: index of the last kept frame at or before t, else the first kept frame
+    b, _, t, _, _ = clip.shape
+    steps = torch.arange(t, device=clip.device).expand(b, t)
+    last_kept = torch.where(keep, steps, -1).cummax(dim=1).values  # (B, T)
+    first_kept = keep.float().argmax(dim=1, keepdim=True)  # (B, 1)
+    src = torch.where(last_kept >= 0, last_kept, first_kept)  # (B, T)
+    return clip.gather(2, src[:, None, :, None, None].expand_as(clip))
+
+
+def drop_frames(clip, scores, drop_ratio, fill="mean"):
+    """Drop the round(drop_ratio * T) highest-scoring frames of each clip and fill them.
+
+    clip: (B, C, T, H, W); scores: (B, T). Returns (dropped clip (B, C, T, H, W), keep mask (B, T)
+    float, 1 = kept). The mask is exactly 0/1 and carries a straight-through gradient to `scores`.
+    """
+    if fill not in FILL_MODES:
+        raise ValueError(f"unknown fill {fill!r}; expected one of {', '.join(FILL_MODES)}")
+    b, _, t, _, _ = clip.shape
+    k = num_dropped(t, drop_ratio)
+    drop_idx = scores.detach().topk(k, dim=1).indices  # (B, k)
+    hard_keep = torch.ones(b, t, device=scores.device).scatter(1, drop_idx, 0.0)  # (B, T)
+    soft_keep = 1.0 - k * scores.float().softmax(dim=1)  # (B, T)
+    keep = hard_keep + (soft_keep - soft_keep.detach())  # value exactly hard_keep
+    fill_value = _fill_value(clip, hard_keep.bool(), fill)
+    m = keep[:, None, :, None, None].to(clip.dtype)  # (B, 1, T, 1, 1)
+    return clip * m + fill_value * (1.0 - m), keep
+
+
+def random_drop(clip, drop_ratio, fill="mean", generator=None):
+    """Drop round(drop_ratio * T) uniformly random frames per clip (baselines, robustness tests).
+
+    clip: (B, C, T, H, W); generator: optional `torch.Generator` for reproducible drops.
+    Returns (dropped clip, keep mask (B, T)) like `drop_frames`.
+    """
+    device = generator.device if generator is not None else clip.device
+    scores = torch.rand(clip.shape[0], clip.shape[2], generator=generator, device=device)
+    return drop_frames(clip, scores.to(clip.device), drop_ratio, fill)
+
+
+class FrameDropGenerator(nn.Module):
+    """Scores frames with a small per-frame CNN and a BiGRU over time; drops the top-k.
+
+    drop_ratio: fraction of frames dropped; fill: "mean" | "zero" | "hold"; hidden: feature and
+    GRU width; input_size: frames are average-pooled to input_size x input_size first.
+    """
+
+    def __init__(self, drop_ratio=0.25, fill="mean", hidden=64, input_size=32, in_channels=3):
+        super().__init__()
+        num_dropped(2, drop_ratio)  # validate early
+        if fill not in FILL_MODES:
+            raise ValueError(f"unknown fill {fill!r}; expected one of {', '.join(FILL_MODES)}")
+        self.drop_ratio, self.fill, self.input_size = drop_ratio, fill, input_size
+        c = hidden // 2
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, c // 2, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c // 2, c, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, hidden, 3, stride=2, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.rnn = nn.GRU(hidden, hidden // 2, batch_first=True, bidirectional=True)
+        self.score = nn.Linear(hidden, 1)
+
+    def scores(self, clip):
+        """Drop scores: clip (B, C, T, H, W) -> (B, T); the highest are dropped."""
+        b, c, t, h, w = clip.shape
+        frames = clip.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
+        frames = F.adaptive_avg_pool2d(frames, self.input_size)
+        x = self.features(frames).flatten(1).view(b, t, -1)  # (B, T, hidden)
+        x, _ = self.rnn(x)  # (B, T, hidden)
+        return self.score(x).squeeze(-1)  # (B, T)
+
+    def forward(self, clip):
+        """clip (B, C, T, H, W) -> (dropped clip (B, C, T, H, W), keep mask (B, T) float, 1 = kept)."""
+        return drop_frames(clip, self.scores(clip), self.drop_ratio, self.fill)

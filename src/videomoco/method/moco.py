@@ -1,0 +1,158 @@
+"""VideoMoCo's discriminator: MoCo for clips with a temporally decayed queue.
+
+The layout follows the authors' `moco/builder.py` (itself MoCo v1/v2's), so their checkpoints load:
+state-dict keys are `queue (dim, K)`, `queue_ptr (1,)`, `encoder_q.*`, `encoder_k.*`, plus our
+`queue_age (K,)` which a checkpoint without it loads as age 0.
+
+Queue ages. `queue_age[j]` counts the enqueues that happened after key j was written, so at the
+time logits are computed a key enqueued by the previous step has age 0, one from two steps
+ago has age 1, and so on. `enqueue` first ages every key by 1, then writes the new keys with age
+0; logits are computed before the step's enqueue. The authors count from 1 instead (their
+`count` is our age + 1), which multiplies every negative by the same extra `t` (1e-5 relative).
+"""
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from videomoco.method.losses import contrastive_labels, decayed_logits
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(x):
+    """all_gather `x` (B, ...) from every rank and concatenate: (world_size * B, ...). No gradient."""
+    gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, x.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def mlp_head(fc):
+    """MoCo v2's projection head around an existing `fc`: Linear(f, f), ReLU, fc (keys fc.0 / fc.2)."""
+    f = fc.weight.shape[1]
+    return nn.Sequential(nn.Linear(f, f), nn.ReLU(), fc)
+
+
+class VideoMoCo(nn.Module):
+    """Query encoder, momentum key encoder and a queue of K negatives whose logits decay with age.
+
+    arch/width: encoder built by `videomoco.models.build_encoder(arch, num_classes=dim, width=width)`,
+    or by `encoder_fn(dim)` when given. dim: embedding size; K: queue length; m: key-encoder
+    momentum; T: temperature; mlp: MoCo v2 head; temporal_decay: t in `t**age`; shuffle_groups:
+    BN groups for the single-process shuffle (default 2 when the batch has >= 4 clips, else 1).
+    """
+
+    def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, mlp=False,
+                 temporal_decay=0.99999, width=64, shuffle_groups=None, encoder_fn=None):
+        super().__init__()
+        if not 0.0 < temporal_decay <= 1.0:
+            raise ValueError(f"temporal_decay must be in (0, 1], got {temporal_decay}")
+        self.arch, self.dim, self.K, self.m, self.T = arch, dim, K, m, T
+        self.temporal_decay = temporal_decay
+        self.shuffle_groups = shuffle_groups
+
+        if encoder_fn is None:
+            from videomoco.models import build_encoder
+
+            def encoder_fn(num_classes):
+                return build_encoder(arch, num_classes=num_classes, width=width)
+
+        self.encoder_q = encoder_fn(dim)
+        if mlp:
+            self.encoder_q.fc = mlp_head(self.encoder_q.fc)
+        self.encoder_k = copy.deepcopy(self.encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False  # updated by momentum, not by gradient
+
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("queue_age", torch.zeros(K, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the authors' checkpoints have no queue_age: their keys then count as fresh (age 0)
+        state_dict.setdefault(prefix + "queue_age", torch.zeros_like(self.queue_age))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        """k = m * k + (1 - m) * q for every parameter (BN running stats stay the key encoder's own)."""
+        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            p_k.mul_(self.m).add_(p_q.detach(), alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _encode_keys_grouped(self, x):
+        """Single-process shuffle-BN: random groups, BN statistics per group, original order back."""
+        b = x.shape[0]
+        groups = self.shuffle_groups or (2 if b >= 4 else 1)
+        perm = torch.randperm(b, device=x.device)
+        k = torch.cat([self.encoder_k(chunk) for chunk in x[perm].tensor_split(min(groups, b))])
+        return k[torch.argsort(perm)]
+
+    @torch.no_grad()
+    def _batch_shuffle_ddp(self, x):
+        """The authors' shuffle across ranks: gather, permute (rank 0's permutation), keep our slice."""
+        x_all = concat_all_gather(x)
+        idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+        dist.broadcast(idx_shuffle, src=0)
+        idx_this = idx_shuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
+        return x_all[idx_this], torch.argsort(idx_shuffle)
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
+        x_all = concat_all_gather(x)
+        return x_all[idx_unshuffle.view(dist.get_world_size(), -1)[dist.get_rank()]]
+
+    def encode_query(self, x):
+        """x: (B, C, T, H, W) -> L2-normalised query embeddings (B, dim) float32, with gradient."""
+        return F.normalize(self.encoder_q(x).float(), dim=1)
+
+    @torch.no_grad()
+    def encode_keys(self, x):
+        """Momentum-update the key encoder, then x: (B, C, T, H, W) -> normalised keys (B, dim) float32."""
+        self._momentum_update_key_encoder()
+        if is_distributed():
+            x, idx_unshuffle = self._batch_shuffle_ddp(x)
+            k = self._batch_unshuffle_ddp(self.encoder_k(x), idx_unshuffle)
+        else:
+            k = self._encode_keys_grouped(x)
+        return F.normalize(k.float(), dim=1)
+
+    def contrastive_logits(self, q, k):
+        """q, k: (B, dim) -> (logits (B, 1 + K) float32, labels (B,) zeros). Uses the current queue ages."""
+        # float32 logits; the queue is cloned because enqueue() writes it in place and forward()
+        # enqueues before the caller's backward
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            logits = decayed_logits(q, k, self.queue.clone(), self.queue_age, self.temporal_decay, self.T)
+        return logits, contrastive_labels(logits)
+
+    @torch.no_grad()
+    def enqueue(self, k):
+        """Write keys k: (B, dim) (gathered from all ranks under DDP) at the pointer, wrapping around.
+
+        Every key ages by one step, the new ones start at age 0. No host sync: the pointer stays
+        on the device.
+        """
+        if is_distributed():
+            k = concat_all_gather(k)
+        n = k.shape[0]
+        if n > self.K:
+            raise ValueError(f"cannot enqueue {n} keys into a queue of K={self.K}")
+        idx = (self.queue_ptr + torch.arange(n, device=k.device)) % self.K  # (n,)
+        self.queue.index_copy_(1, idx, k.detach().to(self.queue.dtype).T)
+        self.queue_age.add_(1)
+        self.queue_age.index_fill_(0, idx, 0)
+        self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
+
+    def forward(self, im_q, im_k):
+        """The plain MoCo step (the authors' behaviour): logits, labels, and the keys enqueued."""
+        q = self.encode_query(im_q)  # (B, dim)
+        k = self.encode_keys(im_k)  # (B, dim)
+        logits, labels = self.contrastive_logits(q, k)
+        self.enqueue(k)
+        return logits, labels

@@ -1,0 +1,177 @@
+import copy
+
+import pytest
+import torch
+from test_moco import TinyEncoder, clips, simulate_queue
+
+from videomoco.method.adversarial import AdversarialConfig, AdversarialTrainer
+from videomoco.method.generator import FrameDropGenerator
+from videomoco.method.losses import contrastive_loss, decayed_logits
+from videomoco.method.moco import VideoMoCo
+
+METRICS = {"loss_d", "loss_g", "acc1", "acc5", "drop_fraction", "queue_age_mean", "queue_age_max"}
+
+
+def make_players(seed=0, temporal_decay=0.99, K=24):
+    torch.manual_seed(seed)
+    model = VideoMoCo(dim=8, K=K, temporal_decay=temporal_decay, encoder_fn=TinyEncoder)
+    gen = FrameDropGenerator(hidden=16, input_size=8)
+    return model, gen
+
+
+def make_trainer(model, gen, lr_d=0.1, lr_g=0.1, **cfg):
+    opt_d = torch.optim.SGD(model.parameters(), lr=lr_d, momentum=0.9)
+    opt_g = torch.optim.SGD(gen.parameters(), lr=lr_g)
+    return AdversarialTrainer(model, gen, opt_d, opt_g, AdversarialConfig(**cfg))
+
+
+def snapshot(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def same(before, module):
+    return all(torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_step_returns_detached_scalars():
+    model, gen = make_players()
+    trainer = make_trainer(model, gen)
+    out = trainer.step(clips(), clips(seed=1), adversarial=True)
+    assert set(out) == METRICS
+    for name, value in out.items():
+        assert value.dim() == 0 and not value.requires_grad, name
+    assert out["loss_g"] < 0  # G maximises the feature distance
+    torch.testing.assert_close(out["drop_fraction"], torch.tensor(round(0.25 * 4) / 4))
+
+
+def test_generator_off_with_no_decay_is_plain_moco():
+    model, gen = make_players(temporal_decay=1.0)
+    reference = copy.deepcopy(model)
+    trainer = make_trainer(model, gen)
+    gen.register_forward_hook(lambda *args: pytest.fail("G ran with adversarial=False"))
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for seed in range(3):
+        im_q, im_k = clips(seed=seed), clips(seed=seed + 10)
+        torch.manual_seed(seed)  # same shuffle-BN permutation in both
+        out = trainer.step(im_q, im_k, adversarial=False)
+        torch.manual_seed(seed)
+        logits, labels = reference(im_q, im_k)  # the authors' forward: logits + enqueue
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        opt_ref.zero_grad()
+        loss.backward()
+        opt_ref.step()
+        assert torch.equal(out["loss_d"], loss.detach())
+        assert out["loss_g"] == 0 and out["drop_fraction"] == 0
+    assert torch.equal(model.queue, reference.queue)
+    assert torch.equal(model.queue_age, reference.queue_age)
+
+
+def test_queue_metrics_follow_the_ages():
+    model, gen = make_players(K=24)
+    trainer = make_trainer(model, gen)
+    for seed in range(4):
+        out = trainer.step(clips(b=5, seed=seed), clips(b=5, seed=seed + 10), adversarial=seed % 2 == 1)
+    _, ages, ptr = simulate_queue(24, [5] * 4)
+    assert int(model.queue_ptr) == ptr
+    assert out["queue_age_max"] == max(ages)
+    torch.testing.assert_close(out["queue_age_mean"], torch.tensor(sum(ages) / 24))
+
+
+def test_each_d_step_lowers_the_loss_it_was_given():
+    # A fixed batch fills the queue with copies of its own keys, so the loss across steps is not
+    # monotone; what must hold is that every step lowers the loss of its own logits.
+    model, gen = make_players()
+    trainer = AdversarialTrainer(model, gen, torch.optim.SGD(model.encoder_q.parameters(), lr=5e-3), None)
+    im_q = clips(seed=0)
+    im_k = im_q + 0.3 * clips(seed=1)  # a noisy view of the same clips
+    for _ in range(4):
+        queue, ages, ptr = model.queue.clone(), model.queue_age.clone(), int(model.queue_ptr)
+        out = trainer.step(im_q, im_k, adversarial=False)
+        k = model.queue[:, [(ptr + i) % model.K for i in range(4)]].T  # this step's keys
+        with torch.no_grad():
+            q = model.encode_query(im_q)
+        after = contrastive_loss(decayed_logits(q, k, queue, ages, model.temporal_decay, model.T))
+        assert after < out["loss_d"]
+
+
+def test_g_step_does_not_move_d_and_d_step_does_not_move_g():
+    model, gen = make_players()
+    trainer = make_trainer(model, gen, lr_d=0.0)
+    d_before, g_before = snapshot(model.encoder_q), snapshot(gen)
+    trainer.step(clips(), clips(seed=1), adversarial=True)
+    assert same(d_before, model.encoder_q) and not same(g_before, gen)
+    assert gen.score.weight.grad.abs().sum() > 0 and gen.features[0].weight.grad.abs().sum() > 0
+
+    model, gen = make_players()
+    trainer = make_trainer(model, gen, lr_g=0.0)
+    d_before, g_before = snapshot(model.encoder_q), snapshot(gen)
+    trainer.step(clips(), clips(seed=1), adversarial=True)
+    assert not same(d_before, model.encoder_q) and same(g_before, gen)
+
+
+def run_one_step(**cfg):
+    model, gen = make_players()
+    trainer = make_trainer(model, gen, **cfg)
+    torch.manual_seed(1)
+    trainer.step(clips(), clips(seed=1), adversarial=True)
+    return snapshot(model.encoder_q), snapshot(gen)
+
+
+def test_d_update_ignores_g_loss_and_g_update_ignores_d_loss():
+    d_small, g_small = run_one_step(g_loss_weight=1.0)
+    d_large, g_large = run_one_step(g_loss_weight=1e4)
+    assert all(torch.equal(a, b) for a, b in zip(d_small, d_large))
+    assert not all(torch.equal(a, b) for a, b in zip(g_small, g_large))
+
+    d_fake, g_fake = run_one_step(real_query_loss=False)
+    d_both, g_both = run_one_step(real_query_loss=True)
+    assert all(torch.equal(a, b) for a, b in zip(g_fake, g_both))
+    assert not all(torch.equal(a, b) for a, b in zip(d_fake, d_both))
+
+
+def test_contrastive_g_loss_is_minus_d_loss():
+    model, gen = make_players()
+    trainer = make_trainer(model, gen, g_loss="contrastive")
+    out = trainer.step(clips(), clips(seed=1), adversarial=True)
+    torch.testing.assert_close(out["loss_g"], -out["loss_d"])
+
+
+def test_real_query_loss_adds_the_real_query_term():
+    model, gen = make_players()
+    ref_model, ref_gen = copy.deepcopy(model), copy.deepcopy(gen)
+    trainer = make_trainer(model, gen, real_query_loss=True)
+    im_q, im_k = clips(), clips(seed=1)
+    torch.manual_seed(3)
+    out = trainer.step(im_q, im_k, adversarial=True)
+    torch.manual_seed(3)  # same shuffle-BN permutation for the keys
+    k = ref_model.encode_keys(im_k)
+    dropped, _ = ref_gen(im_q)
+    expected = sum(contrastive_loss(ref_model.contrastive_logits(ref_model.encode_query(x), k)[0])
+                   for x in (dropped, im_q))
+    torch.testing.assert_close(out["loss_d"], expected.detach())
+
+
+def test_unknown_g_loss_and_missing_generator():
+    model, gen = make_players()
+    with pytest.raises(ValueError, match="g_loss"):
+        make_trainer(model, gen, g_loss="wasserstein")
+    trainer = AdversarialTrainer(model, None, torch.optim.SGD(model.parameters(), lr=0.1), None)
+    trainer.step(clips(), clips(seed=1), adversarial=False)
+    with pytest.raises(ValueError, match="generator"):
+        trainer.step(clips(), clips(seed=1), adversarial=True)
+
+
+@pytest.mark.parametrize("use_scaler", [False, True])
+def test_bf16_autocast_with_and_without_scaler(use_scaler):
+    model, gen = make_players()
+    opt_d = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt_g = torch.optim.SGD(gen.parameters(), lr=0.1)
+    scalers = {}
+    if use_scaler:
+        scalers = {"scaler_d": torch.amp.GradScaler("cpu"), "scaler_g": torch.amp.GradScaler("cpu")}
+    trainer = AdversarialTrainer(model, gen, opt_d, opt_g, AdversarialConfig(), amp_dtype=torch.bfloat16, **scalers)
+    d_before, g_before = snapshot(model.encoder_q), snapshot(gen)
+    out = trainer.step(clips(), clips(seed=1), adversarial=True)
+    assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_g"])
+    assert out["loss_d"].dtype == torch.float32
+    assert not same(d_before, model.encoder_q) and not same(g_before, gen)

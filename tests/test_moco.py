@@ -1,0 +1,273 @@
+import copy
+import io
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from videomoco.method.moco import VideoMoCo
+from videomoco.models import build_encoder
+
+
+class TinyEncoder(nn.Module):
+    """A stand-in encoder with the models/ contract and one BatchNorm (so shuffle-BN matters)."""
+
+    def __init__(self, num_classes=16, width=4):
+        super().__init__()
+        self.feature_dim = width
+        self.body = nn.Sequential(nn.Conv3d(3, width, 3, padding=1, bias=False), nn.BatchNorm3d(width), nn.ReLU())
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward_features(self, x):
+        return self.body(x).mean(dim=(2, 3, 4))
+
+    def forward(self, x):
+        return self.fc(self.forward_features(x))
+
+
+def tiny_moco(**kw):
+    kw = {"dim": 8, "K": 24, "encoder_fn": TinyEncoder, **kw}
+    return VideoMoCo(**kw)
+
+
+def clips(b=4, t=4, size=8, seed=0):
+    """Random clips (B, 3, T, size, size), each with its own colour offset so that they differ."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, t, size, size, generator=g) + 2 * torch.randn(b, 3, 1, 1, 1, generator=g)
+
+
+def simulate_queue(K, batches):
+    """Reference queue bookkeeping: column -> (batch, row) written there, ages, pointer."""
+    slot, ages, ptr = [None] * K, [0] * K, 0
+    for bi, n in enumerate(batches):
+        ages = [a + 1 for a in ages]
+        for j in range(n):
+            slot[(ptr + j) % K], ages[(ptr + j) % K] = (bi, j), 0
+        ptr = (ptr + n) % K
+    return slot, ages, ptr
+
+
+def test_state_dict_layout_matches_official_checkpoint(torchvision_fixtures):
+    layout = json.loads((torchvision_fixtures / "videomoco_checkpoint_layout.json").read_text())
+    official = [(e["key"].removeprefix("module."), e["shape"])
+                for e in layout["moco_netD_full_key_list_example_r3d_18_dim128_K65536_no_mlp"]]
+    with torch.device("meta"):  # full size, no memory
+        model = VideoMoCo("r3d_18", dim=128, K=65536)
+    ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    assert ours == official[:2] + [("queue_age", [65536])] + official[2:]
+
+
+def test_mlp_head_keys_match_official(torchvision_fixtures):
+    layout = json.loads((torchvision_fixtures / "videomoco_checkpoint_layout.json").read_text())
+    spec = layout["moco_netD_per_arch"]["r3d_18_mlp"]
+    with torch.device("meta"):
+        model = VideoMoCo("r3d_18", dim=128, K=65536, mlp=True)
+    sd = model.state_dict()
+    assert len(sd) == spec["num_keys"] + 1
+    for e in spec["encoder_q_fc_entries"] + spec["encoder_k_fc_entries"]:
+        assert list(sd[e["key"].removeprefix("module.")].shape) == e["shape"]
+
+
+def test_builds_registered_encoder_and_normalises():
+    model = VideoMoCo("r3d_18", dim=8, K=16, width=4)
+    assert model.encoder_q.fc.out_features == 8
+    assert all(not p.requires_grad for p in model.encoder_k.parameters())
+    torch.testing.assert_close(model.queue.norm(dim=0), torch.ones(16))
+    q = model.encode_query(clips(b=2, size=16))
+    assert q.shape == (2, 8)
+    torch.testing.assert_close(q.norm(dim=1), torch.ones(2))
+    assert q.requires_grad
+
+
+def test_momentum_update_formula():
+    model = tiny_moco(m=0.9)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    q_before = [p.detach().double() for p in model.encoder_q.parameters()]
+    k_before = [p.detach().double() for p in model.encoder_k.parameters()]
+    model.encode_keys(clips())
+    for pq, pk, pk_new in zip(q_before, k_before, model.encoder_k.parameters()):
+        torch.testing.assert_close(pk_new.double(), 0.9 * pk + 0.1 * pq, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch", [4, 5])
+def test_enqueue_wraps_around_and_ages(batch):
+    model = tiny_moco(K=24)
+    keys = [F.normalize(torch.randn(batch, 8), dim=1) for _ in range(7)]
+    for k in keys:
+        model.enqueue(k)
+    slot, ages, ptr = simulate_queue(24, [batch] * len(keys))
+    assert int(model.queue_ptr) == ptr
+    assert model.queue_age.tolist() == ages
+    for col, written in enumerate(slot):
+        if written is not None:
+            bi, row = written
+            assert torch.equal(model.queue[:, col], keys[bi][row])
+
+
+def test_enqueue_more_than_K_is_an_error():
+    with pytest.raises(ValueError, match="cannot enqueue"):
+        tiny_moco(K=4).enqueue(torch.randn(5, 8))
+
+
+def test_forward_uses_ages_before_its_own_enqueue():
+    model = tiny_moco(K=24, temporal_decay=0.5, T=0.2)
+    for seed in range(3):
+        model(clips(seed=seed), clips(seed=seed + 10))
+    queue, ages, ptr = model.queue.clone(), model.queue_age.clone(), int(model.queue_ptr)
+    im_q = clips(seed=5)
+    logits, labels = model(im_q, clips(seed=6))
+    k = model.queue[:, ptr:ptr + 4].T  # the keys this step enqueued
+    q = model.encode_query(im_q).detach().double()  # train-mode BN: same batch, same output
+    expected = torch.empty(4, 25, dtype=torch.float64)
+    for i in range(4):
+        expected[i, 0] = (q[i] * k[i].double()).sum() / 0.2
+        for j in range(24):
+            expected[i, 1 + j] = 0.5 ** int(ages[j]) * (q[i] * queue[:, j].double()).sum() / 0.2
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+    assert labels.tolist() == [0, 0, 0, 0]
+    assert model.queue_age[ptr:ptr + 4].tolist() == [0] * 4
+    assert int(model.queue_age.max()) == int(ages.max()) + 1
+
+
+def test_decay_one_reproduces_plain_moco_exactly():
+    model = tiny_moco(temporal_decay=1.0)
+    for seed in range(3):
+        model(clips(seed=seed), clips(seed=seed + 10))
+    assert int(model.queue_age.max()) > 0
+    q = F.normalize(torch.randn(4, 8), dim=1)
+    k = F.normalize(torch.randn(4, 8), dim=1)
+    logits, _ = model.contrastive_logits(q, k)
+    plain = torch.cat([torch.einsum("nc,nc->n", q, k).unsqueeze(-1), q @ model.queue], dim=1) / model.T
+    assert torch.equal(logits, plain)
+
+
+def matching_partitions(model, x, keys, group_size):
+    """The partitions of the batch into groups of `group_size` whose per-group key forward gives `keys`."""
+    found = []
+    for first in itertools.combinations(range(x.shape[0]), group_size):
+        if 0 not in first:
+            continue
+        rest = [i for i in range(x.shape[0]) if i not in first]
+        expected = torch.empty_like(keys)
+        with torch.no_grad():
+            for group in (list(first), rest):
+                expected[group] = F.normalize(model.encoder_k(x[group]), dim=1)
+        if torch.allclose(expected, keys, atol=1e-5):
+            found.append(first)
+    return found
+
+
+def test_single_process_shuffle_bn_uses_per_group_statistics():
+    model = tiny_moco(shuffle_groups=2)
+    x = clips(b=4)
+    keys = model.encode_keys(x)
+    assert len(matching_partitions(model, x, keys, 2)) == 1
+    with torch.no_grad():
+        whole_batch = F.normalize(model.encoder_k(x), dim=1)
+    assert not torch.allclose(whole_batch, keys, atol=1e-3)
+
+
+def test_keys_come_from_the_updated_key_encoder():
+    # one shuffle group: the keys are the whole-batch forward of the key encoder *after* its update
+    model = tiny_moco(shuffle_groups=1, m=0.5)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    x = clips(b=4)
+    with torch.no_grad():
+        stale = F.normalize(model.encoder_k(x), dim=1)
+    keys = model.encode_keys(x)
+    with torch.no_grad():
+        torch.testing.assert_close(keys, F.normalize(model.encoder_k(x), dim=1))
+    assert not torch.allclose(keys, stale, atol=1e-3)
+
+
+def test_state_dict_round_trip_keeps_queue_ptr_ages():
+    model = tiny_moco(K=24)
+    for seed in range(3):
+        model(clips(b=5, seed=seed), clips(b=5, seed=seed + 10))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    restored = tiny_moco(K=24)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    for name in ("queue", "queue_ptr", "queue_age"):
+        assert torch.equal(getattr(restored, name), getattr(model, name))
+    assert int(restored.queue_ptr) == 15
+
+
+def test_checkpoint_without_queue_age_loads_as_age_zero():
+    model = tiny_moco()
+    model.enqueue(torch.randn(4, 8))
+    sd = model.state_dict()
+    del sd["queue_age"]  # the authors' checkpoints have no ages
+    restored = tiny_moco()
+    restored.queue_age.fill_(7)
+    result = restored.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert int(restored.queue_age.abs().sum()) == 0
+    assert torch.equal(restored.queue, model.queue)
+
+
+def test_invalid_decay_is_rejected():
+    with pytest.raises(ValueError, match="temporal_decay"):
+        tiny_moco(temporal_decay=0.0)
+
+
+def _ddp_worker(rank, world, init_file, model_state):
+    import torch.distributed as dist
+
+    torch.manual_seed(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = tiny_moco(K=12)
+        model.load_state_dict(model_state)
+        x_all = clips(b=2 * world, seed=3)
+        x = x_all[2 * rank:2 * rank + 2]
+        keys = model.encode_keys(x)
+        model.enqueue(keys)
+        # one queue on every rank, holding every rank's keys in rank order
+        queues = [torch.empty_like(model.queue) for _ in range(world)]
+        dist.all_gather(queues, model.queue)
+        assert all(torch.equal(q, queues[0]) for q in queues)
+        all_keys = [torch.empty_like(keys) for _ in range(world)]
+        dist.all_gather(all_keys, keys)
+        assert torch.equal(model.queue[:, :2 * world].T, torch.cat(all_keys))
+        assert int(model.queue_ptr) == 2 * world
+        # the key encoder saw BN statistics of one group of 2 from the global batch of 4
+        assert len(matching_partitions(model, x_all, torch.cat(all_keys), 2)) == 1
+        # a trainer step on different data per rank leaves both players identical on every rank
+        from videomoco.method import AdversarialTrainer, FrameDropGenerator
+
+        torch.manual_seed(0)
+        gen = FrameDropGenerator(hidden=8, input_size=8)
+        trainer = AdversarialTrainer(model, gen, torch.optim.SGD(model.encoder_q.parameters(), lr=0.1),
+                                     torch.optim.SGD(gen.parameters(), lr=0.1))
+        trainer.step(x, clips(b=2, seed=10 + rank), adversarial=True)
+        flat = torch.cat([p.detach().flatten() for p in [*model.encoder_q.parameters(), *gen.parameters()]])
+        flats = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(flats, flat)
+        assert torch.equal(flats[0], flats[1])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns two processes (~20 s on 2 cores)
+def test_ddp_shuffle_and_shared_queue(tmp_path):
+    import torch.multiprocessing as mp
+
+    state = tiny_moco(K=12).state_dict()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), state), nprocs=2, join=True)
+
+
+def test_mlp_on_registered_encoder_keeps_key_layout():
+    model = VideoMoCo("mc3_18", dim=8, K=16, width=4, mlp=True)
+    keys = [k for k in model.state_dict() if k.startswith("encoder_q.fc")]
+    assert keys == ["encoder_q.fc.0.weight", "encoder_q.fc.0.bias", "encoder_q.fc.2.weight", "encoder_q.fc.2.bias"]
+    assert model.encoder_q.fc[2].out_features == 8
+    assert copy.deepcopy(model).state_dict().keys() == model.state_dict().keys()

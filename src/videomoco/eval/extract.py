@@ -1,0 +1,161 @@
+"""One feature vector per video (mean over N uniformly spaced centre-cropped clips), resumable.
+
+    videomoco extract DATA --pretrained CKPT --out FEATS [--num-clips 10] [--chunk-size 512]
+
+writes `FEATS.npy` `(V, D)` float32 and `FEATS.csv` (row, path, label, class_name) for every video
+of DATA (a folder of videos, a dataset root, or an index directory). Work is done in chunks of
+`--chunk-size` videos saved under `FEATS.parts/` as they finish; a rerun skips the finished
+chunks, so an interrupted extraction continues where it stopped. Videos that fail to decode are
+skipped with a warning and a count (`FEATS.json` lists them).
+"""
+
+import csv
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from videomoco.data.augment import crop_and_resize, normalize, square_boxes
+from videomoco.data.datasets import DECODE_ERRORS
+from videomoco.data.decode import read_clips
+from videomoco.data.index import open_index
+from videomoco.data.sampling import clip_span, uniform_clip_starts
+from videomoco.eval import common
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    data: str = ""
+    pretrained: str = ""
+    out: str = "features"  # FEATS: writes FEATS.npy, FEATS.csv, FEATS.json
+    layout: str = "auto"
+    arch: str = ""
+    width: int = 0
+    frames: int = 16
+    frame_stride: int = 1
+    crop: int = 112
+    num_clips: int = 10
+    batch_size: int = 4  # videos per batch (each is num_clips clips)
+    chunk_size: int = 512  # videos per saved chunk
+    workers: int = 4
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_arguments(parser):
+    d = ExtractConfig()
+    parser.add_argument("data", help="folder of videos, dataset root or index directory")
+    parser.add_argument("--pretrained", required=True, help="checkpoint (any format load_encoder reads)")
+    parser.add_argument("--out", required=True, help="output prefix FEATS: FEATS.npy, FEATS.csv, FEATS.json")
+    parser.add_argument("--layout", default=d.layout, choices=["auto", "kinetics", "ucf101", "hmdb51", "folder"])
+    parser.add_argument("--arch", default=d.arch)
+    parser.add_argument("--width", type=int, default=d.width)
+    parser.add_argument("--frames", type=int, default=d.frames)
+    parser.add_argument("--frame-stride", type=int, default=d.frame_stride)
+    parser.add_argument("--crop", type=int, default=d.crop)
+    parser.add_argument("--num-clips", type=int, default=d.num_clips, help="clips averaged per video")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="videos per batch")
+    parser.add_argument("--chunk-size", type=int, default=d.chunk_size, help="videos per resumable chunk")
+    parser.add_argument("--workers", type=int, default=d.workers)
+    parser.add_argument("--device", default=d.device)
+
+
+class VideoClips(Dataset):
+    """Video i -> `(clips uint8 (N, 3, T, S, S), i, ok)`; a video that fails to decode gives zeros and ok=False."""
+
+    def __init__(self, paths, frame_counts, cfg):
+        self.paths, self.frame_counts, self.cfg = paths, frame_counts, cfg
+        self.span = clip_span(cfg.frames, cfg.frame_stride)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        cfg = self.cfg
+        try:
+            starts = uniform_clip_starts(int(self.frame_counts[i]), self.span, cfg.num_clips)
+            clips = read_clips(self.paths[i], sorted(set(starts)), cfg.frames, cfg.frame_stride)
+            by_start = dict(zip(sorted(set(starts)), clips))
+            box = square_boxes(*clips[0].shape[1:3])[0]
+            return torch.stack([crop_and_resize(by_start[s], box, cfg.crop) for s in starts]), i, True
+        except DECODE_ERRORS as err:
+            log.warning("skipping %s: %s", self.paths[i], " ".join(str(err).split()))
+            return torch.zeros(cfg.num_clips, 3, cfg.frames, cfg.crop, cfg.crop, dtype=torch.uint8), i, False
+
+
+def _save_chunk(path, features, rows, ok):
+    """Atomically write one finished chunk (features of its ok videos + which rows they are)."""
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, features=features, rows=rows, ok=ok)
+    os.replace(tmp, path)
+
+
+@torch.inference_mode()
+def extract_chunk(encoder, dataset, rows, cfg):
+    """Video features `(len(rows), D)` (mean over clips) and ok flags of the videos `rows`."""
+    loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=cfg.batch_size, num_workers=cfg.workers)
+    feats, oks = [], []
+    for clips, _, ok in loader:
+        b, n = clips.shape[:2]
+        x = normalize(clips.flatten(0, 1).to(cfg.device))  # (B*N, 3, T, S, S)
+        feats.append(encoder.forward_features(x).float().view(b, n, -1).mean(1).cpu())  # (B, D)
+        oks.append(ok)
+    return torch.cat(feats).numpy(), torch.cat(oks).numpy()
+
+
+def run(cfg):
+    out = Path(cfg.out[: -len(".npy")] if cfg.out.endswith(".npy") else cfg.out)
+    index = open_index(cfg.data, layout=cfg.layout)
+    records = index.records
+    if not records:
+        raise ValueError(f"{cfg.data}: no usable videos")
+    parts = Path(f"{out}.parts")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "workers", "device")}
+    settings["videos"] = len(records)
+    if (parts / "settings.json").is_file() and json.loads((parts / "settings.json").read_text()) != settings:
+        raise ValueError(f"{parts} holds a partial extraction with other settings; delete it or use another --out")
+    parts.mkdir(parents=True, exist_ok=True)
+    (parts / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+    encoder = common.load_model(cfg).to(cfg.device).eval()
+    dataset = VideoClips([index.path(i) for i in range(len(records))], [r.frames for r in records], cfg)
+    chunks = [list(range(s, min(s + cfg.chunk_size, len(records)))) for s in range(0, len(records), cfg.chunk_size)]
+    done = sum((parts / f"chunk_{k:05d}.npz").is_file() for k in range(len(chunks)))
+    if done:
+        log.info("resuming: %d of %d chunks already done", done, len(chunks))
+    for k, rows in enumerate(tqdm(chunks, desc="extract", unit="chunk", initial=0)):
+        path = parts / f"chunk_{k:05d}.npz"
+        if not path.is_file():
+            features, ok = extract_chunk(encoder, dataset, rows, cfg)
+            _save_chunk(path, features, np.array(rows), ok)
+
+    loaded = [np.load(parts / f"chunk_{k:05d}.npz") for k in range(len(chunks))]
+    features = np.concatenate([c["features"] for c in loaded])
+    ok = np.concatenate([c["ok"] for c in loaded]).astype(bool)
+    failed = [records[i].path for i in np.flatnonzero(~ok)]
+    if failed:
+        log.warning("%d of %d videos failed to decode and were skipped (listed in %s.json)", len(failed), len(records), out)
+    np.save(f"{out}.npy", features[ok].astype(np.float32))
+    with open(f"{out}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "path", "label", "class_name"])
+        for row, i in enumerate(np.flatnonzero(ok)):
+            writer.writerow([row, records[i].path, records[i].label, records[i].class_name])
+    summary = {"videos": int(ok.sum()), "failed": failed, "feature_dim": int(features.shape[1]), "root": index.root,
+               "config": asdict(cfg)}
+    Path(f"{out}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(parts)
+    print(f"wrote {out}.npy ({int(ok.sum())} x {features.shape[1]}) and {out}.csv; {len(failed)} videos skipped")
+    return {"features": f"{out}.npy", "csv": f"{out}.csv", "videos": int(ok.sum()), "failed": len(failed)}
+
+
+def main(args):
+    run(common.config_from_args(ExtractConfig, args))

@@ -1,0 +1,93 @@
+"""kNN classification and nearest-neighbour retrieval on frozen, video-level features.
+
+kNN follows the InstDisc / MoCo monitor: cosine similarity to every train video, the top-k neighbours
+vote for their class with weight `exp(sim / T)` (T = 0.07); k = 1 is plain nearest neighbour.
+Retrieval: a test video is a hit at k when any of its k nearest train videos shares its class.
+
+    videomoco knn DATA --dataset ucf101 --split 1 --pretrained CKPT --out runs/knn
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from videomoco.eval import common, features
+
+RECALL_KS = (1, 5, 10, 20, 50)
+
+
+def _neighbours(train_feats, test_feats, k, chunk=1024):
+    """Top-k cosine similarities and indices `(N_test, k)` of test rows among train rows, in chunks."""
+    train = F.normalize(torch.as_tensor(train_feats, dtype=torch.float32), dim=1)
+    test = F.normalize(torch.as_tensor(test_feats, dtype=torch.float32), dim=1)
+    k = min(k, train.shape[0])
+    sims, idx = [], []
+    for start in range(0, test.shape[0], chunk):
+        s, i = (test[start : start + chunk] @ train.T).topk(k, dim=1)  # (n, k), sorted high to low
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def knn_scores(train_feats, train_labels, test_feats, k, num_classes, temperature=0.07):
+    """Class scores `(N_test, C)` from the weighted vote of the k nearest train rows."""
+    sims, idx = _neighbours(train_feats, test_feats, k)
+    neighbour_labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)[idx]  # (N, k)
+    weights = (sims / temperature).exp()
+    scores = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype)
+    scores.scatter_add_(1, neighbour_labels, weights)
+    return scores.numpy()
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=(1, 20), temperature=0.07):
+    """Top-1 kNN accuracy (%) for each k: `{"knn_top1_k1": .., "knn_top1_k20": ..}`."""
+    num_classes = int(max(np.max(train_labels), np.max(test_labels))) + 1
+    out = {}
+    for k in ks:
+        pred = knn_scores(train_feats, train_labels, test_feats, k, num_classes, temperature).argmax(1)
+        out[f"knn_top1_k{k}"] = float(100.0 * np.mean(pred == np.asarray(test_labels)))
+    return out
+
+
+def retrieval_recall(train_feats, train_labels, test_feats, test_labels, ks=RECALL_KS):
+    """Recall@k (%): the share of test rows with a same-class train row among their k nearest."""
+    _, idx = _neighbours(train_feats, test_feats, max(ks))
+    same = np.asarray(train_labels)[idx.numpy()] == np.asarray(test_labels)[:, None]  # (N, k)
+    return {f"R@{k}": float(100.0 * np.mean(same[:, :k].any(axis=1))) for k in ks}
+
+
+@dataclass
+class KnnConfig(common.EvalConfig):
+    ks: list = field(default_factory=lambda: [1, 20])
+    temperature: float = 0.07
+    out: str = "runs/knn"
+
+
+def add_arguments(parser):
+    common.add_common_arguments(parser, KnnConfig)
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 20], help="k values for kNN (default 1 20)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
+
+
+def video_features(cfg, encoder, subset, clip_fn=None):
+    """Video-level features `(V, D)` and labels `(V,)` of one subset: the mean over each video's clips."""
+    rows = common.extract(cfg, encoder, subset, clip_fn=clip_fn)
+    _, feats, labels = features.video_average(rows["features"], rows["video_ids"], rows["labels"])
+    return feats, labels
+
+
+def run(cfg):
+    common.seed_everything(cfg.seed)
+    encoder = common.load_model(cfg).to(cfg.device)
+    train_x, train_y = video_features(cfg, encoder, "train")
+    test_x, test_y = video_features(cfg, encoder, "test")
+    metrics = {"num_train_videos": len(train_y), "num_test_videos": len(test_y)}
+    metrics.update(knn_accuracy(train_x, train_y, test_x, test_y, cfg.ks, cfg.temperature))
+    metrics.update(retrieval_recall(train_x, train_y, test_x, test_y))
+    return common.write_results(cfg, "knn", metrics)
+
+
+def main(args):
+    run(common.config_from_args(KnnConfig, args))

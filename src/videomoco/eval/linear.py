@@ -1,0 +1,128 @@
+"""Linear probe: a linear classifier on frozen, pooled encoder features.
+
+The encoder runs once per subset, in eval mode (BN uses its running statistics and never updates
+them) and without gradients; its clip features are cached in `--out` (`features_train.npy`,
+`labels_train.npy`, `video_ids_train.npy`, same for test) and the classifier trains on that cache
+in seconds. After training we check that no encoder weight or BN statistic changed.
+
+    videomoco linear DATA --dataset ucf101 --split 1 --pretrained CKPT --out runs/linear
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from videomoco.eval import common
+from videomoco.eval.features import topk_accuracy, video_scores
+
+log = logging.getLogger(__name__)
+
+CACHE_KEYS = ("features", "labels", "video_ids")
+CACHE_FIELDS = ("data", "dataset", "split", "pretrained", "arch", "width", "frames", "frame_stride", "crop",
+                "num_clips", "num_crops")
+
+
+@dataclass
+class LinearConfig(common.EvalConfig):
+    epochs: int = 100
+    lr: float = 0.01
+    weight_decay: float = 0.0
+    classifier_batch_size: int = 1024
+    l2_normalize: bool = True
+    cache_dir: str = ""  # where the feature cache lives; empty = --out
+    out: str = "runs/linear"
+
+
+def add_arguments(parser):
+    common.add_common_arguments(parser, LinearConfig)
+    parser.add_argument("--epochs", type=int, default=100, help="classifier epochs over the cached features")
+    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the classifier")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--classifier-batch-size", type=int, default=1024)
+    parser.add_argument("--no-l2-normalize", dest="l2_normalize", action="store_false",
+                        help="train on raw features instead of L2-normalised ones")
+    parser.add_argument("--cache-dir", default="", help="feature cache directory (default: --out)")
+
+
+def snapshot(model):
+    """A detached copy of every parameter and buffer (BN running stats and counters included)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_tensors(model, before):
+    """Names of the state_dict entries of `model` that differ (bit for bit) from `snapshot` `before`."""
+    after = model.state_dict()
+    return [k for k, v in before.items() if k not in after or not torch.equal(after[k].cpu(), v.cpu())]
+
+
+def cached_features(cfg, encoder, subset):
+    """Clip features of `subset`, from the cache (`cfg.cache_dir` or `cfg.out`) when made with the same settings."""
+    out = Path(cfg.cache_dir or cfg.out)
+    files = {k: out / f"{k}_{subset}.npy" for k in CACHE_KEYS}
+    meta_file = out / f"features_{subset}.json"
+    meta = {k: getattr(cfg, k) for k in CACHE_FIELDS}
+    if all(f.is_file() for f in files.values()) and meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
+        log.info("reusing cached %s features from %s", subset, out)
+        return {k: np.load(f) for k, f in files.items()}
+    rows = common.extract(cfg, encoder, subset)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, f in files.items():
+        np.save(f, rows[k])
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    return rows
+
+
+def train_classifier(x, y, num_classes, epochs=100, lr=0.01, weight_decay=0.0, batch_size=1024, seed=0):
+    """Fit `nn.Linear(D, C)` on features `x (N, D)` / labels `y (N,)` with Adam and cross-entropy."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+    clf = nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=g).split(batch_size):
+            loss = F.cross_entropy(clf(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+    return clf, float(loss.detach())
+
+
+def _prepare(x, l2_normalize):
+    x = torch.as_tensor(x, dtype=torch.float32)
+    return F.normalize(x, dim=1) if l2_normalize else x
+
+
+def run(cfg):
+    common.seed_everything(cfg.seed)
+    encoder = common.load_model(cfg).to(cfg.device).eval().requires_grad_(False)
+    before = snapshot(encoder)
+    train = cached_features(cfg, encoder, "train")
+    test = cached_features(cfg, encoder, "test")
+    num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
+
+    clf, loss = train_classifier(_prepare(train["features"], cfg.l2_normalize), train["labels"], num_classes,
+                                 cfg.epochs, cfg.lr, cfg.weight_decay, cfg.classifier_batch_size, cfg.seed)
+    with torch.no_grad():
+        logits = clf(_prepare(test["features"], cfg.l2_normalize)).numpy()
+    changed = changed_tensors(encoder, before)
+    if changed:
+        raise RuntimeError(f"linear probe changed {len(changed)} encoder tensors (e.g. {changed[0]}); the encoder must stay frozen")
+
+    _, video_probs, video_labels = video_scores(logits, test["video_ids"], test["labels"])
+    metrics = {"num_train_clips": len(train["labels"]), "num_test_clips": len(test["labels"]),
+               "num_test_videos": len(video_labels), "final_train_loss": loss, "encoder_unchanged": True}
+    metrics.update({f"clip_{k}": v for k, v in topk_accuracy(logits, test["labels"]).items()})
+    metrics.update({f"video_{k}": v for k, v in topk_accuracy(video_probs, video_labels).items()})
+    return common.write_results(cfg, "linear", metrics)
+
+
+def main(args):
+    run(common.config_from_args(LinearConfig, args))

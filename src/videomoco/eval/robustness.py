@@ -1,0 +1,137 @@
+"""How stable are the features when frames are dropped? (the property VideoMoCo's generator trains for)
+
+For each drop ratio (default 0, 0.1, ..., 0.5) and each dropper (random frames, `random_drop`; and the
+trained generator of a pretraining checkpoint, `--generator`, when given), on the test clips:
+
+    cosine   mean cos(f(clip), f(clip with frames dropped)) over the test clips
+    kNN      top-1 of test videos whose features come from dropped clips, against clean train features
+
+One decoding pass over the test set computes the clean and all dropped features together.
+Writes `metrics.json`, `summary.md` (a markdown table) and `robustness.png`.
+
+    videomoco robustness DATA --dataset ucf101 --pretrained CKPT [--generator CKPT] --out runs/robust
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from videomoco.data.augment import normalize
+from videomoco.eval import common
+from videomoco.eval.export import read_checkpoint
+from videomoco.eval.features import video_average
+from videomoco.eval.knn import knn_accuracy
+from videomoco.method.generator import FrameDropGenerator, drop_frames, random_drop
+
+
+@dataclass
+class RobustnessConfig(common.EvalConfig):
+    ratios: list = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5])
+    fill: str = "mean"
+    generator: str = ""  # our pretraining checkpoint holding a "generator" state
+    ks: list = field(default_factory=lambda: [1, 20])
+    num_clips: int = 2
+    out: str = "runs/robustness"
+
+
+def add_arguments(parser):
+    common.add_common_arguments(parser, RobustnessConfig)
+    d = RobustnessConfig()
+    parser.add_argument("--ratios", type=float, nargs="+", default=d.ratios, help="fractions of frames dropped")
+    parser.add_argument("--fill", choices=["mean", "zero", "hold"], default=d.fill, help="what replaces a dropped frame")
+    parser.add_argument("--generator", default="", help="pretraining checkpoint whose trained generator drops frames")
+    parser.add_argument("--ks", type=int, nargs="+", default=d.ks, help="k values for kNN")
+
+
+def load_generator(path, fill="mean"):
+    """The `FrameDropGenerator` stored under "generator" in our pretraining checkpoint `path`."""
+    ckpt = read_checkpoint(path)
+    state = ckpt.get("generator") if isinstance(ckpt, dict) else None
+    if not state:
+        raise ValueError(f"{path} has no 'generator' state (only our pretraining checkpoints carry one)")
+    hidden = state["score.weight"].shape[1]
+    generator = FrameDropGenerator(fill=fill, hidden=hidden)
+    generator.load_state_dict(state)
+    return generator.eval()
+
+
+def droppers(cfg, generator=None):
+    """name -> fn(x (B, C, T, H, W), ratio) -> dropped x; random drops are seeded by `cfg.seed`."""
+    rng = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    out = {"random": lambda x, r: random_drop(x, r, cfg.fill, generator=rng)[0]}
+    if generator is not None:
+        out["generator"] = lambda x, r: drop_frames(x, generator.scores(x), r, cfg.fill)[0]
+    return out
+
+
+@torch.inference_mode()
+def dropped_features(cfg, encoder, loader, drop_fns):
+    """Clean features `(N, D)` and, per (dropper, ratio), the features of the dropped clips, in one pass."""
+    encoder.eval()
+    clean, dropped, labels, ids = [], {}, [], []
+    for clip, label, video_id in tqdm(loader, desc="robustness", leave=False):
+        x = normalize(clip.to(cfg.device))  # (B, 3, T, H, W)
+        clean.append(encoder.forward_features(x).float().cpu())
+        for name, fn in drop_fns.items():
+            for r in cfg.ratios:
+                dropped.setdefault((name, r), []).append(encoder.forward_features(fn(x, r)).float().cpu())
+        labels.append(label.view(-1))
+        ids.append(video_id.view(-1))
+    return _cat(clean), {k: _cat(v) for k, v in dropped.items()}, _cat(labels), _cat(ids)
+
+
+def _cat(tensors):
+    return torch.cat(tensors).numpy()
+
+
+def plot(rows, names, ks, path):
+    """Cosine similarity and kNN top-1 against the drop ratio, one line per dropper."""
+    fig = Figure(figsize=(9, 3.5))
+    ax_cos, ax_knn = fig.subplots(1, 2)
+    for name in names:
+        mine = [r for r in rows if r["dropper"] == name]
+        ratios = [r["ratio"] for r in mine]
+        ax_cos.plot(ratios, [r["cosine"] for r in mine], marker="o", label=name)
+        for k in ks:
+            ax_knn.plot(ratios, [r[f"knn_top1_k{k}"] for r in mine], marker="o", label=f"{name}, k={k}")
+    ax_cos.set(xlabel="drop ratio", ylabel="cosine(clean, dropped)", title="feature similarity")
+    ax_knn.set(xlabel="drop ratio", ylabel="kNN top-1 (%)", title="kNN on dropped test clips")
+    ax_cos.legend()
+    ax_knn.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def run(cfg):
+    common.seed_everything(cfg.seed)
+    encoder = common.load_model(cfg).to(cfg.device).eval()
+    generator = load_generator(cfg.generator, cfg.fill).to(cfg.device) if cfg.generator else None
+    rows = common.extract(cfg, encoder, "train")
+    _, train_x, train_y = video_average(rows["features"], rows["video_ids"], rows["labels"])
+    fns = droppers(cfg, generator)
+    loader = common.make_loader(cfg, common.labeled_dataset(cfg, "test", mode="test"))
+    clean, dropped, labels, ids = dropped_features(cfg, encoder, loader, fns)
+
+    table = []
+    for (name, ratio), feats in dropped.items():
+        cosine = F.cosine_similarity(torch.as_tensor(clean), torch.as_tensor(feats), dim=1).mean().item()
+        _, test_x, test_y = video_average(feats, ids, labels)
+        table.append({"dropper": name, "ratio": ratio, "cosine": cosine,
+                      **knn_accuracy(train_x, train_y, test_x, test_y, cfg.ks)})
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot(table, list(fns), cfg.ks, out / "robustness.png")
+    header = ["dropper", "ratio", "cosine"] + [f"knn_top1_k{k}" for k in cfg.ks]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(f"{r[h]:.3f}" if isinstance(r[h], float) else str(r[h]) for h in header) + " |"
+              for r in table]
+    metrics = {"num_test_clips": len(labels), "droppers": list(fns), "rows": table}
+    return common.write_results(cfg, "robustness", metrics, table="\n".join(lines))
+
+
+def main(args):
+    run(common.config_from_args(RobustnessConfig, args))

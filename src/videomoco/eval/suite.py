@@ -1,0 +1,128 @@
+"""The whole evaluation protocol in one table: fine-tune, linear probe and kNN/retrieval on UCF101 and
+HMDB51, over splits and seeds, reported as mean +- std.
+
+    videomoco evaluate --suite paper --ucf101 DIR --hmdb51 DIR --pretrained CKPT \
+        [--splits 1 2 3] [--seeds 0 1 2] [--protocols finetune linear knn] --out runs/eval
+
+Each run writes its own directory `OUT/<dataset>/split<k>/<protocol>_seed<n>/`; the table goes to
+`OUT/results.md` and `OUT/results.json` (every run's metrics plus the aggregates). kNN has no
+randomness, so it runs once per split; the linear probe shares one feature cache per split.
+`--suite quick` shortens every schedule (1 fine-tuning epoch, 10 probe epochs) for smoke tests.
+"""
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from videomoco.eval import common, finetune, knn, linear
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = {"finetune": finetune, "linear": linear, "knn": knn}
+REPORTED = {  # protocol -> metrics in the table, in order
+    "finetune": ("clip_top1", "clip_top5", "video_top1", "video_top5"),
+    "linear": ("clip_top1", "video_top1"),
+    "knn": ("knn_top1_k1", "knn_top1_k20", "R@1", "R@5", "R@10", "R@20", "R@50"),
+}
+PRESETS = {  # suite -> (fine-tuning epochs, LR milestones, linear-probe epochs)
+    "paper": (100, [60, 80], 100),
+    "quick": (1, [], 10),
+}
+
+
+@dataclass
+class SuiteConfig(common.EvalConfig):
+    suite: str = "paper"
+    ucf101: str = ""
+    hmdb51: str = ""
+    splits: list = field(default_factory=lambda: [1, 2, 3])
+    seeds: list = field(default_factory=lambda: [0])
+    protocols: list = field(default_factory=lambda: ["finetune", "linear", "knn"])
+    finetune_epochs: int = 0  # 0 = the suite's preset
+    finetune_lr: float = 0.05
+    out: str = "runs/evaluate"
+
+
+def add_arguments(parser):
+    common.add_common_arguments(parser, SuiteConfig, data=False)
+    d = SuiteConfig()
+    parser.add_argument("--suite", choices=sorted(PRESETS), default=d.suite, help="paper schedules or a quick smoke test")
+    parser.add_argument("--ucf101", default="", help="UCF101 root (with ucfTrainTestlist/) or its index")
+    parser.add_argument("--hmdb51", default="", help="HMDB51 root (with testTrainMulti_7030_splits/) or its index")
+    parser.add_argument("--splits", type=int, nargs="+", default=d.splits, help="official splits (1 = authors' parity)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=d.seeds)
+    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=d.protocols)
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="override the suite's fine-tuning epochs")
+    parser.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+
+
+def protocol_config(cfg, protocol, dataset, root, split, seed):
+    """The config of one run: the suite's shared fields plus the protocol's schedule."""
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(common.EvalConfig)}
+    run_dir = Path(cfg.out) / dataset / f"split{split}"
+    shared.update(data=root, dataset=dataset, split=split, seed=seed, out=str(run_dir / f"{protocol}_seed{seed}"))
+    epochs, schedule, linear_epochs = PRESETS[cfg.suite]
+    if protocol == "finetune":
+        return finetune.FinetuneConfig(**shared, epochs=cfg.finetune_epochs or epochs, schedule=schedule, lr=cfg.finetune_lr)
+    if protocol == "linear":
+        return linear.LinearConfig(**shared, epochs=linear_epochs, cache_dir=str(run_dir / "linear_features"))
+    return knn.KnnConfig(**shared)
+
+
+def aggregate(runs):
+    """`[{"dataset", "protocol", "metrics"}]` -> rows `{"dataset", "protocol", "metric", "mean", "std", "n"}`."""
+    rows = []
+    for dataset in dict.fromkeys(r["dataset"] for r in runs):
+        for protocol in PROTOCOLS:
+            mine = [r["metrics"] for r in runs if r["dataset"] == dataset and r["protocol"] == protocol]
+            for metric in REPORTED[protocol] if mine else ():
+                values = np.array([m[metric] for m in mine], dtype=np.float64)
+                std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                rows.append({"dataset": dataset, "protocol": protocol, "metric": metric,
+                             "mean": float(values.mean()), "std": std, "n": len(values)})
+    return rows
+
+
+def markdown(rows):
+    lines = ["| dataset | protocol | metric | mean ± std (%) | runs |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['n']} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def run(cfg):
+    datasets = {name: root for name, root in (("ucf101", cfg.ucf101), ("hmdb51", cfg.hmdb51)) if root}
+    if not datasets:
+        raise ValueError("give --ucf101 DIR and/or --hmdb51 DIR")
+    bad = [s for s in cfg.splits if s not in (1, 2, 3)]
+    if bad:
+        raise ValueError(f"--splits must be 1, 2 or 3, got {bad[0]}")
+    runs = []
+    for dataset, root in datasets.items():
+        for split in cfg.splits:
+            for protocol in cfg.protocols:
+                for seed in cfg.seeds[:1] if protocol == "knn" else cfg.seeds:  # kNN is deterministic
+                    run_cfg = protocol_config(cfg, protocol, dataset, root, split, seed)
+                    log.info("%s %s split %d seed %d -> %s", protocol, dataset, split, seed, run_cfg.out)
+                    metrics = PROTOCOLS[protocol].run(run_cfg)
+                    runs.append({"dataset": dataset, "protocol": protocol, "split": split, "seed": seed,
+                                 "out": run_cfg.out, "metrics": {k: metrics[k] for k in REPORTED[protocol]}})
+    rows = aggregate(runs)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(rows)
+    header = f"# VideoMoCo evaluation ({cfg.suite})\n\ncheckpoint: `{cfg.pretrained or 'random init'}`, " \
+             f"splits {cfg.splits}, seeds {cfg.seeds}\n\n"
+    (out / "results.md").write_text(header + table + "\n")
+    record = {"config": dataclasses.asdict(cfg), "runs": runs, "table": rows}
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(header + table)
+    return record
+
+
+def main(args):
+    run(common.config_from_args(SuiteConfig, args))

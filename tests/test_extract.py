@@ -1,0 +1,61 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from videomoco.cli import main as cli
+from videomoco.eval import extract
+
+from eval_data import pretrain_checkpoint
+
+
+@pytest.fixture
+def folder(tmp_path, make_video):
+    for i, name in enumerate(["cats/a.mp4", "cats/b.mp4", "dogs/c.mp4", "dogs/d.mp4", "dogs/e.mp4"]):
+        make_video(f"videos/{name}", num_frames=12, size=40, seed=i)
+    (tmp_path / "videos" / "dogs" / "broken.mp4").write_bytes(b"not a video")
+    pretrain_checkpoint(tmp_path / "ckpt.pth")
+    return tmp_path / "videos"
+
+
+def args(folder, out):
+    return ["extract", str(folder), "--pretrained", str(folder.parent / "ckpt.pth"), "--out", str(out),
+            "--frames", "4", "--crop", "32", "--num-clips", "3", "--batch-size", "2", "--chunk-size", "2",
+            "--workers", "0", "--device", "cpu"]
+
+
+def test_extract_writes_features_and_paths(tmp_path, folder):
+    assert cli(args(folder, tmp_path / "feats")) == 0
+    feats = np.load(tmp_path / "feats.npy")
+    with open(tmp_path / "feats.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert feats.shape == (5, 64) and np.isfinite(feats).all()  # width 8 -> 64-d; the broken file is quarantined
+    assert [r["path"] for r in rows] == ["cats/a.mp4", "cats/b.mp4", "dogs/c.mp4", "dogs/d.mp4", "dogs/e.mp4"]
+    assert [r["class_name"] for r in rows] == ["cats", "cats", "dogs", "dogs", "dogs"]
+    assert json.loads((tmp_path / "feats.json").read_text())["videos"] == 5
+    assert not (tmp_path / "feats.parts").exists()
+
+
+def test_extract_resumes_after_an_interruption(tmp_path, folder, monkeypatch):
+    assert cli(args(folder, tmp_path / "ref")) == 0
+    real_save, saved = extract._save_chunk, []
+
+    def crash_after_first(path, *a):
+        if saved:
+            raise KeyboardInterrupt
+        saved.append(path)
+        real_save(path, *a)
+
+    monkeypatch.setattr(extract, "_save_chunk", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        cli(args(folder, tmp_path / "feats"))
+    assert (tmp_path / "feats.parts" / "chunk_00000.npz").is_file() and not (tmp_path / "feats.npy").exists()
+
+    computed = []
+    real_chunk = extract.extract_chunk
+    monkeypatch.setattr(extract, "_save_chunk", real_save)
+    monkeypatch.setattr(extract, "extract_chunk", lambda enc, ds, rows, cfg: computed.append(rows) or real_chunk(enc, ds, rows, cfg))
+    assert cli(args(folder, tmp_path / "feats")) == 0
+    assert computed == [[2, 3], [4]]  # only the chunks that were not saved
+    assert np.allclose(np.load(tmp_path / "feats.npy"), np.load(tmp_path / "ref.npy"), atol=1e-6)

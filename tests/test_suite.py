@@ -1,0 +1,55 @@
+import json
+import types
+
+import numpy as np
+import pytest
+
+from videomoco.cli import main as cli
+from videomoco.eval import suite
+
+from eval_data import hmdb51_root, pretrain_checkpoint, ucf101_root
+
+TINY = ["--width", "8", "--frames", "8", "--crop", "32", "--num-clips", "2", "--batch-size", "4", "--workers", "0",
+        "--device", "cpu"]
+
+
+def test_quick_suite_end_to_end(tmp_path, make_video):
+    ucf = ucf101_root(tmp_path, make_video, classes=("A", "B"), train=2, test=1)
+    hmdb = hmdb51_root(tmp_path, make_video, train=2, test=1)
+    pretrain_checkpoint(tmp_path / "ckpt.pth")
+    out = tmp_path / "suite"
+    assert cli(["evaluate", "--suite", "quick", "--ucf101", str(ucf), "--hmdb51", str(hmdb),
+                "--pretrained", str(tmp_path / "ckpt.pth"), "--splits", "1", *TINY, "--out", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert {(r["dataset"], r["protocol"]) for r in record["runs"]} == {
+        (d, p) for d in ("ucf101", "hmdb51") for p in ("finetune", "linear", "knn")}
+    table = (out / "results.md").read_text()
+    assert "| ucf101 | finetune | video_top1 |" in table and "| hmdb51 | knn | R@5 |" in table
+    assert (out / "hmdb51" / "split1" / "finetune_seed0" / "confusion.png").is_file()
+    assert (out / "ucf101" / "split1" / "linear_features" / "features_train.npy").is_file()
+
+
+def test_table_is_mean_and_std_over_splits_and_seeds(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(protocol):  # metrics that depend on split and seed, so the aggregate is checkable
+        def run(cfg):
+            calls.append((protocol, cfg.dataset, cfg.split, cfg.seed))
+            return {m: float(10 * cfg.split + cfg.seed + i) for i, m in enumerate(suite.REPORTED[protocol])}
+        return types.SimpleNamespace(run=run)
+
+    monkeypatch.setattr(suite, "PROTOCOLS", {p: fake(p) for p in suite.PROTOCOLS})
+    cfg = suite.SuiteConfig(ucf101="U", hmdb51="H", splits=[1, 2, 3], seeds=[0, 1, 2], out=str(tmp_path))
+    record = suite.run(cfg)
+    assert sum(c[0] == "finetune" for c in calls) == 2 * 3 * 3 and sum(c[0] == "knn" for c in calls) == 2 * 3
+    for row in record["table"]:
+        values = [r["metrics"][row["metric"]] for r in record["runs"]
+                  if r["dataset"] == row["dataset"] and r["protocol"] == row["protocol"]]
+        assert row["n"] == len(values) == (3 if row["protocol"] == "knn" else 9)
+        assert row["mean"] == pytest.approx(np.mean(values))
+        assert row["std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_suite_rejects_bad_split(tmp_path):
+    with pytest.raises(ValueError, match="splits must be 1, 2 or 3"):
+        cli(["evaluate", "--ucf101", str(tmp_path), "--splits", "0", "--out", str(tmp_path / "o")])

@@ -1,0 +1,202 @@
+"""`PretrainConfig`: every flag of `videomoco pretrain` (the authors' train.py flags plus ours).
+
+Defaults live only in the dataclass. The argparse flags default to "not given", so that
+`config_from_args` can layer: dataclass defaults < `--config FILE.yaml` < flags on the command line.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+import yaml
+
+ARCHS = ("r3d_18", "mc3_18", "r2plus1d_18", "c3d")
+
+
+class ConfigError(ValueError):
+    """A bad value in a config file or flag combination (one-line message)."""
+
+
+@dataclass
+class PretrainConfig:
+    data: str = ""
+    # --- the authors' train.py flags, same names, meanings and defaults ---
+    arch: str = "r3d_18"
+    workers: int = 32
+    epochs: int = 200
+    start_epoch: int = 0
+    batch_size: int = 256  # total over all processes
+    temporal_decay: float = 0.99999
+    crop_size: int = 112
+    frame_per_clip: int = 16
+    step_between_clips: int = 1
+    lr: float = 0.03
+    lr_decay: float = 0.1
+    warmup: bool = False
+    wp_lr: float = 0.0025
+    schedule: list = field(default_factory=lambda: [120, 160])
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    print_freq: int = 10
+    log_dir: str = "logs_moco"
+    ckp_dir: str = "checkpoints_moco"
+    resume: str = ""
+    resumeG: str = ""
+    world_size: int = -1
+    rank: int = -1
+    dist_url: str = "tcp://224.66.41.62:23456"
+    dist_backend: str = "nccl"
+    seed: int | None = None
+    gpu: int | None = None
+    multiprocessing_distributed: bool = False
+    moco_dim: int = 128
+    moco_k: int = 65536
+    moco_m: float = 0.999
+    moco_t: float = 0.07
+    mlp: bool = False
+    aug_plus: bool = False
+    cos: bool = False
+    # --- ours ---
+    adv_start_epoch: int = 100
+    drop_ratio: float = 0.25
+    fill: str = "mean"
+    g_loss: str = "feature_l1"
+    g_loss_weight: float = 100.0
+    g_lr: float | None = None  # None: same as --lr (the authors use one rate for both)
+    real_query_loss: bool = False
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    frame_stride: int = 1
+    width: int = 64
+    views: str = "same"  # the authors': two crops of one clip
+    config: str = ""
+    max_steps: int = 0  # 0: no limit
+    save_every: int = 10
+    save_every_steps: int = 0
+    keep_last: int = 20
+    keep_every: int = 0
+    image_every: int = 10
+    device: str = "auto"
+    deterministic: bool = False
+
+
+# (flags, dest, help, extra argparse kwargs); order = order in --help
+_FLAGS = [
+    (("-a", "--arch"), "arch", "encoder architecture", {"choices": ARCHS}),
+    (("-j", "--workers"), "workers", "data loading workers (total per node)", {"type": int}),
+    (("--epochs",), "epochs", "number of total epochs to run", {"type": int}),
+    (("--start_epoch",), "start_epoch", "manual epoch number (useful on restarts)", {"type": int}),
+    (("-b", "--batch_size"), "batch_size", "total batch size over all processes", {"type": int}),
+    (("-t", "--temporal_decay"), "temporal_decay", "temporal decay of queue keys", {"type": float}),
+    (("-cs", "--crop_size"), "crop_size", "crop size of the clips", {"type": int}),
+    (("-fpc", "--frame_per_clip"), "frame_per_clip", "frames per clip", {"type": int}),
+    (("-sbc", "--step_between_clips"), "step_between_clips", "frames between clip starts", {"type": int}),
+    (("--lr", "--learning-rate"), "lr", "initial learning rate", {"type": float}),
+    (("--lr_decay", "--learning-rate_decay"), "lr_decay", "learning rate decay factor", {"type": float}),
+    (("--warmup",), "warmup", "linear warm-up over the first --schedule milestone", {"action": "store_true"}),
+    (("--wp_lr", "--warmup_learning-rate"), "wp_lr", "initial warm-up learning rate", {"type": float}),
+    (("--schedule",), "schedule", "epochs at which the lr drops by --lr_decay", {"type": int, "nargs": "*"}),
+    (("--momentum",), "momentum", "SGD momentum", {"type": float}),
+    (("--wd", "--weight_decay"), "weight_decay", "weight decay", {"type": float}),
+    (("-p", "--print_freq"), "print_freq", "log every N steps (the only host syncs)", {"type": int}),
+    (("--log_dir",), "log_dir", "TensorBoard, metrics.jsonl and config.yaml", {}),
+    (("--ckp_dir",), "ckp_dir", "checkpoint directory", {}),
+    (("--resume",), "resume", "checkpoint to resume from (ours or the authors'); 'auto' = newest in --ckp_dir", {}),
+    (("--resumeG",), "resumeG", "the authors' generator checkpoint (not loadable: different architecture)", {}),
+    (("--world_size",), "world_size", "number of nodes (with --multiprocessing_distributed)", {"type": int}),
+    (("--rank",), "rank", "node rank (with --multiprocessing_distributed)", {"type": int}),
+    (("--dist_url",), "dist_url", "url to set up distributed training", {}),
+    (("--dist_backend",), "dist_backend", "distributed backend (gloo is used on CPU)", {}),
+    (("--seed",), "seed", "seed (drawn at random and recorded when not given)", {"type": int}),
+    (("--gpu",), "gpu", "GPU id to use (single process)", {"type": int}),
+    (("--multiprocessing_distributed",), "multiprocessing_distributed", "one process per GPU via mp.spawn",
+     {"action": "store_true"}),
+    (("--moco-dim", "--moco_dim"), "moco_dim", "feature dimension", {"type": int}),
+    (("--moco-k", "--moco_k"), "moco_k", "queue size (negative keys)", {"type": int}),
+    (("--moco-m", "--moco_m"), "moco_m", "momentum of the key encoder", {"type": float}),
+    (("--moco-t", "--moco_t"), "moco_t", "softmax temperature", {"type": float}),
+    (("--mlp",), "mlp", "MLP projection head", {"action": "store_true"}),
+    (("--aug_plus",), "aug_plus", "MoCo v2 augmentation (colour jitter, grayscale, blur)", {"action": "store_true"}),
+    (("--cos",), "cos", "cosine lr schedule", {"action": "store_true"}),
+    (("--adv_start_epoch",), "adv_start_epoch", "first epoch with the adversarial generator", {"type": int}),
+    (("--drop_ratio",), "drop_ratio", "fraction of frames the generator drops", {"type": float}),
+    (("--fill",), "fill", "what replaces dropped frames", {"choices": ("mean", "zero", "hold")}),
+    (("--g_loss",), "g_loss", "generator objective", {"choices": ("feature_l1", "contrastive")}),
+    (("--g_loss_weight",), "g_loss_weight", "weight of the generator loss", {"type": float}),
+    (("--g_lr",), "g_lr", "generator learning rate (default: --lr)", {"type": float}),
+    (("--real_query_loss",), "real_query_loss", "also train on the un-dropped query", {"action": "store_true"}),
+    (("--precision",), "precision", "autocast dtype", {"choices": ("fp32", "bf16", "fp16")}),
+    (("--channels_last",), "channels_last", "channels_last_3d model and inputs", {"action": "store_true"}),
+    (("--compile",), "compile", "torch.compile the encoders", {"action": "store_true"}),
+    (("--frame_stride",), "frame_stride", "take every N-th frame", {"type": int}),
+    (("--width",), "width", "encoder base width (64 = torchvision)", {"type": int}),
+    (("--views",), "views", "query and key from the same clip or two clips", {"choices": ("same", "distinct")}),
+    (("--max_steps",), "max_steps", "stop after N steps in total (0: no limit)", {"type": int}),
+    (("--save_every",), "save_every", "checkpoint every N epochs", {"type": int}),
+    (("--save_every_steps",), "save_every_steps", "also checkpoint every N steps (0: off)", {"type": int}),
+    (("--keep_last",), "keep_last", "keep the newest N epoch checkpoints", {"type": int}),
+    (("--keep_every",), "keep_every", "also keep every M-th epoch checkpoint (0: off)", {"type": int}),
+    (("--image_every",), "image_every", "log a dropped-frames image every N epochs (0: off)", {"type": int}),
+    (("--device",), "device", "auto, cpu, cuda or cuda:N", {}),
+    (("--deterministic",), "deterministic", "deterministic algorithms (bitwise-reproducible on CPU)",
+     {"action": "store_true"}),
+]
+
+
+def add_arguments(parser):
+    """Add every `videomoco pretrain` flag; defaults are shown from `PretrainConfig`."""
+    defaults = PretrainConfig()
+    parser.add_argument("data", nargs="?", default=argparse.SUPPRESS, metavar="DATA",
+                        help="dataset root, index directory or index.csv")
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.yaml",
+                        help="YAML file of flag values (flags on the command line win)")
+    for flags, dest, help_, kwargs in _FLAGS:
+        default = getattr(defaults, dest)
+        parser.add_argument(*flags, dest=dest, default=argparse.SUPPRESS,
+                            help=f"{help_} (default: {default})", **kwargs)
+    return parser
+
+
+def _check(cfg):
+    choices = {dest: kw["choices"] for _, dest, _, kw in _FLAGS if "choices" in kw}
+    for dest, allowed in choices.items():
+        if getattr(cfg, dest) not in allowed:
+            raise ConfigError(f"{dest}={getattr(cfg, dest)!r} is not one of {', '.join(allowed)}")
+    if not cfg.data:
+        raise ConfigError("DATA is required (a positional argument or `data:` in --config)")
+    if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.frame_per_clip < 1 or cfg.print_freq < 1:
+        raise ConfigError("--batch_size, --epochs, --frame_per_clip and --print_freq must be >= 1")
+    if not 0.0 <= cfg.drop_ratio < 1.0:
+        raise ConfigError(f"--drop_ratio must be in [0, 1), got {cfg.drop_ratio}")
+    return cfg
+
+
+def load_yaml(path):
+    """Read a config file into a dict (one-line `ConfigError` on a bad file or unknown key)."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {path} must be a mapping of flag names to values")
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    unknown = sorted(k for k in values if k.replace("-", "_") not in known)
+    if unknown:
+        raise ConfigError(f"config {path}: unknown keys {', '.join(unknown)}")
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+def config_from_args(args):
+    """`PretrainConfig` from parsed flags: dataclass defaults < `--config` YAML < command line."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    values = load_yaml(given["config"]) if given.get("config") else {}
+    values.update({k: v for k, v in given.items() if k in {f.name for f in dataclasses.fields(PretrainConfig)}})
+    return _check(PretrainConfig(**values))
+
+
+def save_config(cfg, path):
+    """Write the resolved config as YAML (reloadable with `--config`)."""
+    with open(path, "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)

@@ -1,0 +1,145 @@
+"""The epoch loop: one pass over the loader with adversarial steps, logging, checkpoints and stops.
+
+Metrics stay on the device as 0-d tensors and are summed; the host syncs (and NaN checks) happen
+only every `--print_freq` steps and at the end of an epoch.
+"""
+
+import logging
+import math
+import signal
+import time
+
+import torch
+from tqdm import tqdm
+
+from videomoco.engine import distributed as du
+from videomoco.engine.logger import drop_strip
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf (one-line message naming the step and the last good checkpoint)."""
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT (preemption); the loop checks it at step boundaries."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal is None:
+            log.warning("received %s: saving a checkpoint at the next step boundary, then exiting",
+                        signal.Signals(signum).name)
+        self.signal = signum
+
+    def is_set(self, device, sync=True):
+        """True when any rank was signalled; `sync=False` only looks at this rank (no collective)."""
+        flag = self.signal is not None
+        if sync and du.get_world_size() > 1:
+            t = torch.tensor([float(flag)], device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = bool(t.item())
+        return flag
+
+
+def step_seed(seed, rank, step):
+    """The seed of step `step` on `rank`. Reseeding torch every step (augmentation, shuffle-BN) makes
+    the run replay exactly from any stop point, whatever consumed random numbers in between."""
+    return ((seed * 1_000_003 + rank) * 1_000_033 + step) % (2**63)
+
+
+def _prepare(clips, run):
+    """uint8 (B, 3, T, H, W) from the loader -> augmented float on the device."""
+    clips = clips.to(run.info.device, non_blocking=True)
+    clips = run.augment(clips)
+    if run.cfg.channels_last:
+        clips = clips.contiguous(memory_format=torch.channels_last_3d)
+    return clips
+
+
+def _flush(run, sums, count, epoch, times):
+    """Sync the summed metrics (the only host sync), check them, log them. Returns the means."""
+    names = sorted(sums)
+    values = du.all_reduce_mean(torch.stack([sums[n] for n in names]) / count).tolist()
+    metrics = dict(zip(names, values))
+    bad = [n for n in ("loss_d", "loss_g") if n in metrics and not math.isfinite(metrics[n])]
+    if bad:
+        raise TrainingDiverged(
+            f"{bad[0]} is {metrics[bad[0]]} at step {run.step} (epoch {epoch}); "
+            f"last good checkpoint: {run.last_checkpoint or 'none'}")
+    data_time, step_time, clips = times
+    metrics.update(lr=run.opt_d.param_groups[0]["lr"], data_time=data_time / count, step_time=step_time / count,
+                   clips_per_s=clips * run.info.world_size / max(step_time, 1e-9))
+    run.logger.scalars(run.step, metrics)
+    return metrics
+
+
+def train_one_epoch(run, epoch):
+    """Train `epoch` from the sampler's position. Returns "done", "stopped" (signal) or "max_steps"."""
+    cfg, model, generator = run.cfg, run.model, run.generator
+    adversarial = epoch >= cfg.adv_start_epoch
+    model.train()
+    generator.train()
+    batch = run.per_process_batch
+    num_batches = len(run.sampler) // batch
+    start = run.sampler.start // batch
+    bar = tqdm(total=num_batches, initial=start, desc=f"epoch {epoch}", mininterval=2.0, dynamic_ncols=True,
+               disable=not du.is_main_process(), leave=False)
+    sums, count, times, metrics = {}, 0, [0.0, 0.0, 0], None
+    end = time.perf_counter()
+    status = "done"
+    for i, (im_q, im_k) in enumerate(run.loader, start=start):
+        data_time = time.perf_counter() - end
+        torch.manual_seed(step_seed(cfg.seed, run.info.rank, run.step))
+        im_q, im_k = _prepare(im_q, run), _prepare(im_k, run)  # (B, 3, T, H, W) float
+        if i == start and cfg.image_every > 0 and epoch % cfg.image_every == 0 and adversarial:
+            with torch.no_grad():  # the generator is deterministic: no RNG or state is touched
+                _, keep = generator(im_q[:1])
+            run.logger.image("generator/dropped_frames", run.step,
+                             drop_strip(im_q[0].float(), keep[0], mean=run.augment.mean.flatten().tolist(),
+                                        std=run.augment.std.flatten().tolist()))
+        out = run.trainer.step(im_q, im_k, adversarial)
+        run.step += 1
+        run.batch_in_epoch = i + 1
+        for name, value in out.items():
+            sums[name] = sums.get(name, 0) + value.float()
+        count += 1
+        times[0] += data_time
+        times[1] += time.perf_counter() - end
+        times[2] += im_q.shape[0]
+        bar.update(1)
+        if run.step % cfg.print_freq == 0 or i + 1 == num_batches:
+            metrics = _flush(run, sums, count, epoch, times)
+            bar.set_postfix(loss_d=f"{metrics['loss_d']:.3f}", acc1=f"{metrics['acc1']:.1f}")
+            sums, count, times = {}, 0, [0.0, 0.0, 0]
+        if i + 1 == num_batches:
+            break
+        if cfg.max_steps and run.step >= cfg.max_steps:
+            status = "max_steps"
+            break
+        # multi-process runs agree on stopping with a collective, so only at print_freq boundaries
+        if (du.get_world_size() == 1 or run.step % cfg.print_freq == 0) and run.stop.is_set(run.info.device):
+            status = "stopped"
+            break
+        if cfg.save_every_steps and run.step % cfg.save_every_steps == 0:
+            run.save(epoch, mid_epoch=True)
+        end = time.perf_counter()
+    bar.close()
+    if count:
+        metrics = _flush(run, sums, count, epoch, times)
+    if metrics is not None:
+        log.info("epoch %d step %d: %s", epoch, run.step,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss_d", "loss_g", "acc1", "lr")))
+    return status

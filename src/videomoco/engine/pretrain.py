@@ -1,0 +1,250 @@
+"""`videomoco pretrain`: wiring (config, processes, model, data, resume) around the epoch loop.
+
+    run(cfg) -> launch (torchrun | mp.spawn | in-process) -> _worker(local_rank, cfg):
+        init_distributed -> model + generator + optimisers -> resume -> data -> epochs -> checkpoints
+"""
+
+import dataclasses
+import logging
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from videomoco.data.datasets import set_epoch
+from videomoco.engine import checkpoint as ck
+from videomoco.engine import distributed as du
+from videomoco.engine.config import ConfigError, PretrainConfig, config_from_args, save_config
+from videomoco.engine.config import add_arguments as _add_config_arguments
+from videomoco.engine.logger import MetricLogger, environment, setup_logging
+from videomoco.engine.loop import StopFlag, TrainingDiverged, train_one_epoch
+from videomoco.engine.schedule import lr_for, schedule_state, set_lr
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Run:
+    """Everything one process trains with; `save()` writes a checkpoint from rank 0."""
+
+    def __init__(self, cfg, info, batch):
+        from videomoco.data.augment import GpuAugment
+        from videomoco.method import AdversarialConfig, AdversarialTrainer, FrameDropGenerator, VideoMoCo
+
+        self.cfg, self.info, self.per_process_batch = cfg, info, batch
+        self.loader = self.sampler = None  # set by _build_data
+        dev = info.device
+        torch.manual_seed(cfg.seed)  # the same initial weights and queue on every rank
+        self.model = VideoMoCo(cfg.arch, cfg.moco_dim, cfg.moco_k, cfg.moco_m, cfg.moco_t, cfg.mlp,
+                               cfg.temporal_decay, cfg.width).to(dev)
+        self.generator = FrameDropGenerator(cfg.drop_ratio, cfg.fill).to(dev)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last_3d)
+        params_d = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt_d = torch.optim.SGD(params_d, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.opt_g = torch.optim.SGD(self.generator.parameters(), cfg.g_lr or cfg.lr, momentum=cfg.momentum,
+                                     weight_decay=cfg.weight_decay)
+        fp16 = cfg.precision == "fp16"
+        self.scaler_d = torch.amp.GradScaler(dev.type) if fp16 else None
+        self.scaler_g = torch.amp.GradScaler(dev.type) if fp16 else None
+        adv = AdversarialConfig(cfg.drop_ratio, cfg.fill, cfg.g_loss, cfg.g_loss_weight, cfg.real_query_loss,
+                                cfg.adv_start_epoch)
+        self.trainer = AdversarialTrainer(self.model, self.generator, self.opt_d, self.opt_g, adv,
+                                          AMP_DTYPES[cfg.precision], self.scaler_d, self.scaler_g)
+        self.augment = GpuAugment(aug_plus=cfg.aug_plus).to(dev)
+        self.stop = StopFlag()
+        self.epoch, self.step, self.batch_in_epoch = cfg.start_epoch, 0, 0
+        self.last_checkpoint, self.saved_step = None, None
+        self.ckp_dir = Path(cfg.ckp_dir)
+        self.logger = MetricLogger(cfg.log_dir, enabled=du.is_main_process())
+
+    # --- checkpoints ---
+    def state(self, epoch, mid_epoch):
+        cfg = self.cfg
+        return {
+            "format": "videomoco", "version": 1,
+            "epoch": epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch if mid_epoch else 0,
+            "arch": cfg.arch, "config": dataclasses.asdict(cfg),
+            "state_dict": self.model.state_dict(), "generator": self.generator.state_dict(),
+            "optimizer": self.opt_d.state_dict(), "optimizer_g": self.opt_g.state_dict(),
+            "scaler": {"d": self.scaler_d.state_dict(), "g": self.scaler_g.state_dict()} if self.scaler_d else {},
+            "scheduler": schedule_state(cfg, epoch),
+            "sampler": self.sampler.state_dict(consumed=self.batch_in_epoch * self.per_process_batch if mid_epoch
+                                               else 0) | {"epoch": epoch},
+            "rng": ck.rng_state(),
+        }
+
+    def save(self, epoch, mid_epoch=False):
+        """Checkpoint after `epoch` epochs (+ `batch_in_epoch` batches when `mid_epoch`); rank 0 writes."""
+        du.sync_buffers(self.model)  # BN statistics of rank 0 everywhere (what the file will hold)
+        if du.is_main_process():
+            name = ck.checkpoint_name(epoch, self.step if mid_epoch else None)
+            self.last_checkpoint = ck.save_checkpoint(self.state(epoch, mid_epoch), self.ckp_dir / name)
+            ck.rotate_checkpoints(self.ckp_dir, self.cfg.keep_last, self.cfg.keep_every)
+            log.info("saved %s", self.last_checkpoint)
+        self.saved_step = self.step
+        du.barrier()
+
+    def resume(self, path):
+        """Load our checkpoint (everything) or the authors' (model weights and epoch)."""
+        cfg = self.cfg
+        if path == "auto":
+            path, ckpt = ck.latest_checkpoint(self.ckp_dir)
+            if path is None:
+                log.info("--resume auto: no checkpoint in %s, starting from scratch", self.ckp_dir)
+                return
+        else:
+            ckpt = ck.load_checkpoint(path)
+        sd = ck.model_state_dict(ckpt["state_dict"])
+        ck.check_compatible(self.model.state_dict(), sd, ckpt.get("arch", "?"), cfg.arch)
+        self.model.load_state_dict(sd)
+        self.epoch = int(ckpt["epoch"])
+        if ck.is_official(ckpt):
+            log.info("loaded the authors' checkpoint %s (epoch %d): weights and queue only, fresh optimiser",
+                     path, self.epoch)
+            return
+        self.generator.load_state_dict(ckpt["generator"])
+        self.opt_d.load_state_dict(ckpt["optimizer"])
+        self.opt_g.load_state_dict(ckpt["optimizer_g"])
+        if self.scaler_d is not None and ckpt.get("scaler"):
+            self.scaler_d.load_state_dict(ckpt["scaler"]["d"])
+            self.scaler_g.load_state_dict(ckpt["scaler"]["g"])
+        self.step, self.batch_in_epoch = int(ckpt["step"]), int(ckpt.get("batch_in_epoch", 0))
+        self.sampler.load_state_dict({**ckpt["sampler"], "epoch": self.epoch,
+                                      "position": self.batch_in_epoch * self.per_process_batch})
+        ck.set_rng_state(ckpt["rng"])  # torch is also reseeded every step (loop.step_seed)
+        self.last_checkpoint = Path(path)
+        log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
+
+
+def _resolve_seed(cfg, info):
+    """A seed shared by all ranks: --seed, else the resumed run's, else drawn on rank 0."""
+    if cfg.seed is None and cfg.resume:
+        path = ck.latest_checkpoint(cfg.ckp_dir)[0] if cfg.resume == "auto" else cfg.resume
+        if path is not None:
+            try:
+                cfg.seed = ck.load_checkpoint(path).get("config", {}).get("seed")
+            except ck.CheckpointError:
+                pass
+    if cfg.seed is None:
+        cfg.seed = random.SystemRandom().randrange(2**31) if info.rank == 0 else 0
+        if info.world_size > 1:
+            t = torch.tensor([cfg.seed], device=info.device)
+            torch.distributed.broadcast(t, 0)
+            cfg.seed = int(t.item())
+    random.seed(cfg.seed + info.rank)
+    np.random.seed(cfg.seed + info.rank)
+
+
+def _build_data(run, cfg, info, workers):
+    from videomoco.data.datasets import PretrainDataset, build_loader
+    from videomoco.data.index import open_index
+
+    try:
+        dataset = PretrainDataset(open_index(cfg.data), frames_per_clip=cfg.frame_per_clip,
+                                  frame_stride=cfg.frame_stride, crop_size=cfg.crop_size, views=cfg.views,
+                                  seed=cfg.seed)
+        run.loader = build_loader(dataset, run.per_process_batch, workers, shuffle=True, drop_last=True,
+                                  seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                                  pin_memory=info.device.type == "cuda")
+    except (OSError, ValueError) as e:  # no such directory, no usable videos, fewer videos than one batch
+        raise ConfigError(f"DATA {cfg.data}: {e}") from None
+    run.sampler = run.loader.sampler
+    return dataset
+
+
+def _worker(local_rank, cfg):
+    info = du.init_distributed(cfg, local_rank)
+    setup_logging(info.rank)
+    try:
+        return _train(cfg, info)
+    finally:
+        du.cleanup()
+
+
+def _train(cfg, info):
+    _resolve_seed(cfg, info)
+    env = environment()
+    log.info("environment: %s", ", ".join(f"{k} {v}" for k, v in env.items()))
+    log.info("process %d/%d on %s", info.rank, info.world_size, info.device)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+    elif info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    batch, workers = du.per_process(cfg, info.world_size, du.procs_per_node(cfg))
+    run = Run(cfg, info, batch)
+    dataset = _build_data(run, cfg, info, workers)
+    if cfg.resume:
+        run.resume(cfg.resume)
+    if cfg.resumeG:
+        log.warning("--resumeG %s: the authors' MaskGenerator does not fit our FrameDropGenerator "
+                    "(different architecture); continuing with a fresh generator", cfg.resumeG)
+    if cfg.compile:
+        # the generator's update back-propagates with retain_graph=True, which donated buffers forbid
+        torch._functorch.config.donated_buffer = False
+        run.model.encoder_q.compile()
+        run.model.encoder_k.compile()
+    if du.is_main_process():
+        Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.log_dir) / "config.yaml")
+        run.logger.text("config", "\n".join(f"    {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
+    log.info("%d videos, %d processes x batch %d, %d workers each, epochs %d..%d", len(dataset),
+             info.world_size, batch, workers, run.epoch, cfg.epochs)
+    run.stop.install()
+    status = "done"
+    try:
+        for epoch in range(run.epoch, cfg.epochs):
+            if run.stop.is_set(info.device):  # signalled during the last step of the previous epoch
+                if run.saved_step != run.step:
+                    run.save(epoch)
+                status = "stopped"
+                break
+            set_epoch(run.loader, epoch)
+            set_lr(run.opt_d, lr_for(cfg, epoch))
+            set_lr(run.opt_g, lr_for(cfg, epoch, cfg.g_lr))
+            status = train_one_epoch(run, epoch)
+            if status != "done":
+                run.save(epoch, mid_epoch=True)
+                break
+            run.batch_in_epoch = 0
+            run.epoch = epoch + 1
+            if run.epoch % cfg.save_every == 0 or run.epoch == cfg.epochs:
+                run.save(run.epoch)
+            if cfg.max_steps and run.step >= cfg.max_steps:
+                if run.saved_step != run.step:
+                    run.save(run.epoch)
+                status = "max_steps"
+                break
+    except TrainingDiverged as e:
+        log.error("%s", e)
+        return {"status": "diverged", "error": str(e), "step": run.step, "exit_code": 1}
+    finally:
+        run.stop.uninstall()
+        run.logger.close()
+    log.info("%s at epoch %d, step %d; last checkpoint %s", status, run.epoch, run.step, run.last_checkpoint)
+    return {"status": status, "epoch": run.epoch, "step": run.step, "checkpoint": run.last_checkpoint,
+            "log_dir": cfg.log_dir, "ckp_dir": cfg.ckp_dir, "exit_code": 0}
+
+
+def run(cfg: PretrainConfig) -> dict:
+    """Pretrain with `cfg` (the Python entry point). Returns rank 0's summary (status, epoch, step,
+    checkpoint path, exit_code); only status and exit_code from a parent that spawned its workers."""
+    return du.launch(_worker, cfg)
+
+
+def add_arguments(parser):
+    _add_config_arguments(parser)
+
+
+def main(args):
+    try:
+        cfg = config_from_args(args)
+        result = run(cfg)
+    except (ConfigError, ck.CheckpointError) as e:
+        print(f"videomoco pretrain: error: {e}", file=sys.stderr)
+        return 2
+    return result.get("exit_code", 0) if result else 0

@@ -1,0 +1,244 @@
+"""`videomoco pretrain` end to end on a tiny generated dataset (width 8, 8 frames, 32 px, K=32, batch 4).
+
+8 videos / batch 4 = 2 steps per epoch.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from videomoco import cli
+from videomoco.data.encode import write_video
+from videomoco.engine import checkpoint as ck
+from videomoco.engine import pretrain
+from videomoco.method import VideoMoCo
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import REPO, moving_square_frames  # noqa: E402
+
+TINY = ["--width", "8", "-fpc", "8", "-cs", "32", "--moco-k", "32", "--moco-dim", "16", "-b", "4", "-j", "0",
+        "--seed", "0", "-p", "1", "--save_every", "1", "--image_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("videos")
+    for i in range(8):
+        write_video(root / f"v{i}.mp4", moving_square_frames(16, 40, seed=i), fps=25, codec="h264")
+    return root
+
+
+def cli_run(videos, out, *extra):
+    return cli.main(["pretrain", str(videos), *TINY, "--log_dir", str(out / "log"), "--ckp_dir", str(out / "ckp"),
+                     *extra])
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "log" / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def reference(videos, tmp_path_factory):
+    """Two epochs straight through, generator from epoch 1 on."""
+    out = tmp_path_factory.mktemp("reference")
+    assert cli_run(videos, out, "--epochs", "2", "--adv_start_epoch", "1") == 0
+    return out
+
+
+def test_end_to_end_plain_then_adversarial(reference):
+    rows = metrics(reference)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["loss_g"] == 0 and r["drop_fraction"] == 0 for r in rows[:2])  # plain MoCo in epoch 0
+    assert all(r["loss_g"] != 0 and r["drop_fraction"] == 0.25 for r in rows[2:])  # the generator in epoch 1
+    assert all(r["loss_d"] > 0 and r["clips_per_s"] > 0 and r["lr"] == 0.03 for r in rows)
+    assert rows[-1]["queue_age_max"] == 4  # 4 steps of 4 keys into K=32: the first keys are 4 enqueues old
+    assert [p.name for p in ck.list_checkpoints(reference / "ckp")] == ["checkpoint_0001.pth.tar",
+                                                                      "checkpoint_0002.pth.tar"]
+    ckpt = ck.load_checkpoint(reference / "ckp" / "checkpoint_0002.pth.tar")
+    assert (ckpt["format"], ckpt["epoch"], ckpt["step"], ckpt["arch"]) == ("videomoco", 2, 4, "r3d_18")
+    assert ckpt["config"]["width"] == 8 and "queue_age" in ckpt["state_dict"] and ckpt["generator"]
+    assert ckpt["optimizer"]["state"] and ckpt["sampler"]["epoch"] == 2
+    assert yaml.safe_load((reference / "log" / "config.yaml").read_text())["seed"] == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference / "log"))
+    events.Reload()
+    assert "generator/dropped_frames" in events.Tags()["images"]  # logged in the adversarial epoch
+    assert {"train/loss_d", "train/queue_age_max", "train/clips_per_s"} <= set(events.Tags()["scalars"])
+
+
+def _assert_same_run(a, b):
+    assert [r["loss_d"] for r in metrics(a)] == [r["loss_d"] for r in metrics(b)]
+    assert [r["loss_g"] for r in metrics(a)] == [r["loss_g"] for r in metrics(b)]
+    ca, cb = (ck.load_checkpoint(o / "ckp" / "checkpoint_0002.pth.tar") for o in (a, b))
+    for part in ("state_dict", "generator"):
+        for key, value in ca[part].items():
+            assert torch.equal(value, cb[part][key]), f"{part}.{key}"
+
+
+@pytest.mark.parametrize("stop_step, workers", [(2, "0"), (3, "2")])
+def test_resume_is_exact(videos, reference, tmp_path, stop_step, workers):
+    """Stopping (at the epoch boundary, or mid-epoch with 2 workers) and resuming gives bitwise the same run."""
+    args = ("--epochs", "2", "--adv_start_epoch", "1", "-j", workers)
+    assert cli_run(videos, tmp_path, *args, "--max_steps", str(stop_step)) == 0
+    names = [p.name for p in ck.list_checkpoints(tmp_path / "ckp")]
+    assert names[-1] == ck.checkpoint_name(1, step=3 if stop_step == 3 else None)
+    assert cli_run(videos, tmp_path, *args, "--resume", "auto") == 0
+    _assert_same_run(reference, tmp_path)
+
+
+def test_sigterm_saves_and_exits_zero(videos, tmp_path):
+    cmd = [sys.executable, "-m", "videomoco", "pretrain", str(videos), *TINY, "--epochs", "50",
+           "--log_dir", str(tmp_path / "log"), "--ckp_dir", str(tmp_path / "ckp"), "--save_every", "100"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    jsonl = tmp_path / "log" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (jsonl.is_file() and jsonl.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-2000:]
+    assert "received SIGTERM" in output
+    path, ckpt = ck.latest_checkpoint(tmp_path / "ckp")
+    assert path is not None, output[-2000:]  # mid-epoch, or the epoch's end when the signal hit its last step
+    assert ckpt["step"] >= 1 and ckpt["sampler"]["position"] == ckpt["batch_in_epoch"] * 4
+    assert ckpt["step"] == 2 * ckpt["epoch"] + ckpt["batch_in_epoch"]
+    # resumable: one more step from there
+    assert cli_run(videos, tmp_path, "--epochs", "50", "--resume", "auto", "--max_steps", str(ckpt["step"] + 1)) == 0
+    assert metrics(tmp_path)[-1]["step"] == ckpt["step"] + 1
+
+
+def _official_checkpoint(path, arch="r3d_18", width=8, dim=16, K=32, epoch=3):
+    """The authors' layout: {'epoch', 'arch', 'state_dict'} with `module.` keys and no queue_age."""
+
+    model = VideoMoCo(arch, dim=dim, K=K, width=width)
+    model.queue_ptr.fill_(5)
+    sd = {f"module.{k}": v for k, v in model.state_dict().items() if k != "queue_age"}
+    torch.save({"epoch": epoch, "arch": arch, "state_dict": sd}, path)
+    return model
+
+
+def test_resume_from_official_checkpoint(videos, tmp_path):
+    model = _official_checkpoint(tmp_path / "theirs.pth.tar", epoch=3)
+    assert cli_run(videos, tmp_path, "--resume", str(tmp_path / "theirs.pth.tar"), "--epochs", "4",
+                   "--resumeG", str(tmp_path / "netG.pth.tar"), "--adv_start_epoch", "0") == 0
+    rows = metrics(tmp_path)
+    assert len(rows) == 2  # only epoch 3 ran
+    ckpt = ck.load_checkpoint(tmp_path / "ckp" / "checkpoint_0004.pth.tar")
+    assert ckpt["epoch"] == 4
+    assert int(ckpt["state_dict"]["queue_ptr"]) == 5 + 2 * 4  # the loaded queue went on from its pointer
+
+
+def test_mismatched_arch_is_a_one_line_error(videos, tmp_path, capsys):
+    _official_checkpoint(tmp_path / "r3d.pth.tar", arch="r3d_18")
+    code = cli_run(videos, tmp_path, "-a", "r2plus1d_18", "--resume", str(tmp_path / "r3d.pth.tar"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2
+    assert err.startswith("videomoco pretrain: error: checkpoint is r3d_18 (width 8) but the model is r2plus1d_18")
+    assert "keys missing" in err and "shape mismatches e.g." in err
+
+
+def test_authors_command_verbatim(videos, tmp_path):
+    """Their README command with a generated official checkpoint; our flags appended only to make it tiny."""
+    _official_checkpoint(tmp_path / "checkpoint_0100.pth.tar", arch="r2plus1d_18", dim=128, K=65536, epoch=100)
+    theirs = ["--log_dir", "L", "--ckp_dir", "C", "-a", "r2plus1d_18", "--lr", "0.005", "-fpc", "32", "-b", "32",
+              "-j", "128", "--epochs", "200", "--schedule", "120", "160", "--dist_url", f"tcp://localhost:{free_port()}",
+              "--multiprocessing_distributed", "--world_size", "1", "--rank", "0",
+              "--resume", "./checkpoint_0100.pth.tar", str(videos)]
+    ours = ["--width", "8", "-fpc", "8", "-cs", "32", "-b", "4", "--max_steps", "1"]
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *theirs, *ours], cwd=tmp_path,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed" in proc.stderr or "authors' checkpoint" in proc.stderr
+    assert "data workers per process" in proc.stderr  # -j 128 clamped, said in one line
+    ckpt = ck.load_checkpoint(tmp_path / "C" / ck.checkpoint_name(100, step=1))
+    assert ckpt["arch"] == "r2plus1d_18" and ckpt["config"]["lr"] == 0.005 and ckpt["sampler"]["position"] == 4
+
+
+def test_nan_loss_stops_with_message(videos, tmp_path, monkeypatch):
+    from videomoco.method import AdversarialTrainer
+
+    real_step, calls = AdversarialTrainer.step, []
+
+    def step(self, im_q, im_k, adversarial):
+        out = real_step(self, im_q, im_k, adversarial)
+        calls.append(1)
+        if len(calls) == 3:
+            out["loss_d"] = out["loss_d"] * float("nan")
+        return out
+
+    monkeypatch.setattr(AdversarialTrainer, "step", step)
+    cfg = pretrain.config_from_args({"data": str(videos), "width": 8, "frame_per_clip": 8, "crop_size": 32,
+                                     "moco_k": 32, "moco_dim": 16, "batch_size": 4, "workers": 0, "seed": 0,
+                                     "print_freq": 1, "save_every": 1, "epochs": 3, "log_dir": str(tmp_path / "log"),
+                                     "ckp_dir": str(tmp_path / "ckp")})
+    result = pretrain.run(cfg)
+    assert result["exit_code"] == 1 and result["status"] == "diverged"
+    assert "loss_d is nan at step 3 (epoch 1)" in result["error"]
+    assert result["error"].endswith("checkpoint_0001.pth.tar")
+
+
+def test_bf16_channels_last_and_fp16(videos, tmp_path):
+    for precision in ("bf16", "fp16"):
+        out = tmp_path / precision
+        assert cli_run(videos, out, "--precision", precision, "--channels_last", "--adv_start_epoch", "0",
+                       "--max_steps", "1") == 0
+        row = metrics(out)[-1]
+        assert torch.isfinite(torch.tensor([row["loss_d"], row["loss_g"]])).all() and row["loss_g"] != 0
+    ckpt = ck.load_checkpoint(tmp_path / "fp16" / "ckp" / ck.checkpoint_name(0, step=1))
+    assert ckpt["scaler"]["d"]["scale"] > 0
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "authors"])
+def test_two_processes(videos, tmp_path, launcher):
+    """Two ranks, launched like torchrun (env://) or as two one-process "nodes" with the authors'
+    --multiprocessing_distributed --world_size 2 --rank R: both finish, only rank 0 writes."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env, flags = subprocess_env(), ["--dist_url", "env://"]
+        if launcher == "torchrun":
+            env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        else:
+            flags = ["--multiprocessing_distributed", "--world_size", "2", "--rank", str(rank),
+                     "--dist_url", f"tcp://127.0.0.1:{port}"]
+        cmd = [sys.executable, "-m", "videomoco", "pretrain", str(videos), *TINY, *flags,
+               "--epochs", "1", "--adv_start_epoch", "0", "--log_dir", str(tmp_path / "log"),
+               "--ckp_dir", str(tmp_path / "ckp")]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-1500:] + outputs[1][-1500:]
+    assert "process 0/2" in outputs[0]
+    assert [r["step"] for r in metrics(tmp_path)] == [1, 2]  # 8 videos / 2 ranks = 4 each, batch 2 per rank
+    ckpt = ck.load_checkpoint(tmp_path / "ckp" / "checkpoint_0001.pth.tar")
+    assert int(ckpt["state_dict"]["queue_ptr"]) == 2 * 4  # each step enqueues the keys of both ranks
+
+
+@pytest.mark.slow
+def test_compile_path(videos, tmp_path):
+    assert cli_run(videos, tmp_path, "--compile", "--max_steps", "1", "--adv_start_epoch", "0") == 0
+    ckpt = ck.load_checkpoint(tmp_path / "ckp" / ck.checkpoint_name(0, step=1))
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])  # Module.compile keeps the keys

@@ -1,0 +1,11 @@
+"""The authors' entry point, kept so their command lines work verbatim: `python train.py [flags] DATA`.
+
+Forwards to `videomoco pretrain` (see docs/pretraining.md).
+"""
+
+import sys
+
+import videomoco.cli
+
+if __name__ == "__main__":
+    sys.exit(videomoco.cli.main(["pretrain", *sys.argv[1:]]))

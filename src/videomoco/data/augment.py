@@ -1,0 +1,195 @@
+"""Clip augmentation: geometric crops on the CPU (in the dataset), colour on the model's device.
+
+CPU side (per item, in DataLoader workers): one crop box per clip, applied to every frame, then
+resize to `size x size`:
+
+    frames uint8 (T, H, W, 3) --crop box--> (T, h, w, 3) --resize--> uint8 (3, T, S, S)
+
+Device side (per batch, after the transfer): `GpuAugment` turns uint8 `(B, 3, T, H, W)` into
+normalised float with colour jitter, grayscale, blur and flip. Parameters are drawn per CLIP and
+shared by its T frames, so the augmentation changes appearance but never adds flicker that the
+network could use to tell frames apart; `per_frame=True` reproduces the authors' per-frame draw.
+"""
+
+import math
+
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Kinetics-400 statistics used by torchvision's video models.
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+
+
+# --------------------------------------------------------------------------- CPU side: crops
+
+
+def random_resized_crop_box(h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), rng=None):
+    """A random box `(top, left, height, width)` covering `scale` of the area with aspect in `ratio`.
+
+    The Inception-style crop: 10 tries at a random area and log-uniform aspect ratio, then a
+    central crop with the ratio clamped to `ratio` as a fallback.
+    """
+    rng = np.random.default_rng() if rng is None else rng
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            top = int(rng.integers(0, h - ch + 1))
+            left = int(rng.integers(0, w - cw + 1))
+            return top, left, ch, cw
+    aspect = w / h
+    if aspect < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif aspect > ratio[1]:
+        ch, cw = h, int(round(h * ratio[1]))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def square_boxes(h, w, num_crops=1):
+    """`num_crops` in {1, 3} boxes of side min(h, w): centre, or start/centre/end along the long side."""
+    if num_crops not in (1, 3):
+        raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+    side = min(h, w)
+    offsets = [(max(h, w) - side) // 2] if num_crops == 1 else [0, (max(h, w) - side) // 2, max(h, w) - side]
+    if h > w:
+        return [(o, 0, side, side) for o in offsets]
+    return [(0, o, side, side) for o in offsets]
+
+
+def crop_and_resize(frames, box, size):
+    """Crop `box = (top, left, height, width)` from every frame and resize to `size x size`.
+
+    frames: uint8 `(T, H, W, 3)` (numpy or tensor) -> uint8 tensor `(3, T, size, size)`.
+    """
+    top, left, ch, cw = box
+    clip = torch.as_tensor(frames)[:, top : top + ch, left : left + cw]  # (T, h, w, 3)
+    clip = clip.permute(0, 3, 1, 2)  # (T, 3, h, w), a channels-last view
+    if (ch, cw) != (size, size):
+        # uint8 bilinear+antialias has a fast channels-last CPU kernel; no float copy of the clip
+        clip = F.interpolate(clip.contiguous(memory_format=torch.channels_last), size=(size, size),
+                             mode="bilinear", antialias=True, align_corners=False)
+    return clip.permute(1, 0, 2, 3).contiguous()  # (3, T, S, S)
+
+
+def center_crop(frames, size):
+    """The central square of every frame resized to `size`: uint8 `(T, H, W, 3)` -> `(3, T, S, S)`."""
+    return crop_and_resize(frames, square_boxes(*frames.shape[1:3])[0], size)
+
+
+def three_crops(frames, size):
+    """Three squares along the long side (start, centre, end), each `(3, T, S, S)` uint8."""
+    return [crop_and_resize(frames, box, size) for box in square_boxes(*frames.shape[1:3], num_crops=3)]
+
+
+# --------------------------------------------------------------------------- device side: colour
+
+
+def _to_unit_float(clips):
+    if clips.dtype == torch.uint8:
+        return clips.float().div_(255)
+    if not clips.is_floating_point():
+        raise TypeError(f"clips must be uint8 or float, got {clips.dtype}")
+    return clips.float()
+
+
+def _check_clips(clips):
+    if clips.ndim != 5 or clips.shape[1] != 3:
+        raise ValueError(f"clips must be (B, 3, T, H, W), got {tuple(clips.shape)}")
+
+
+def normalize(clips, mean=KINETICS_MEAN, std=KINETICS_STD):
+    """uint8 (or [0, 1] float) `(B, 3, T, H, W)` -> normalised float32, no augmentation (evaluation)."""
+    _check_clips(clips)
+    x = _to_unit_float(clips)
+    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1, 1)
+    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1, 1)
+    return (x - mean) / std
+
+
+class GpuAugment(nn.Module):
+    """Batched colour augmentation + flip + normalisation on whatever device the clips are on.
+
+    forward(clips uint8/float `(B, 3, T, H, W)`) -> float32 normalised `(B, 3, T, H, W)`.
+    Each random decision and factor is drawn once per clip and repeated for its T frames
+    (`per_frame=False`), or drawn per frame (`per_frame=True`, the authors' behaviour, which
+    breaks temporal consistency). `aug_plus=False` switches to the MoCo v1 recipe (jitter
+    always, no blur). `forward(clips, generator)` accepts a `torch.Generator` on the clips'
+    device for reproducible draws.
+    """
+
+    def __init__(self, color_jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5,
+                 blur_sigma=(0.1, 2.0), flip_p=0.5, mean=KINETICS_MEAN, std=KINETICS_STD,
+                 per_frame=False, aug_plus=True):
+        super().__init__()
+        if not aug_plus:
+            jitter_p, blur_p = 1.0, 0.0
+        self.brightness, self.contrast, self.saturation, self.hue = color_jitter
+        self.jitter_p, self.grayscale_p, self.blur_p, self.flip_p = jitter_p, grayscale_p, blur_p, flip_p
+        self.blur_sigma = blur_sigma
+        self.per_frame = per_frame
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def extra_repr(self):
+        return (f"jitter={self.brightness, self.contrast, self.saturation, self.hue} p={self.jitter_p}, "
+                f"grayscale_p={self.grayscale_p}, blur_p={self.blur_p}, flip_p={self.flip_p}, "
+                f"per_frame={self.per_frame}")
+
+    @torch.no_grad()
+    def forward(self, clips, generator=None):
+        _check_clips(clips)
+        b, _, t, h, w = clips.shape
+        x = _to_unit_float(clips).transpose(1, 2).reshape(b * t, 3, h, w)  # (B*T, 3, H, W)
+        device = x.device
+
+        def uniform(low, high):
+            """One value per clip repeated T times (or one per frame): shape (B*T,)."""
+            n = b * t if self.per_frame else b
+            u = torch.rand(n, device=device, generator=generator) * (high - low) + low
+            return u if self.per_frame else u.repeat_interleave(t)
+
+        def chance(p):
+            return uniform(0.0, 1.0) < p
+
+        # Every op runs on the whole batch and torch.where picks per sample: no host syncs on the GPU.
+        x = self._jitter(x, chance(self.jitter_p), uniform, generator)
+        gray = chance(self.grayscale_p).view(-1, 1, 1, 1)
+        x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
+        if self.blur_p > 0:
+            blur = chance(self.blur_p).view(-1, 1, 1, 1)
+            sigma = uniform(*self.blur_sigma).unsqueeze(1).expand(-1, 2)  # (B*T, 2)
+            kernel = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)  # ~10% of the side, odd, as in MoCo v2
+            x = torch.where(blur, kornia.filters.gaussian_blur2d(x, kernel, sigma), x)
+        flip = chance(self.flip_p).view(-1, 1, 1, 1)
+        x = torch.where(flip, x.flip(-1), x)
+        x = (x - self.mean.to(device)) / self.std.to(device)
+        return x.reshape(b, t, 3, h, w).transpose(1, 2)  # (B, 3, T, H, W)
+
+    def _jitter(self, x, apply, uniform, generator):
+        """torchvision-style ColorJitter with per-sample factors; unselected samples get neutral factors.
+
+        The order of the four adjustments is drawn once per batch (as kornia does), not per clip.
+        """
+        adjustments = [  # (amount, neutral factor, kornia op taking one factor per image)
+            (self.brightness, 1.0, kornia.enhance.adjust_brightness_accumulative),
+            (self.contrast, 1.0, kornia.enhance.adjust_contrast_with_mean_subtraction),
+            (self.saturation, 1.0, kornia.enhance.adjust_saturation_with_gray_subtraction),
+            (self.hue, 0.0, lambda im, f: kornia.enhance.adjust_hue(im, f * 2 * math.pi)),  # turns -> radians
+        ]
+        cpu_generator = generator if generator is not None and generator.device.type == "cpu" else None
+        for i in torch.randperm(4, generator=cpu_generator).tolist():
+            amount, neutral, op = adjustments[i]
+            if amount > 0:
+                f = uniform(max(0.0, neutral - amount), neutral + amount)
+                x = op(x, torch.where(apply, f, torch.full_like(f, neutral))).clamp_(0, 1)
+        return x

@@ -1,0 +1,245 @@
+"""Datasets over a VideoIndex, fault-tolerant decoding, and the DataLoader that feeds them.
+
+    index --(sampler: which video)--> dataset[i] --(sampling: which frames)--> decode.read_clip(s)
+          --(augment: crop box, resize)--> uint8 (3, T, S, S) --> DataLoader --> GpuAugment on device
+
+Random state: item i of epoch e draws from `np.random.default_rng([seed, e, i])`, so a clip and
+its crops depend on (seed, epoch, index) only, never on the worker count or order.
+
+Faults: a video that raises while decoding (VideoError, OSError, ...) is logged, appended to
+the index's quarantine.csv (one `write` per line, safe from several worker processes), flagged
+in a failure table in shared memory (one byte per video, so no lock is needed and the main
+process can read `num_failed`), and the item is replaced by the same item of the next video.
+Once more than `max_failures` of the videos have failed, `DataFailureError` stops the run.
+"""
+
+import logging
+import os
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from videomoco.data import decode
+from videomoco.data.augment import crop_and_resize, random_resized_crop_box, square_boxes
+from videomoco.data.sampling import EpochSampler, clip_span, distinct_clip_starts, random_clip_start, uniform_clip_starts
+
+log = logging.getLogger(__name__)
+
+# Errors a broken or unreadable file can raise; programming errors (TypeError, KeyError, ...) propagate.
+DECODE_ERRORS = (decode.VideoError, OSError, ValueError, EOFError, RuntimeError)
+
+
+class DataFailureError(RuntimeError):
+    """Too many videos failed to decode during training."""
+
+
+class VideoClipDataset(Dataset):
+    """Shared machinery: per-video arrays, per-item RNG, shared epoch and failure table.
+
+    Per-video fields are kept in numpy arrays rather than a list of Python objects, so that
+    reading them in forked workers does not touch reference counts and copy the pages (flat RSS).
+    """
+
+    items_per_video = 1
+
+    def __init__(self, index, frames_per_clip=16, frame_stride=1, crop_size=112, short_side=None,
+                 seed=0, max_failures=0.01):
+        if len(index) == 0:
+            raise ValueError(f"the index of {index.root} has no usable videos")
+        self.root = index.root
+        self.paths = np.array([r.path.encode() for r in index.records])  # fixed-width bytes
+        self.frames = np.array([r.frames for r in index.records], dtype=np.int64)
+        self.labels = np.array([r.label for r in index.records], dtype=np.int64)
+        self.index = replace(index, records=[])  # for add_quarantine only
+        self.frames_per_clip, self.frame_stride = frames_per_clip, frame_stride
+        self.crop_size, self.short_side = crop_size, short_side
+        self.seed, self.max_failures = seed, max_failures
+        self.span = clip_span(frames_per_clip, frame_stride)
+        # Shared memory: set_epoch in the main process reaches persistent workers, and workers'
+        # failure flags reach the main process. Each byte is written by whoever fails that video.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._failed = torch.zeros(len(self.paths), dtype=torch.uint8).share_memory_()
+
+    def __len__(self):
+        return len(self.paths) * self.items_per_video
+
+    @property
+    def num_videos(self):
+        return len(self.paths)
+
+    def path(self, video):
+        return os.path.join(self.root, self.paths[video].decode())
+
+    def set_epoch(self, epoch):
+        """Select the random draws of `epoch` (also in already running workers)."""
+        self._epoch[0] = epoch
+
+    @property
+    def epoch(self):
+        return int(self._epoch[0])
+
+    @property
+    def num_failed(self):
+        """Videos that failed to decode so far in this run (all workers)."""
+        return int(self._failed.sum())
+
+    def failed_videos(self):
+        return [self.paths[v].decode() for v in torch.nonzero(self._failed).flatten().tolist()]
+
+    def rng(self, i):
+        return np.random.default_rng([self.seed, self.epoch, i])
+
+    def load(self, i, rng):
+        """Decode and crop item `i` (implemented by the datasets)."""
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"item {i} out of range for {n} items")
+        i %= n
+        for attempt in range(self.num_videos):
+            j = (i + attempt * self.items_per_video) % n  # the same item of the next video
+            video = j // self.items_per_video
+            if self._failed[video]:
+                continue
+            try:
+                return self.load(j, self.rng(j))
+            except DECODE_ERRORS as err:
+                self._record_failure(video, err)
+        raise DataFailureError(f"all {self.num_videos} videos failed to decode: see {self._quarantine_file()}")
+
+    def _quarantine_file(self):
+        return os.path.join(self.index.dir, "quarantine.csv") if self.index.dir else "the index's quarantine list"
+
+    def _record_failure(self, video, err):
+        path = self.path(video)
+        detail = err.reason if isinstance(err, decode.VideoError) else f"{type(err).__name__}: {err}"
+        reason = "training-time decode error: " + " ".join(str(detail).split())
+        log.warning("skipping %s (%s)", path, reason)
+        self._failed[video] = 1
+        try:
+            self.index.add_quarantine(path, reason)
+        except OSError as qerr:
+            log.warning("could not append to %s: %s", self._quarantine_file(), qerr)
+        failed, total = self.num_failed, self.num_videos
+        if failed > self.max_failures * total:
+            raise DataFailureError(
+                f"{failed} of {total} videos failed to decode ({100 * failed / total:.1f}%), above the limit "
+                f"{100 * self.max_failures:g}%: see {self._quarantine_file()}"
+            )
+
+    def read(self, video, starts):
+        """Clips starting at `starts` of one video, decoded in one pass -> list of uint8 `(T, H, W, 3)`."""
+        return decode.read_clips(self.path(video), starts, self.frames_per_clip, self.frame_stride, self.short_side)
+
+
+class PretrainDataset(VideoClipDataset):
+    """Two views of one video for contrastive pretraining: item i -> `(q, k)` uint8 `(3, T, S, S)`.
+
+    views="same" (the authors'): one clip, two independent random resized crops (one box per
+    clip, shared by its frames). views="distinct": two different clips of the video, decoded in
+    one pass, each with its own crop.
+    """
+
+    def __init__(self, index, frames_per_clip=16, frame_stride=1, crop_size=112, scale=(0.2, 1.0),
+                 short_side=None, views="same", seed=0, max_failures=0.01):
+        if views not in ("same", "distinct"):
+            raise ValueError(f"views must be 'same' or 'distinct', got {views!r}")
+        super().__init__(index, frames_per_clip, frame_stride, crop_size, short_side, seed, max_failures)
+        self.scale, self.views = scale, views
+
+    def load(self, i, rng):
+        num_frames = int(self.frames[i])
+        if self.views == "same":
+            clip = self.read(i, [random_clip_start(num_frames, self.span, rng)])[0]
+            clips = [clip, clip]
+        else:
+            clips = self.read(i, distinct_clip_starts(num_frames, self.span, rng))
+            if rng.random() < 0.5:  # starts are sorted: do not make the query always the earlier clip
+                clips = clips[::-1]
+        h, w = clips[0].shape[1:3]
+        q, k = (crop_and_resize(c, random_resized_crop_box(h, w, self.scale, rng=rng), self.crop_size) for c in clips)
+        return q, k
+
+
+class LabeledDataset(VideoClipDataset):
+    """Labeled clips for fine-tuning and evaluation -> `(clip uint8 (3, T, S, S), label, video_id)`.
+
+    mode="train": one random clip per video per epoch with a random resized crop of `scale`.
+    mode="test": one item per (video, clip, crop): `num_clips` uniformly spaced clips times
+    `num_crops` (1: centre; 3: start/centre/end along the long side) squares resized to
+    `crop_size`. Items of a video are consecutive, so average predictions by `video_id`.
+    """
+
+    def __init__(self, index, frames_per_clip=16, frame_stride=1, crop_size=112, mode="train", num_clips=10,
+                 num_crops=1, short_side=None, scale=(0.5, 1.0), seed=0, max_failures=0.01):
+        if mode not in ("train", "test"):
+            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if num_crops not in (1, 3) or num_clips < 1:
+            raise ValueError(f"need num_clips >= 1 and num_crops in (1, 3), got {num_clips}, {num_crops}")
+        unlabeled = sum(r.label < 0 for r in index.records)
+        if unlabeled:
+            raise ValueError(f"{unlabeled} of {len(index)} videos have no label (layout {index.layout!r})")
+        super().__init__(index, frames_per_clip, frame_stride, crop_size, short_side, seed, max_failures)
+        self.mode, self.num_clips, self.num_crops, self.scale = mode, num_clips, num_crops, scale
+        self.items_per_video = num_clips * num_crops if mode == "test" else 1
+        self._cache = (None, None)  # ((video, clip), frames): the crops of one clip decode it once
+
+    def load(self, i, rng):
+        video = i // self.items_per_video
+        num_frames = int(self.frames[video])
+        if self.mode == "train":
+            frames = self.read(video, [random_clip_start(num_frames, self.span, rng)])[0]
+            box = random_resized_crop_box(*frames.shape[1:3], self.scale, rng=rng)
+        else:
+            clip, crop = divmod(i % self.items_per_video, self.num_crops)
+            key, frames = self._cache
+            if key != (video, clip):
+                start = uniform_clip_starts(num_frames, self.span, self.num_clips)[clip]
+                frames = self.read(video, [start])[0]
+                self._cache = ((video, clip), frames)
+            box = square_boxes(*frames.shape[1:3], self.num_crops)[crop]
+        return crop_and_resize(frames, box, self.crop_size), int(self.labels[video]), video
+
+
+def usable_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def build_loader(dataset, batch_size, workers, shuffle=True, drop_last=True, seed=0, rank=0, world_size=1,
+                 pin_memory=None):
+    """A DataLoader over `dataset` with an `EpochSampler` (`loader.sampler`), persistent workers.
+
+    `workers` is clamped to the usable CPUs; `pin_memory` defaults to CUDA being available.
+    Call `set_epoch(loader, epoch)` before each epoch.
+    """
+    cpus = usable_cpus()
+    if workers > cpus:
+        log.info("clamping -j %d to %d workers (%d CPUs)", workers, cpus, cpus)
+        workers = cpus
+    sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                           drop_last=drop_last)
+    if drop_last and len(sampler) < batch_size:
+        raise ValueError(f"{len(sampler)} items per rank are fewer than one batch of {batch_size} (drop_last)")
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=workers > 0,
+    )
+
+
+def set_epoch(loader, epoch):
+    """Select `epoch` in the loader's sampler (order) and dataset (random draws)."""
+    loader.sampler.set_epoch(epoch)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(epoch)
+
+
+def failure_summary(dataset):
+    """One line for the end-of-epoch log, e.g. `2 of 9,537 videos failed to decode (0.02%)`."""
+    failed, total = dataset.num_failed, dataset.num_videos
+    return f"{failed:,} of {total:,} videos failed to decode ({100 * failed / total:.2f}%)"
+

@@ -1,0 +1,118 @@
+"""Where to take clips from a video, and in which order the DataLoader visits the videos.
+
+Clip sampling is separate from decoding and from datasets (as in pytorchvideo): these functions
+only return start frames. A clip of `frames_per_clip` frames taken every `frame_stride` frames
+spans `span = frames_per_clip * frame_stride` source frames:
+
+    video  |0 ........................................ num_frames|
+    clip          |start ........ start + span|
+                   ^ one frame every frame_stride
+
+Videos shorter than the span start at 0 (the decoder loops them).
+"""
+
+import math
+
+import torch
+from torch.utils.data import Sampler
+
+
+def clip_span(frames_per_clip, frame_stride=1):
+    """Number of source frames covered by one clip."""
+    return frames_per_clip * frame_stride
+
+
+def random_clip_start(num_frames, span, rng):
+    """A uniformly random start frame such that the clip fits (0 for videos shorter than `span`)."""
+    return int(rng.integers(0, max(0, num_frames - span) + 1))
+
+
+def uniform_clip_starts(num_frames, span, num_clips=10):
+    """`num_clips` evenly spaced start frames from the first to the last possible one (testing).
+
+    A single clip is centred; videos shorter than `span` give `num_clips` zeros.
+    """
+    last = max(0, num_frames - span)
+    if num_clips == 1:
+        return [last // 2]
+    return [round(i * last / (num_clips - 1)) for i in range(num_clips)]
+
+
+def distinct_clip_starts(num_frames, span, rng, count=2):
+    """`count` different random start frames, sorted (one decoding pass reads them in order).
+
+    Clips may overlap; when the video has fewer than `count` possible starts, starts repeat.
+    """
+    last = max(0, num_frames - span)
+    if last + 1 >= count:
+        starts = rng.choice(last + 1, size=count, replace=False)
+    else:
+        starts = rng.integers(0, last + 1, size=count)
+    return sorted(int(s) for s in starts)
+
+
+class EpochSampler(Sampler):
+    """Distributed-aware, epoch-seeded sampler whose position can be checkpointed mid-epoch.
+
+    Every rank draws the same permutation from `(seed, epoch)` and takes every `world_size`-th
+    index from `rank`, so the ranks partition the dataset. `drop_last` drops the tail that does
+    not divide evenly; otherwise the head is repeated to pad it. `state_dict()` records the epoch
+    and how many of this rank's samples were consumed, and iteration after `load_state_dict()`
+    resumes from there.
+    """
+
+    def __init__(self, dataset_len, shuffle=True, seed=0, rank=0, world_size=1, drop_last=False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if dataset_len < 1:
+            raise ValueError("cannot sample from an empty dataset")
+        self.dataset_len, self.shuffle, self.seed = dataset_len, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        if drop_last:
+            self.num_samples = dataset_len // world_size
+        else:
+            self.num_samples = math.ceil(dataset_len / world_size)
+        self.epoch = 0
+        self.start = 0  # where the next iteration begins (set by load_state_dict)
+        self.handed_out = 0  # indices yielded so far in this epoch
+
+    def __len__(self):
+        return self.num_samples
+
+    def set_epoch(self, epoch):
+        """Select the epoch's permutation; a new epoch starts from its beginning."""
+        if epoch != self.epoch:
+            self.epoch, self.start, self.handed_out = epoch, 0, 0
+
+    def indices(self):
+        """This rank's full list of indices for the current epoch."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.dataset_len, generator=g).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.world_size
+        if total > len(order):
+            order += (order * math.ceil(total / len(order)))[: total - len(order)]
+        return order[:total][self.rank :: self.world_size]
+
+    def __iter__(self):
+        start, self.start = self.start, 0
+        self.handed_out = start
+        for i in self.indices()[start:]:
+            self.handed_out += 1
+            yield i
+
+    def state_dict(self, consumed=None):
+        """`{"epoch", "position", "seed"}`; pass `consumed` = samples trained on this epoch by this rank.
+
+        Without `consumed` the position is the number of indices handed out, which runs ahead of
+        training by the DataLoader's prefetch (`workers * prefetch_factor` batches) when workers > 0.
+        """
+        position = self.handed_out if consumed is None else int(consumed)
+        return {"epoch": self.epoch, "position": min(position, self.num_samples), "seed": self.seed}
+
+    def load_state_dict(self, state):
+        self.epoch, self.start = int(state["epoch"]), int(state["position"])
+        self.handed_out = self.start
+        self.seed = int(state.get("seed", self.seed))

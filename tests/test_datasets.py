@@ -1,0 +1,181 @@
+"""Datasets on real (tiny) videos: views, labels, test-time clips, reproducibility, faults, the loader."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from videomoco.data import decode
+from videomoco.data.datasets import (
+    DataFailureError,
+    LabeledDataset,
+    PretrainDataset,
+    build_loader,
+    set_epoch,
+)
+from videomoco.data.encode import write_video
+from videomoco.data.index import build_index
+from videomoco.data.sampling import EpochSampler, uniform_clip_starts
+
+T, CROP = 4, 16
+
+
+@pytest.fixture
+def index(tmp_path):
+    """Six 24-frame 64x48 (landscape) videos in two classes (Kinetics layout), indexed."""
+    for c, cls in enumerate(["jump", "run"]):
+        for k in range(3):
+            frames = np.random.default_rng(10 * c + k).integers(0, 256, (24, 48, 64, 3), dtype=np.uint8)
+            path = tmp_path / "data" / "train" / cls / f"{cls}{k}.mp4"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_video(path, frames)
+    return build_index(tmp_path / "data", tmp_path / "index", workers=1, progress=False)
+
+
+def count_reads(monkeypatch):
+    """Record every `decode.read_clips(path, starts, ...)` call as (path, starts)."""
+    calls, real = [], decode.read_clips
+
+    def spy(path, starts, *args, **kwargs):
+        calls.append((path, list(starts)))
+        return real(path, starts, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "read_clips", spy)
+    return calls
+
+
+def break_video(index, i):
+    with open(index.path(i), "wb") as f:
+        f.write(b"not a video" * 50)
+
+
+@pytest.mark.parametrize("views", ["same", "distinct"])
+def test_pretrain_item_is_two_uint8_views_from_one_decode(index, views, monkeypatch):
+    calls = count_reads(monkeypatch)
+    ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, views=views)
+    q, k = ds[2]
+    assert q.shape == k.shape == (3, T, CROP, CROP) and q.dtype == k.dtype == torch.uint8
+    assert not torch.equal(q, k)
+    (path, starts), = calls  # one open / decoding pass for both views
+    assert path == index.path(2)
+    assert len(starts) == (1 if views == "same" else 2)
+    if views == "distinct":
+        assert starts[0] != starts[1]
+
+
+def test_items_are_indexable_like_a_sequence(index):
+    ds = LabeledDataset(index, frames_per_clip=T, crop_size=CROP, mode="test", num_clips=2)
+    assert ds[-1][2] == len(index) - 1
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+    assert len(list(iter(ds))) == len(ds)  # iteration stops at the end
+
+
+def test_pretrain_draws_depend_on_seed_epoch_index_only(index):
+    ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, seed=1)
+    a = ds[3]
+    assert all(torch.equal(x, y) for x, y in zip(a, ds[3]))
+    assert all(torch.equal(x, y) for x, y in zip(a, PretrainDataset(index, frames_per_clip=T, crop_size=CROP, seed=1)[3]))
+    ds.set_epoch(1)
+    assert not torch.equal(a[0], ds[3][0])
+    with pytest.raises(ValueError, match="views"):
+        PretrainDataset(index, views="both")
+
+
+def test_batches_do_not_depend_on_the_worker_count(index):
+    def batches(workers):
+        ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, seed=5)
+        loader = build_loader(ds, batch_size=2, workers=workers, seed=5)
+        out = []
+        for epoch in (0, 1):  # epoch 1 checks that set_epoch reaches persistent workers
+            set_epoch(loader, epoch)
+            out += [q for q, _ in loader]
+        return torch.stack(out)
+
+    assert torch.equal(batches(0), batches(2))
+
+
+def test_labeled_train_returns_label_and_video_id(index):
+    ds = LabeledDataset(index, frames_per_clip=T, crop_size=CROP, mode="train")
+    assert len(ds) == len(index)
+    for i in range(len(ds)):
+        clip, label, video = ds[i]
+        assert clip.shape == (3, T, CROP, CROP) and clip.dtype == torch.uint8
+        assert video == i and index.classes[label] == index.records[i].class_name
+
+
+@pytest.mark.parametrize("num_crops", [1, 3])
+def test_labeled_test_items_cover_every_clip_and_crop(index, num_crops, monkeypatch):
+    calls = count_reads(monkeypatch)
+    ds = LabeledDataset(index, frames_per_clip=T, crop_size=CROP, mode="test", num_clips=3, num_crops=num_crops)
+    assert len(ds) == len(index) * 3 * num_crops
+    items = [ds[i] for i in range(len(ds))]
+    assert [video for _, _, video in items] == [v for v in range(len(index)) for _ in range(3 * num_crops)]
+    assert all(label == index.records[video].label for _, label, video in items)
+    # each clip is decoded once however many crops are taken from it, at uniformly spaced starts
+    assert len(calls) == len(index) * 3
+    assert [starts[0] for _, starts in calls[:3]] == uniform_clip_starts(index.records[0].frames, T, 3)
+    if num_crops == 3:
+        left, centre, right = items[:3]
+        assert not torch.equal(left[0], centre[0]) and not torch.equal(centre[0], right[0])
+    # deterministic: no randomness in test mode
+    assert torch.equal(items[1][0], LabeledDataset(index, frames_per_clip=T, crop_size=CROP, mode="test",
+                                                   num_clips=3, num_crops=num_crops)[1][0])
+
+
+def test_labeled_rejects_bad_arguments(index):
+    with pytest.raises(ValueError, match="mode"):
+        LabeledDataset(index, mode="val")
+    with pytest.raises(ValueError, match="num_crops"):
+        LabeledDataset(index, mode="test", num_crops=2)
+    index.records[0].label = -1
+    with pytest.raises(ValueError, match="1 of 6 videos have no label"):
+        LabeledDataset(index)
+
+
+def test_broken_video_is_replaced_quarantined_and_counted(index, caplog):
+    ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, max_failures=0.5)
+    break_video(index, 1)
+    with caplog.at_level(logging.WARNING, logger="videomoco.data.datasets"):
+        q, k = ds[1]
+    assert q.shape == (3, T, CROP, CROP)
+    replacement = PretrainDataset(index, frames_per_clip=T, crop_size=CROP)
+    assert torch.equal(q, replacement[2][0])  # the next video's item, same draws
+    assert ds.num_failed == 1 and ds.failed_videos() == [index.records[1].path]
+    assert "skipping" in caplog.text and index.records[1].path in caplog.text
+    quarantine = Path(index.dir, "quarantine.csv").read_text()
+    assert index.records[1].path in quarantine and "training-time decode error: cannot open" in quarantine
+    ds[1]  # a known failure is skipped without decoding it again or logging twice
+    assert quarantine == Path(index.dir, "quarantine.csv").read_text()
+
+
+def test_too_many_failures_stop_with_a_clear_error(index):
+    ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, max_failures=0.2)
+    break_video(index, 0)
+    ds[0]  # 1 of 6 = 17% is within 20%
+    break_video(index, 3)
+    with pytest.raises(DataFailureError, match=r"2 of 6 videos failed to decode \(33.3%\), above the limit 20%: see .*quarantine.csv"):
+        ds[3]
+
+
+def test_failures_in_workers_reach_the_main_process(index):
+    ds = LabeledDataset(index, frames_per_clip=T, crop_size=CROP, max_failures=0.5)
+    break_video(index, 4)
+    loader = build_loader(ds, batch_size=3, workers=2, shuffle=False)
+    videos = torch.cat([video for _, _, video in loader])
+    assert 4 not in videos.tolist() and len(videos) == 6
+    assert ds.num_failed == 1
+
+
+def test_build_loader_wires_sampler_and_clamps_workers(index, caplog):
+    ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP)
+    with caplog.at_level(logging.INFO, logger="videomoco.data.datasets"):
+        loader = build_loader(ds, batch_size=2, workers=512, rank=1, world_size=2)
+    assert "clamping -j 512 to" in caplog.text
+    assert 0 < loader.num_workers < 512 and loader.persistent_workers
+    assert isinstance(loader.sampler, EpochSampler) and len(loader.sampler) == 3 and len(loader) == 1
+    assert loader.pin_memory == torch.cuda.is_available()
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        build_loader(ds, batch_size=8, workers=0)

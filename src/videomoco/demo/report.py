@@ -1,0 +1,143 @@
+"""The demo's pictures and `report.md`: training curves, accuracy bars, robustness curves, dropped frames."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from videomoco.data.augment import normalize
+from videomoco.engine.logger import drop_strip
+from videomoco.eval.robustness import load_generator
+from videomoco.method.generator import drop_frames
+
+COLOURS = {"random init": "tab:gray", "MoCo": "tab:blue", "VideoMoCo": "tab:red", "supervised": "tab:green"}
+
+
+def read_metrics(log_dir):
+    """The rows of a pretraining run's `metrics.jsonl` (one dict per logging step)."""
+    path = Path(log_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def training_curves(log_dirs, path):
+    """InfoNCE loss and instance-discrimination top-1 against the step, one line per pretraining."""
+    fig = Figure(figsize=(9, 3.2))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    for name, log_dir in log_dirs.items():
+        rows = read_metrics(log_dir)
+        steps = [r["step"] for r in rows]
+        ax_loss.plot(steps, [r["loss_d"] for r in rows], label=name, color=COLOURS.get(name))
+        ax_acc.plot(steps, [r["acc1"] for r in rows], label=name, color=COLOURS.get(name))
+    ax_loss.set(xlabel="step", ylabel="InfoNCE loss", title="pretraining loss")
+    ax_acc.set(xlabel="step", ylabel="top-1 (%)", title="positive key ranked first")
+    ax_loss.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def accuracy_bars(results, path, chance):
+    """kNN and linear-probe top-1 per model, with the chance level."""
+    names = list(results)
+    x = np.arange(len(names))
+    fig = Figure(figsize=(7, 3.2))
+    ax = fig.subplots()
+    ax.bar(x - 0.2, [results[n]["knn_top1_k20"] for n in names], 0.4, label="kNN (k=20)")
+    ax.bar(x + 0.2, [results[n]["linear_top1"] for n in names], 0.4, label="linear probe")
+    ax.axhline(chance, color="k", linestyle=":", label="chance")
+    ax.set_xticks(x, names)
+    ax.set(ylabel="test top-1 (%)", title="synthetic motion classes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def robustness_curves(results, path):
+    """kNN top-1 against the fraction of frames dropped (solid: random drops, dashed: the generator's)."""
+    fig = Figure(figsize=(9, 3.2))
+    ax_knn, ax_cos = fig.subplots(1, 2)
+    for name, metrics in results.items():
+        for dropper, style in (("random", "-"), ("generator", "--")):
+            rows = sorted((r for r in metrics["robustness"] if r["dropper"] == dropper), key=lambda r: r["ratio"])
+            if not rows:
+                continue
+            label = name if dropper == "random" else f"{name}, generator drops"
+            ratios = [r["ratio"] for r in rows]
+            ax_knn.plot(ratios, [r["knn_top1_k20"] for r in rows], style, marker="o", label=label,
+                        color=COLOURS.get(name))
+            ax_cos.plot(ratios, [r["cosine"] for r in rows], style, marker="o", label=label, color=COLOURS.get(name))
+    ax_knn.set(xlabel="fraction of frames dropped", ylabel="kNN top-1 (%)", title="kNN on dropped test clips")
+    ax_cos.set(xlabel="fraction of frames dropped", ylabel="cosine(clean, dropped)", title="feature stability")
+    ax_knn.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+@torch.no_grad()
+def dropped_frames_strip(checkpoint, dataset, path, num_clips=4, drop_ratio=0.25):
+    """A PNG of a few test clips, one per row, with the frames the trained generator drops framed in red."""
+    generator = load_generator(checkpoint).cpu()
+    per_video = dataset.items_per_video
+    videos = np.linspace(0, dataset.num_videos - 1, num_clips).astype(int)
+    rows = []
+    for video in videos:
+        clip, _, _ = dataset[int(video) * per_video]  # uint8 (3, T, S, S)
+        x = normalize(clip[None])
+        _, keep = drop_frames(x, generator.scores(x), drop_ratio, generator.fill)
+        rows.append(drop_strip(clip, keep[0]))  # (3, H', T * W')
+    image = torch.cat(rows, dim=1).permute(1, 2, 0).numpy()  # (rows * H', T * W', 3)
+    fig = Figure(figsize=(image.shape[1] / 40, image.shape[0] / 40 + 0.4))
+    ax = fig.subplots()
+    ax.imshow(image, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title("frames the VideoMoCo generator drops (red)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def write_report(out, summary):
+    """`report.md` from the demo's summary dict (see `videomoco.demo.run`)."""
+    results, budget, ratio = summary["results"], summary["budget"], summary["report_ratio"]
+    lines = [
+        "# videomoco demo", "",
+        f"{summary['num_classes']} motion classes ({', '.join(summary['classes'])}), "
+        f"{summary['num_train']} train and {summary['num_test']} test videos rendered under `{summary['data']}`; "
+        f"encoder `{summary['arch']}` width {summary['width']}, clips of {budget['clip_frames']} frames "
+        f"(stride {budget['frame_stride']}) at {budget['crop']} px, device `{summary['device']}`. "
+        f"Chance is {100 / summary['num_classes']:.1f}%.", "",
+        "## Results", "",
+    ]
+    rows = []
+    for name, m in results.items():
+        drop = {(r["dropper"], r["ratio"]): r for r in m["robustness"]}
+        clean, dropped = drop.get(("random", 0.0)), drop.get(("random", ratio))
+        rows.append([name, f"{m['knn_top1_k20']:.1f}", f"{m['knn_top1_k1']:.1f}", f"{m['linear_top1']:.1f}",
+                     f"{dropped['knn_top1_k20']:.1f}" if dropped else "-",
+                     f"{dropped['cosine']:.3f}" if dropped else "-"])
+    lines += _table(["model", "kNN top-1 (k=20)", "kNN top-1 (k=1)", "linear top-1",
+                     f"kNN, {ratio:.0%} frames dropped", f"cosine at {ratio:.0%} dropped"], rows)
+    lines += ["", "![accuracy](accuracy.png)", "",
+              "## Do the classes need time?", "",
+              f"The `{summary['baseline_model']}` encoder on the same test clips with their frames shuffled or "
+              "reduced to one frame, and classifiers on the raw pixels of one frame:", ""]
+    lines += _table(["input", "top-1 (%)"], [[k, f"{v:.1f}"] for k, v in summary["baselines"].items()])
+    lines += ["", "## Pretraining", "", "![training curves](training_curves.png)", "",
+              "![dropped frames](dropped_frames.png)", "",
+              "## Robustness to dropped frames", "", "![robustness](robustness.png)", ""]
+    if summary.get("ablation"):
+        lines += ["## Ablation", "", f"{len(summary['ablation_seeds'])} seeds each, mean ± std.", ""]
+        lines += _table(["variant", "kNN top-1", "linear top-1", f"kNN, {ratio:.0%} dropped"],
+                        [[name, *cells] for name, cells in summary["ablation"].items()])
+        lines.append("")
+    lines += ["## Time", ""]
+    lines += _table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
+    lines += ["", f"Total: {sum(summary['seconds'].values()):.0f} s.", ""]
+    text = "\n".join(lines)
+    (Path(out) / "report.md").write_text(text)
+    return text

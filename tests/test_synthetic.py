@@ -1,0 +1,103 @@
+import av
+import numpy as np
+import pytest
+
+from videomoco.cli import main as cli_main
+from videomoco.data import synthetic
+from videomoco.data.synthetic import MOTIONS, SynthConfig, class_names, make_video, run
+
+
+def test_same_seed_gives_identical_frames_and_other_seeds_differ():
+    a = make_video("circle", seed=3, split="train", index=7, frames=8, size=32)
+    b = make_video("circle", seed=3, split="train", index=7, frames=8, size=32)
+    c = make_video("circle", seed=4, split="train", index=7, frames=8, size=32)
+    assert a.dtype == np.uint8 and a.shape == (8, 32, 32, 3)
+    assert a.tobytes() == b.tobytes()
+    assert not np.array_equal(a, c)
+
+
+def test_appearance_draw_ignores_the_class():
+    # the appearance stream never sees the class: every motion starts from the same first frame
+    first = [make_video(m, seed=0, split="train", index=5, frames=6, size=32)[0] for m in MOTIONS]
+    for frame in first[1:]:
+        assert np.array_equal(frame, first[0])
+    clips = [make_video(m, seed=0, split="train", index=5, frames=6, size=32) for m in MOTIONS]
+    assert len({c[1:].tobytes() for c in clips}) == len(MOTIONS)  # but the motions differ afterwards
+
+
+def test_motion_classes_move_as_named():
+    for motion in MOTIONS:  # every class moves something between consecutive frames
+        frames = make_video(motion, seed=1, split="train", index=0, frames=4, size=64)
+        assert not np.array_equal(frames[1], frames[0]), motion
+    rng = np.random.default_rng
+    up, _ = synthetic.trajectory("up", rng(0), 10, 64)
+    assert up[-1, 1] < -5 and abs(up[-1, 0]) < abs(up[-1, 1])  # y points down
+    down, _ = synthetic.trajectory("down", rng(0), 10, 64)
+    assert down[-1, 1] > 5
+    side, _ = synthetic.trajectory("horizontal", rng(0), 10, 64)
+    assert abs(side[-1, 0]) > abs(side[-1, 1])
+    spin_offsets, spin = synthetic.trajectory("spin", rng(0), 10, 64)
+    assert np.all(spin_offsets == 0) and abs(spin[-1]) > np.deg2rad(40)
+    speed = np.linalg.norm(np.diff(synthetic.trajectory("accelerate", rng(0), 10, 64)[0], axis=0), axis=1)
+    assert np.all(np.diff(speed) > 0)
+    slow_down = np.linalg.norm(np.diff(synthetic.trajectory("decelerate", rng(0), 10, 64)[0], axis=0), axis=1)
+    assert np.all(np.diff(slow_down) < 0)
+    bounce, _ = synthetic.trajectory("bounce", rng(0), 32, 64)
+    along = bounce @ bounce[np.argmax(np.linalg.norm(bounce, axis=1))]  # projection on its line of motion
+    assert along.max() > 25 and along.min() < -25  # goes both ways
+
+
+def test_a_frame_statistic_does_not_separate_classes():
+    # per-video mean colour of a frame, averaged within each class: class means lie within
+    # sampling noise of each other, whichever frame is taken (positions wrap around the frame)
+    n = 24
+    for t in (0, 7):
+        stats = np.array([[make_video(m, 0, "train", i, frames=8, size=32)[t].mean((0, 1)) for i in range(n)]
+                          for m in ("up", "spin", "accelerate")])  # (classes, videos, 3)
+        spread = stats.std(1).mean() / np.sqrt(n)
+        class_means = stats.mean(1)
+        assert np.abs(class_means - class_means.mean(0)).max() < 4 * spread
+
+
+def test_appearance_classes_fix_the_shape():
+    names = class_names(appearance_classes=True)
+    assert len(names) == len(synthetic.SHAPES) * len(MOTIONS)
+    assert names[0] == f"{synthetic.SHAPES[0]}-{MOTIONS[0]}"
+    a = make_video(f"box-{MOTIONS[0]}", 0, "train", 0, frames=4, size=32, appearance_classes=True)
+    b = make_video(f"ellipse-{MOTIONS[0]}", 0, "train", 0, frames=4, size=32, appearance_classes=True)
+    assert not np.array_equal(a[0], b[0])
+
+
+def test_unknown_motion_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown motion"):
+        synthetic.trajectory("sideways", np.random.default_rng(0), 4, 32)
+
+
+def test_run_writes_kinetics_layout_of_decodable_videos(tmp_path):
+    cfg = SynthConfig(out=str(tmp_path / "synth"), train_per_class=2, val_per_class=1, frames=6, size=32, workers=1)
+    result = run(cfg)
+    root = tmp_path / "synth"
+    assert result["classes"] == list(MOTIONS) and not result["reused"]
+    for split, per_class in (("train", 2), ("val", 1)):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(MOTIONS)
+        for motion in MOTIONS:
+            assert len(list((root / split / motion).glob("*.mp4"))) == per_class
+    path = next((root / "val" / "circle").glob("*.mp4"))
+    with av.open(str(path)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 6 and decoded[0].shape == (32, 32, 3)
+    # lossy, but close to the rendered frames
+    index = int(path.stem)
+    rendered = make_video("circle", cfg.seed, "val", index, cfg.frames, cfg.size)
+    assert np.abs(np.stack(decoded).astype(float) - rendered).mean() < 12
+    assert run(cfg)["reused"]
+
+
+def test_synth_command(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert cli_main(["synth", str(out), "--train-per-class", "1", "--val-per-class", "1",
+                     "--frames", "4", "--size", "32", "--workers", "2"]) == 0
+    assert len(list(out.glob("*/*/*.mp4"))) == 2 * len(MOTIONS)
+    assert "10 classes" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="even --size"):
+        cli_main(["synth", str(out), "--size", "33"])

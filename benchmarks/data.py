@@ -1,6 +1,6 @@
 """Throughput of the pretraining data pipeline against the naive OpenCV loader, and worker memory.
 
-    python -m benchmarks.data [--workers 0,1,2] [--sizes 171x128,320x240] [--clips 48] [--gop 25]
+    python -m benchmarks.data [--workers 0,1,2] [--sizes 171x128,320x240] [--clips 48] [--gop 25] [--rounds 2]
     python -m benchmarks.data --rss [--rss-clips 5000]
 
 Generates ~10 s, 25 fps H.264 videos at each size, indexes them, then runs for every worker count:
@@ -9,17 +9,22 @@ Generates ~10 s, 25 fps H.264 videos at each size, indexes them, then runs for e
   - baseline: the authors' loader: OpenCV reads the WHOLE video (`read_video_cv2_whole`), the clip
     is sliced out and cropped the same way, through the same loader with the same worker count.
 Reported per configuration: clips/s (one clip = one `(q, k)` item; best of `--rounds`, which
-alternate between the two loaders), delivered frames/s, and the speed-up over the baseline.
+alternate between the two loaders), delivered frames/s, the speed-up over the baseline, and the
+CPU time per clip of the workers and the main process together (lowest of the rounds) with its
+speed-up: clips/s depend on other jobs on a shared machine, CPU time per clip hardly does.
+`--baseline-threads 1` decodes the baseline single-threaded too (default: OpenCV's choice).
 `--rss` runs >= 5,000 clips through a 2-worker loader and reports the workers' memory
 (/proc/<pid>/status VmRSS and RssAnon) after the first batch, every 10% and at the end.
 """
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--clips", type=int, default=48, help="timed clips per round (after one warm-up batch)")
     p.add_argument("--rounds", type=int, default=2, help="rounds per configuration; the best is reported")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip the OpenCV baseline")
+    p.add_argument("--baseline-threads", type=int, default=None,
+                   help="OpenCV decoder threads of the baseline (default: OpenCV's own choice, as the authors ran it)")
     p.add_argument("--rss", action="store_true", help="measure worker memory over a long run instead")
     p.add_argument("--rss-clips", type=int, default=5000)
     p.add_argument("--data-dir", default=None, help="where to write the videos (default: a temporary directory); existing ones are reused")
@@ -95,10 +102,17 @@ def make_dataset(root, size, args, epoch_items):
 
 
 class NaiveCv2Dataset(PretrainDataset):
-    """The baseline: decode every frame with OpenCV, slice the clip, crop twice."""
+    """The baseline: decode every frame with OpenCV, slice the clip, crop twice.
+
+    `threads`: OpenCV's FFmpeg decoder threads (None: its default, as the authors ran it).
+    """
+
+    def __init__(self, *args, threads=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.threads = threads
 
     def load(self, i, rng):
-        video = decode.read_video_cv2_whole(self.path(i))
+        video = decode.read_video_cv2_whole(self.path(i), self.threads)
         start = random_clip_start(len(video), self.span, rng)
         clip = video[np.arange(start, start + self.span, self.frame_stride) % len(video)]
         h, w = clip.shape[1:3]
@@ -106,18 +120,39 @@ class NaiveCv2Dataset(PretrainDataset):
                      for _ in range(2))
 
 
+def cpu_seconds(pids):
+    """CPU time (user + system, all threads) used so far by the processes `pids` ("self": this one)."""
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return total
+
+
 def throughput(loader, clips, batch):
-    """Clips/s over `clips` clips after one warm-up batch (worker start-up excluded)."""
-    epoch, done, start = 0, -batch, None
+    """(clips/s, CPU ms per clip) over `clips` clips after one warm-up batch (worker start-up excluded).
+
+    The CPU time is that of the workers and this process together: unlike clips/s it hardly
+    depends on what else runs on the machine, so it gives the speed-up on otherwise idle cores.
+    """
+    epoch, done, start, pids = 0, -batch, None, None
     while True:
         set_epoch(loader, epoch)
         for q, _ in loader:
             done += q.shape[0]
             if start is None:
-                start, done = time.perf_counter(), 0
+                pids = ["self"] + [w.pid for w in getattr(loader._iterator, "_workers", [])]  # private, as in bench_rss
+                cpu, start, done = cpu_seconds(pids), time.perf_counter(), 0
             elif done >= clips:
-                return done / (time.perf_counter() - start)
+                return done / (time.perf_counter() - start), 1000 * (cpu_seconds(pids) - cpu) / done
         epoch += 1
+
+
+def decode_threads(kind, workers, baseline_threads):
+    """How each loader decodes, for the results table (the pipeline's default depends on `workers`)."""
+    if kind == "pipeline":
+        return "1 per worker" if workers else "FFmpeg auto"
+    return "OpenCV default" if baseline_threads is None else str(baseline_threads)
 
 
 def bench_throughput(index, size, args):
@@ -125,20 +160,26 @@ def bench_throughput(index, size, args):
     the pipeline and the baseline, so that load from other processes hits both alike."""
     kinds = {"pipeline": PretrainDataset}
     if args.baseline:
-        kinds["opencv_whole"] = NaiveCv2Dataset
+        kinds["opencv_whole"] = partial(NaiveCv2Dataset, threads=args.baseline_threads)
     rows = []
     for workers in args.workers:
-        rates = {kind: 0.0 for kind in kinds}
+        rates, cpu_ms = {kind: 0.0 for kind in kinds}, {kind: math.inf for kind in kinds}
         for _ in range(args.rounds):
             for kind, cls in kinds.items():
                 loader = build_loader(cls(index, frames_per_clip=args.frames, crop_size=args.crop), args.batch, workers)
-                rates[kind] = max(rates[kind], throughput(loader, args.clips, args.batch))
+                rate, ms = throughput(loader, args.clips, args.batch)
+                rates[kind], cpu_ms[kind] = max(rates[kind], rate), min(cpu_ms[kind], ms)
                 del loader  # stops its workers before the next loader starts
         for kind, rate in rates.items():
             rows.append({
                 "loader": kind, "video": f"{size[0]}x{size[1]}", "workers": workers, "clips_per_s": rate,
                 "frames_per_s": rate * args.frames, "speedup": rate / rates["opencv_whole"] if args.baseline else None,
+                "cpu_ms_per_clip": cpu_ms[kind],
+                # CPU time is counted in clock ticks (10 ms): tiny runs (--quick) can read 0
+                "cpu_speedup": cpu_ms["opencv_whole"] / cpu_ms[kind] if args.baseline and cpu_ms[kind] else None,
+                "decode_threads": decode_threads(kind, workers, args.baseline_threads),
                 "gop": args.gop, "codec": args.codec, "clip": f"{args.frames}x{args.crop}x{args.crop}",
+                "load_avg_1min": os.getloadavg()[0],
             })
     return rows
 

@@ -179,3 +179,19 @@ def test_build_loader_wires_sampler_and_clamps_workers(index, caplog):
     assert loader.pin_memory == torch.cuda.is_available()
     with pytest.raises(ValueError, match="fewer than one batch"):
         build_loader(ds, batch_size=8, workers=0)
+
+
+def test_threads_reach_the_decoder_and_leave_items_unchanged(index, monkeypatch):
+    threads, real = [], decode.read_clips
+
+    def spy(*args, **kwargs):
+        threads.append(kwargs.get("threads"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decode, "read_clips", spy)
+    one = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, threads=1)[2]
+    two = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, threads=2)[2]
+    default = LabeledDataset(index, frames_per_clip=T, crop_size=CROP)[2]
+    assert threads == [1, 2, None]
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert default[0].shape == (3, T, CROP, CROP)

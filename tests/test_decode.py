@@ -5,9 +5,19 @@ import os
 import av
 import numpy as np
 import pytest
+import torch
 from conftest import moving_square_frames
 
-from videomoco.data.decode import VideoError, probe, read_clip, read_clip_cv2, read_clips, read_video_cv2_whole
+from videomoco.data import decode
+from videomoco.data.decode import (
+    VideoError,
+    decoder_threads,
+    probe,
+    read_clip,
+    read_clip_cv2,
+    read_clips,
+    read_video_cv2_whole,
+)
 from videomoco.data.encode import write_video
 
 CODECS = [("a.mp4", "h264"), ("a.avi", "mpeg4"), ("a.webm", "vp8"), ("b.webm", "vp9"), ("a.mkv", "vp9"), ("m.avi", "mjpeg")]
@@ -119,7 +129,9 @@ def test_cv2_backend_agrees(make_video):
     path = make_video("c.avi", num_frames=24, codec="mjpeg")
     np.testing.assert_allclose(square_x(read_clip_cv2(path, 4, 6)), square_x(read_clip(path, 4, 6)), atol=1.0)
     assert read_clip_cv2(path, 20, 8).shape == (8, 64, 64, 3)  # loops too
-    assert read_video_cv2_whole(path).shape == (24, 64, 64, 3)
+    whole = read_video_cv2_whole(path)
+    assert whole.shape == (24, 64, 64, 3)
+    np.testing.assert_array_equal(read_video_cv2_whole(path, threads=1), whole)
 
 
 def test_no_descriptor_leak(tmp_path):
@@ -191,3 +203,45 @@ def test_video_error_pickles():
 
     err = pickle.loads(pickle.dumps(VideoError("a.mp4", "empty file")))
     assert (err.path, err.reason, str(err)) == ("a.mp4", "empty file", "a.mp4: empty file")
+
+
+@pytest.mark.parametrize("name,codec", [("t.mp4", "h264"), ("t.webm", "vp9")])
+def test_thread_counts_give_identical_frames(make_video, name, codec):
+    path = make_video(name, num_frames=40, codec=codec, gop=12)
+    for short_side in (None, 48):
+        reference = read_clips(path, [3, 25], 8, frame_stride=2, short_side=short_side, threads=1)
+        for threads in (0, 2, None):
+            clips = read_clips(path, [3, 25], 8, frame_stride=2, short_side=short_side, threads=threads)
+            for got, want in zip(clips, reference):
+                np.testing.assert_array_equal(got, want)
+
+
+class _WorkerThreads(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return decoder_threads()
+
+
+def test_default_threads_one_per_dataloader_worker():
+    assert decoder_threads() == 0  # main process: FFmpeg picks
+    assert decoder_threads(3) == 3
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        decoder_threads(-1)
+    loader = torch.utils.data.DataLoader(_WorkerThreads(), batch_size=None, num_workers=1)
+    assert list(loader) == [1, 1]
+
+
+def test_only_kept_frames_are_converted(tmp_path, monkeypatch):
+    path = grey_video(tmp_path / "gop.mp4", 90, gop=30)
+    converted, real = [], decode._Converter.__call__
+
+    def spy(self, frame):
+        converted.append(frame.pts)
+        return real(self, frame)
+
+    monkeypatch.setattr(decode._Converter, "__call__", spy)
+    clip = read_clip(path, 50, 4, frame_stride=2)  # decodes from the keyframe at 30
+    np.testing.assert_allclose(frame_levels(clip), [level(i) for i in (50, 52, 54, 56)], atol=2.5)
+    assert len(converted) == 4

@@ -6,6 +6,10 @@
 Random state: item i of epoch e draws from `np.random.default_rng([seed, e, i])`, so a clip and
 its crops depend on (seed, epoch, index) only, never on the worker count or order.
 
+Threads: `threads=None` decodes with one thread per DataLoader worker (the workers fill the
+cores) and with FFmpeg's threads when `workers=0`; give `threads=2` to a loader with half as
+many workers as cores.
+
 Faults: a video that raises while decoding (VideoError, OSError, ...) is logged, appended to
 the index's quarantine.csv (one `write` per line, safe from several worker processes), flagged
 in a failure table in shared memory (one byte per video, so no lock is needed and the main
@@ -45,7 +49,7 @@ class VideoClipDataset(Dataset):
     items_per_video = 1
 
     def __init__(self, index, frames_per_clip=16, frame_stride=1, crop_size=112, short_side=None,
-                 seed=0, max_failures=0.01):
+                 seed=0, max_failures=0.01, threads=None):
         if len(index) == 0:
             raise ValueError(f"the index of {index.root} has no usable videos")
         self.root = index.root
@@ -56,6 +60,7 @@ class VideoClipDataset(Dataset):
         self.frames_per_clip, self.frame_stride = frames_per_clip, frame_stride
         self.crop_size, self.short_side = crop_size, short_side
         self.seed, self.max_failures = seed, max_failures
+        self.threads = threads  # decoder threads; None: 1 per DataLoader worker (see decode.decoder_threads)
         self.span = clip_span(frames_per_clip, frame_stride)
         # Shared memory: set_epoch in the main process reaches persistent workers, and workers'
         # failure flags reach the main process. Each byte is written by whoever fails that video.
@@ -133,7 +138,8 @@ class VideoClipDataset(Dataset):
 
     def read(self, video, starts):
         """Clips starting at `starts` of one video, decoded in one pass -> list of uint8 `(T, H, W, 3)`."""
-        return decode.read_clips(self.path(video), starts, self.frames_per_clip, self.frame_stride, self.short_side)
+        return decode.read_clips(self.path(video), starts, self.frames_per_clip, self.frame_stride, self.short_side,
+                                 threads=self.threads)
 
 
 class PretrainDataset(VideoClipDataset):
@@ -145,10 +151,10 @@ class PretrainDataset(VideoClipDataset):
     """
 
     def __init__(self, index, frames_per_clip=16, frame_stride=1, crop_size=112, scale=(0.2, 1.0),
-                 short_side=None, views="same", seed=0, max_failures=0.01):
+                 short_side=None, views="same", seed=0, max_failures=0.01, threads=None):
         if views not in ("same", "distinct"):
             raise ValueError(f"views must be 'same' or 'distinct', got {views!r}")
-        super().__init__(index, frames_per_clip, frame_stride, crop_size, short_side, seed, max_failures)
+        super().__init__(index, frames_per_clip, frame_stride, crop_size, short_side, seed, max_failures, threads)
         self.scale, self.views = scale, views
 
     def load(self, i, rng):
@@ -175,7 +181,7 @@ class LabeledDataset(VideoClipDataset):
     """
 
     def __init__(self, index, frames_per_clip=16, frame_stride=1, crop_size=112, mode="train", num_clips=10,
-                 num_crops=1, short_side=None, scale=(0.5, 1.0), seed=0, max_failures=0.01):
+                 num_crops=1, short_side=None, scale=(0.5, 1.0), seed=0, max_failures=0.01, threads=None):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if num_crops not in (1, 3) or num_clips < 1:
@@ -183,7 +189,7 @@ class LabeledDataset(VideoClipDataset):
         unlabeled = sum(r.label < 0 for r in index.records)
         if unlabeled:
             raise ValueError(f"{unlabeled} of {len(index)} videos have no label (layout {index.layout!r})")
-        super().__init__(index, frames_per_clip, frame_stride, crop_size, short_side, seed, max_failures)
+        super().__init__(index, frames_per_clip, frame_stride, crop_size, short_side, seed, max_failures, threads)
         self.mode, self.num_clips, self.num_crops, self.scale = mode, num_clips, num_crops, scale
         self.items_per_video = num_clips * num_crops if mode == "test" else 1
         self._cache = (None, None)  # ((video, clip), frames): the crops of one clip decode it once

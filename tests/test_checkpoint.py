@@ -109,3 +109,20 @@ def test_mismatch_lists_missing_unexpected_and_shapes():
     assert msg.startswith("checkpoint is r3d_18 (width 64) but the model is r2plus1d_18 (width 8)")
     assert "1 keys missing, 1 unexpected, 1 shape mismatches" in msg and "[64] vs [8]" in msg
     ck.check_compatible(model, dict(model))  # identical: no error
+
+
+def test_corrupt_files_name_the_real_problem(tmp_path):
+    # regression: random bytes gave torch's paragraph about the weights_only default, a truncated
+    # file "[Errno 22] Invalid argument"
+    rng = np.random.default_rng(0)
+    (tmp_path / "random.pth.tar").write_bytes(b"\x01" + rng.bytes(4000))
+    ck.save_checkpoint({"state_dict": {"w": torch.randn(64, 64)}}, tmp_path / "full.pth.tar")
+    data = (tmp_path / "full.pth.tar").read_bytes()
+    (tmp_path / "truncated.pth.tar").write_bytes(data[: len(data) // 2])
+    torch.save({"state_dict": {}, "obj": np.arange(3)}, tmp_path / "pickled.pth")
+    for name, reason in [("random.pth.tar", "not a PyTorch checkpoint"),
+                         ("truncated.pth.tar", "truncated or corrupt file"),
+                         ("pickled.pth", "refused by weights_only=True: ")]:
+        with pytest.raises(CheckpointError, match=reason) as e:
+            ck.load_checkpoint(tmp_path / name)
+        assert "\n" not in str(e.value) and "PyTorch 2.6" not in str(e.value)

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 import yaml
 
-from videomoco.engine.config import ConfigError, PretrainConfig, add_arguments, config_from_args, save_config
+from videomoco.engine.config import (ConfigError, PretrainConfig, add_arguments, config_from_args, error_line,
+                                     save_config)
 
 
 def parse(argv):
@@ -36,9 +37,9 @@ def test_authors_short_flags():
 
 def test_yaml_gives_defaults_and_flags_win(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"data": "from_yaml", "lr": 0.5, "epochs": 7, "moco-k": 64}))
+    path.write_text(yaml.safe_dump({"data": "from_yaml", "lr": 0.5, "epochs": 7, "moco-k": 512}))
     cfg = parse(["--config", str(path), "--lr", "0.25"])
-    assert (cfg.data, cfg.lr, cfg.epochs, cfg.moco_k) == ("from_yaml", 0.25, 7, 64)
+    assert (cfg.data, cfg.lr, cfg.epochs, cfg.moco_k) == ("from_yaml", 0.25, 7, 512)
 
 
 def test_saved_config_round_trips(tmp_path):
@@ -72,3 +73,40 @@ def test_dataclass_defaults_match_help():
     help_text = " ".join(add_arguments(argparse.ArgumentParser()).format_help().split())
     assert f"(default: {PretrainConfig().adv_start_epoch})" in help_text
     assert "--temporal_decay" in help_text and "--moco-k" in help_text
+
+
+def test_yaml_values_are_converted_like_flags(tmp_path):
+    # regression: YAML reads `lr: 1e-3` as a string, and `lr: abc` crashed deep in the optimiser
+    path = tmp_path / "c.yaml"
+    path.write_text("data: d\nlr: 1e-3\nschedule: [3, 4]\nmlp: true\nseed: null\nepochs: 2\n")
+    cfg = parse(["--config", str(path)])
+    assert (cfg.lr, cfg.schedule, cfg.mlp, cfg.seed, cfg.epochs) == (0.001, [3, 4], True, None, 2)
+    bad = [("lr: abc", "lr: 'abc' is not a number"), ("epochs: 1.5", "epochs: 1.5 is not an integer"),
+           ("mlp: maybe", "mlp: 'maybe' is not true or false"), ("width: [8]", "width: \\[8\\] is not an integer"),
+           ("schedule: [a]", "schedule: \\['a'\\] is not an integer")]
+    for line, match in bad:
+        path.write_text(f"data: d\n{line}\n")
+        with pytest.raises(ConfigError, match=match):
+            parse(["--config", str(path)])
+
+
+def test_error_line_unwraps_dataloader_worker_errors():
+    wrapped = RuntimeError("Caught DataFailureError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                           "call last):\n  File \"x.py\", line 1, in f\n    raise X\n"
+                           "videomoco.data.datasets.DataFailureError: 3 of 9 videos failed to decode\n")
+    assert error_line(wrapped) == "3 of 9 videos failed to decode"
+    assert error_line(ValueError("first line\nsecond")) == "first line"
+    assert error_line(KeyError()) == "KeyError"
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["-cs", "0"], "--crop_size must be >= 1"), (["--frame_stride", "0"], "--frame_stride must be >= 1"),
+    (["--width", "0"], "--width must be >= 1"), (["-j", "-1"], "--workers must be >= 0"),
+    (["--moco-k", "3", "-b", "4"], "--moco-k 3 must be at least the batch size 4"),
+    (["-t", "1.5"], "--temporal_decay must be in"), (["--lr", "-1"], "--lr and --g_lr must be >= 0"),
+])
+def test_values_that_would_fail_in_workers_are_config_errors(flags, match):
+    # regression: -cs 0 / --frame_stride 0 failed in the data workers and quarantined healthy videos;
+    # --moco-k < batch, --width 0, -t 1.5, --lr -1 ended in tracebacks
+    with pytest.raises(ConfigError, match=match):
+        parse(["d", *flags])

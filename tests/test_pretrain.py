@@ -242,3 +242,27 @@ def test_compile_path(videos, tmp_path):
     assert cli_run(videos, tmp_path, "--compile", "--max_steps", "1", "--adv_start_epoch", "0") == 0
     ckpt = ck.load_checkpoint(tmp_path / "ckp" / ck.checkpoint_name(0, step=1))
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])  # Module.compile keeps the keys
+
+
+def test_video_failing_in_a_loader_worker_is_one_line_and_exit_1(tmp_path, caplog):
+    # regression: DataFailureError raised in a DataLoader worker ended the run with the worker's traceback
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(4):
+        write_video(root / f"v{i}.mp4", moving_square_frames(16, 40, seed=i), fps=25, codec="h264")
+    index_dir = tmp_path / "index"
+    assert cli.main(["index", str(root), "--out", str(index_dir), "--no-progress"]) == 0
+    (root / "v2.mp4").write_bytes(b"")  # breaks after indexing: fails at training time
+    code = cli.main(["pretrain", str(index_dir), *TINY, "-j", "1", "--epochs", "1", "--log_dir", str(tmp_path / "log"),
+                     "--ckp_dir", str(tmp_path / "ckp")])
+    assert code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("1 of 4 videos failed to decode")
+    assert "Traceback" not in errors[0] and "\n" not in errors[0]
+    assert "v2.mp4" in (index_dir / "quarantine.csv").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_one_line_error(videos, tmp_path, capsys):
+    assert cli_run(videos, tmp_path, "--device", "cuda") == 2
+    assert capsys.readouterr().err == "videomoco pretrain: error: --device cuda asked for but CUDA is not available\n"

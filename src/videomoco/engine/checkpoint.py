@@ -12,6 +12,7 @@ import os
 import random
 import re
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +68,35 @@ def save_checkpoint(state, path):
     return path
 
 
+def load_error_reason(path, err):
+    """A one-line reason why `torch.load(path, weights_only=True)` raised `err`.
+
+    torch's own messages are unhelpful here: random bytes give a paragraph about the weights_only
+    default, a truncated file gives "[Errno 22] Invalid argument", so look at the file's first bytes.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        return "truncated or corrupt file (incomplete zip archive)"
+    if not head.startswith((b"PK", b"\x80")):  # neither torch's zip format nor a legacy pickle
+        return "not a PyTorch checkpoint (corrupt file?)"
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # an object weights_only=True refuses, e.g. a custom class
+        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
+        return f"refused by weights_only=True: {rest.splitlines()[0].split('. ')[0]}"
+    return (text.strip().splitlines() or [type(err).__name__])[0]
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint with `weights_only=True` -> dict; `CheckpointError` if unreadable."""
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {path} is a directory, not a file") from None
     except Exception as e:  # a truncated zip, a pickle of custom classes, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {load_error_reason(path, e)}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a VideoMoCo checkpoint (no 'state_dict')")
     return ckpt

@@ -17,6 +17,19 @@ class ConfigError(ValueError):
     """A bad value in a config file or flag combination (one-line message)."""
 
 
+def error_line(err):
+    """The one line to show a user for `err`.
+
+    An error raised in a DataLoader worker is re-raised in the main process with a message of
+    "Caught X in DataLoader worker process N" + the worker's traceback: its last line is the real one.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        prefix, sep, message = lines[-1].partition(": ")  # "videomoco.data.datasets.DataFailureError: ..."
+        return message if sep and " " not in prefix else lines[-1]
+    return lines[0]
+
+
 @dataclass
 class PretrainConfig:
     data: str = ""
@@ -167,6 +180,22 @@ def _check(cfg):
         raise ConfigError("DATA is required (a positional argument or `data:` in --config)")
     if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.frame_per_clip < 1 or cfg.print_freq < 1:
         raise ConfigError("--batch_size, --epochs, --frame_per_clip and --print_freq must be >= 1")
+    # checked here, not where they are used: a bad clip size fails in the data workers, which would
+    # quarantine healthy videos as "training-time decode errors"
+    for flag, value in (("--crop_size", cfg.crop_size), ("--frame_stride", cfg.frame_stride), ("--width", cfg.width),
+                        ("--moco-dim", cfg.moco_dim)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if cfg.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
+    if cfg.moco_k < cfg.batch_size:  # every step enqueues the keys of the whole (global) batch
+        raise ConfigError(f"--moco-k {cfg.moco_k} must be at least the batch size {cfg.batch_size}")
+    if not 0.0 < cfg.temporal_decay <= 1.0:
+        raise ConfigError(f"--temporal_decay must be in (0, 1], got {cfg.temporal_decay}")
+    if not 0.0 <= cfg.moco_m <= 1.0 or cfg.moco_t <= 0.0:
+        raise ConfigError(f"need --moco-m in [0, 1] and --moco-t > 0, got {cfg.moco_m} and {cfg.moco_t}")
+    if cfg.lr < 0.0 or (cfg.g_lr or 0.0) < 0.0:
+        raise ConfigError(f"--lr and --g_lr must be >= 0, got {cfg.lr} and {cfg.g_lr}")
     if not 0.0 <= cfg.drop_ratio < 1.0:
         raise ConfigError(f"--drop_ratio must be in [0, 1), got {cfg.drop_ratio}")
     return cfg
@@ -185,7 +214,33 @@ def load_yaml(path):
     unknown = sorted(k for k in values if k.replace("-", "_") not in known)
     if unknown:
         raise ConfigError(f"config {path}: unknown keys {', '.join(unknown)}")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+    return {k.replace("-", "_"): _coerce(path, k.replace("-", "_"), v) for k, v in values.items()}
+
+
+_KIND = {int: "an integer", float: "a number"}
+
+
+def _coerce(path, dest, value):
+    """A YAML value converted as its flag would convert it (YAML reads `lr: 1e-3` as a string)."""
+    kwargs = next((kw for _, d, _, kw in _FLAGS if d == dest), {})
+    if value is None:
+        return value
+    if kwargs.get("action") == "store_true":
+        if not isinstance(value, bool):
+            raise ConfigError(f"config {path}: {dest}: {value!r} is not true or false")
+        return value
+    convert = kwargs.get("type")
+    if convert is None:
+        return value
+    items = value if kwargs.get("nargs") and isinstance(value, list) else [value]
+    # no silent bool -> 1, 1.5 -> 1 or [8] -> error later
+    if any(isinstance(v, (list, dict, bool)) or convert is int and isinstance(v, float) for v in items):
+        raise ConfigError(f"config {path}: {dest}: {value!r} is not {_KIND[convert]}")
+    try:
+        items = [convert(v) for v in items]
+    except ValueError:
+        raise ConfigError(f"config {path}: {dest}: {value!r} is not {_KIND[convert]}") from None
+    return items if kwargs.get("nargs") else items[0]
 
 
 def config_from_args(args):

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from videomoco.engine.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -84,7 +86,7 @@ def init_distributed(cfg, local_rank=0):
         rank, world_size, init_method = max(cfg.rank, 0), max(cfg.world_size, 1), cfg.dist_url
 
     if cfg.device not in ("auto", "cpu") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {cfg.device} asked for but CUDA is not available")
+        raise ConfigError(f"--device {cfg.device} asked for but CUDA is not available")
     if _wants_cuda(cfg):
         index = cfg.gpu if cfg.gpu is not None and world_size == 1 else local_rank
         if cfg.device.startswith("cuda:"):

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from videomoco.data.datasets import set_epoch
+from videomoco.data.datasets import DataFailureError, set_epoch
 from videomoco.engine import checkpoint as ck
 from videomoco.engine import distributed as du
-from videomoco.engine.config import ConfigError, PretrainConfig, config_from_args, save_config
+from videomoco.engine.config import ConfigError, PretrainConfig, config_from_args, error_line, save_config
 from videomoco.engine.config import add_arguments as _add_config_arguments
 from videomoco.engine.logger import MetricLogger, environment, setup_logging
 from videomoco.engine.loop import StopFlag, TrainingDiverged, train_one_epoch
@@ -222,6 +222,10 @@ def _train(cfg, info):
     except TrainingDiverged as e:
         log.error("%s", e)
         return {"status": "diverged", "error": str(e), "step": run.step, "exit_code": 1}
+    except DataFailureError as e:  # raised in a loader worker: one line, not the worker's traceback
+        msg = f"{error_line(e)}; the failed videos are quarantined, so a rerun (--resume auto) skips them"
+        log.error("%s", msg)
+        return {"status": "data_failure", "error": msg, "step": run.step, "exit_code": 1}
     finally:
         run.stop.uninstall()
         run.logger.close()

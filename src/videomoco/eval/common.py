@@ -5,6 +5,7 @@ import dataclasses
 import json
 import logging
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from videomoco.data.datasets import LabeledDataset
+from videomoco.data.datasets import DataFailureError, LabeledDataset
+from videomoco.data.decode import VideoError
 from videomoco.data.index import open_index
+from videomoco.engine.checkpoint import CheckpointError
+from videomoco.engine.config import error_line
 from videomoco.eval.export import load_encoder
 from videomoco.eval.features import extract_features
 from videomoco.models import build_encoder
@@ -79,6 +83,39 @@ def check_split(cfg):
         raise ValueError(f"--split must be 1, 2 or 3 for {cfg.dataset}, got {cfg.split}")
 
 
+def check_config(cfg):
+    """One-line `ValueError` for values no run can use (caught before a worker or the index sees them)."""
+    if hasattr(cfg, "split"):
+        check_split(cfg)
+    for name in ("frames", "frame_stride", "crop", "num_clips", "batch_size", "chunk_size", "epochs"):
+        if getattr(cfg, name, 1) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if getattr(cfg, "workers", 0) < 0:
+        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+    device = str(getattr(cfg, "device", "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for but CUDA is not available")
+    return cfg
+
+
+# what bad input raises: a missing or corrupt file, a bad value, a dataset whose videos do not decode
+USER_ERRORS = (ValueError, OSError, CheckpointError, DataFailureError, VideoError)
+
+
+def cli_main(command, run, cfg):
+    """Run a command from the CLI: bad input -> one line on stderr and exit code 2, no traceback."""
+    try:
+        run(check_config(cfg))
+    except USER_ERRORS as err:
+        log.debug("%s failed", command, exc_info=True)
+        print(f"videomoco {command}: error: {error_line(err)}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:  # a diverged fine-tuning run
+        print(f"videomoco {command}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -103,7 +140,7 @@ def open_split(cfg, subset):
 
     ucf101 / hmdb51: the official split files; folder: `DATA/{train,test or val}/<class>/<video>`.
     """
-    check_split(cfg)
+    check_config(cfg)
     layout = {"ucf101": "ucf101", "hmdb51": "hmdb51", "folder": "kinetics"}[cfg.dataset]
     index = open_index(cfg.data, layout=layout)
     if index.layout != layout:
@@ -114,6 +151,9 @@ def open_split(cfg, subset):
     selected = index.select(subset, cfg.split)
     if cfg.dataset == "folder" and subset == "test" and not selected.records:
         selected = index.select("val")  # DATA/{train,val}/ (e.g. `videomoco synth`): val is the test set
+    if not selected.records and cfg.dataset == "folder":
+        raise ValueError(f"{cfg.data}: no {subset} videos (--dataset folder reads DATA/train/<class>/ and "
+                         "DATA/test/ or DATA/val/)")
     if not selected.records:
         raise ValueError(f"{cfg.data}: no {subset} videos for split {cfg.split}")
     return selected

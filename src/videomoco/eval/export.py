@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from videomoco.engine.checkpoint import load_error_reason
 from videomoco.models import build_encoder, list_encoders
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,7 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, a pickle of custom classes, not a checkpoint at all
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"cannot read checkpoint {path}: {reason}") from None
+        raise ValueError(f"cannot read checkpoint {path}: {load_error_reason(path, err)}") from None
 
 
 def encoder_state(path):
@@ -206,4 +206,6 @@ def run(cfg):
 
 
 def main(args):
-    run(ExportConfig(checkpoint=args.checkpoint, out=args.out, format=args.format))
+    from videomoco.eval.common import cli_main  # common imports this module
+
+    return cli_main("export", run, ExportConfig(checkpoint=args.checkpoint, out=args.out, format=args.format))

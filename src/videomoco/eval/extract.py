@@ -158,4 +158,4 @@ def run(cfg):
 
 
 def main(args):
-    run(common.config_from_args(ExtractConfig, args))
+    return common.cli_main("extract", run, common.config_from_args(ExtractConfig, args))

@@ -15,7 +15,7 @@ atomic, every epoch) hold the model in torchvision keys plus `arch`, `width`, `n
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +145,8 @@ def run(cfg):
         head = getattr(model.fc, "out_features", None)
         if head != num_classes:
             raise ValueError(f"{cfg.pretrained or 'random init'} has a {head}-class head but {cfg.data} has {num_classes} classes")
+    elif cfg.resume and not cfg.pretrained:  # the fine-tuning checkpoint knows its arch and width
+        model = common.load_model(replace(cfg, pretrained=cfg.resume), num_classes=num_classes)
     else:
         model = common.load_model(cfg, num_classes=num_classes)
     model = model.to(cfg.device)
@@ -175,11 +177,11 @@ def run(cfg):
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion(cm, out / "confusion.png", names)
     np.save(out / "confusion.npy", cm)
-    metrics.update(num_classes=num_classes, epochs=cfg.epochs, history=history,
+    metrics.update(num_classes=num_classes, epochs=start if cfg.evaluate else cfg.epochs, history=history,
                    per_class_video_top1={(names[i] if names else str(i)): (None if np.isnan(a) else float(a))
                                          for i, a in enumerate(per_class)})
     return common.write_results(cfg, "finetune", metrics)
 
 
 def main(args):
-    run(common.config_from_args(FinetuneConfig, args))
+    return common.cli_main("finetune", run, common.config_from_args(FinetuneConfig, args))

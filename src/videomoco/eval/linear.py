@@ -125,4 +125,4 @@ def run(cfg):
 
 
 def main(args):
-    run(common.config_from_args(LinearConfig, args))
+    return common.cli_main("linear", run, common.config_from_args(LinearConfig, args))

@@ -195,3 +195,21 @@ def test_threads_reach_the_decoder_and_leave_items_unchanged(index, monkeypatch)
     assert threads == [1, 2, None]
     assert all(torch.equal(a, b) for a, b in zip(one, two))
     assert default[0].shape == (3, T, CROP, CROP)
+
+
+def test_one_bad_video_never_stops_a_small_run(index):
+    ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, max_failures=0.01)
+    break_video(index, 2)
+    q, _ = ds[2]  # 1 of 6 is above 1%, but a single failure is always tolerated
+    assert q.shape == (3, T, CROP, CROP) and ds.num_failed == 1
+    break_video(index, 4)
+    with pytest.raises(DataFailureError, match="2 of 6 videos failed"):
+        ds[4]
+
+
+def test_a_bug_is_not_mistaken_for_a_bad_video(index, monkeypatch):
+    ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP)
+    monkeypatch.setattr(ds, "read", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad argument")))
+    with pytest.raises(ValueError, match="bad argument"):
+        ds[0]
+    assert ds.num_failed == 0 and index.records[0].path not in Path(index.dir, "quarantine.csv").read_text()

@@ -10,11 +10,12 @@ Threads: `threads=None` decodes with one thread per DataLoader worker (the worke
 cores) and with FFmpeg's threads when `workers=0`; give `threads=2` to a loader with half as
 many workers as cores.
 
-Faults: a video that raises while decoding (VideoError, OSError, ...) is logged, appended to
+Faults: a video that raises while decoding (VideoError, OSError) is logged, appended to
 the index's quarantine.csv (one `write` per line, safe from several worker processes), flagged
 in a failure table in shared memory (one byte per video, so no lock is needed and the main
 process can read `num_failed`), and the item is replaced by the same item of the next video.
-Once more than `max_failures` of the videos have failed, `DataFailureError` stops the run.
+Once more than `max_failures` of the videos have failed (and more than one: a single bad file never
+stops a small run), `DataFailureError` stops the run.
 """
 
 import logging
@@ -32,7 +33,8 @@ from videomoco.data.sampling import EpochSampler, clip_span, distinct_clip_start
 log = logging.getLogger(__name__)
 
 # Errors a broken or unreadable file can raise; programming errors (TypeError, KeyError, ...) propagate.
-DECODE_ERRORS = (decode.VideoError, OSError, ValueError, EOFError, RuntimeError)
+# decode.py wraps FFmpeg errors in VideoError; a ValueError or TypeError here is a bug, not a bad video
+DECODE_ERRORS = (decode.VideoError, OSError, EOFError)
 
 
 class DataFailureError(RuntimeError):
@@ -130,7 +132,7 @@ class VideoClipDataset(Dataset):
         except OSError as qerr:
             log.warning("could not append to %s: %s", self._quarantine_file(), qerr)
         failed, total = self.num_failed, self.num_videos
-        if failed > self.max_failures * total:
+        if failed > max(self.max_failures * total, 1):
             raise DataFailureError(
                 f"{failed} of {total} videos failed to decode ({100 * failed / total:.1f}%), above the limit "
                 f"{100 * self.max_failures:g}%: see {self._quarantine_file()}"

@@ -1,0 +1,123 @@
+"""Smoke tests for benchmarks/: the shared helpers, `videomoco bench`, and one tiny run of each benchmark."""
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import common
+from videomoco import bench
+from videomoco.cli import main as cli_main
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_machine_info_describes_this_machine():
+    info = common.machine_info()
+    assert info["torch"] == torch.__version__
+    assert 1 <= info["usable_cores"] <= info["logical_cores"]
+    assert info["ram_gib"] is None or info["ram_gib"] > 0
+    assert ("gpu" in info) == torch.cuda.is_available()
+    assert info["torch"] in common.machine_summary(info)
+
+
+def test_timeit_runs_warmup_then_timed_calls():
+    calls = []
+    stats = common.timeit(lambda: calls.append(1), warmup=2, iters=3, sync="cpu")
+    assert len(calls) == 5
+    assert stats["iters"] == 3
+    assert 0 <= stats["min_s"] <= stats["median_s"]
+    with pytest.raises(ValueError, match="iters"):
+        common.timeit(lambda: None, warmup=0, iters=0)
+
+
+def test_matmul_peak_is_a_positive_rate():
+    assert common.matmul_peak("cpu", size=64, iters=2) > 0
+
+
+def test_cpu_peak_memory_sees_a_large_allocation():
+    start = common.peak_memory_reset("cpu")
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert common.peak_memory_bytes("cpu", start) >= 48 * 2**20
+    del x
+
+
+def test_emit_prints_one_json_line_with_machine_and_command(capsys):
+    common.emit({"x": 1.5}, command="python -m benchmarks.x --quick")
+    (line,) = json_lines(capsys.readouterr().out)
+    assert line["x"] == 1.5
+    assert line["command"] == "python -m benchmarks.x --quick"
+    assert line["machine"]["torch"] == torch.__version__
+
+
+def test_record_appends_a_markdown_section(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    rows = [{"name": "a", "value": 0.123456}, {"name": "b", "value": 2.0}]
+    common.record("first", rows, "python -m benchmarks.x --record", path=path)
+    common.record("second", rows[:1], "python -m benchmarks.y", path=path, note="shared machine")
+    text = path.read_text()
+    assert text.index("### first") < text.index("### second")
+    assert "`python -m benchmarks.x --record`" in text
+    assert "| name | value |" in text and "| a | 0.1235 |" in text
+    assert "shared machine" in text
+    with pytest.raises(ValueError, match="no rows"):
+        common.record("empty", [], "cmd", path=path)
+
+
+def test_command_line_reproduces_argv():
+    assert common.command_line("benchmarks.t", ["--arch", "r3d_18", "--x", "a b"]) == (
+        "python -m benchmarks.t --arch r3d_18 --x 'a b'"
+    )
+
+
+def test_bench_lists_and_rejects_unknown_names(capsys):
+    assert "train_step" in bench.list_benchmarks()
+    assert "common" not in bench.list_benchmarks()
+    assert cli_main(["bench", "no_such_benchmark"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'no_such_benchmark'" in err and "train_step" in err
+
+
+def test_bench_says_when_there_is_no_checkout(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "videomoco" / "bench.py"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(bench.BenchmarkNotFound, match="source checkout"):
+        bench.find_benchmarks_root()
+
+
+def test_train_step_quick_reports_both_modes(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    argv = ["bench", "train_step", "--quick", "--device", "cpu", "--profile", "3", "--record", "--results", str(results)]
+    assert cli_main(argv) == 0
+    out, err = capsys.readouterr()
+    rows = {row["mode"]: row for row in json_lines(out)}
+    assert "profile: moco" in err and "profile: videomoco" in err
+    assert set(rows) == {"moco", "videomoco"}
+    moco, vmoco = rows["moco"], rows["videomoco"]
+    for row in rows.values():
+        assert row["steps_per_s"] > 0 and row["gflop_per_step"] > 0 and 0 < row["mfu"]
+        assert row["clips_per_s"] == pytest.approx(2 * row["steps_per_s"])
+    # The adversarial step encodes the dropped clip and steps the generator too: strictly more work.
+    assert vmoco["gflop_per_step"] > moco["gflop_per_step"]
+    assert vmoco["videomoco_over_moco"] == pytest.approx(vmoco["step_ms"] / moco["step_ms"])
+    text = results.read_text()
+    assert "### train_step" in text and "--quick" in text and "VideoMoCo / MoCo" in text
+    # Counting on fake tensors (no compute) gives exactly the FLOPs of the real step.
+    assert cli_main(["bench", "train_step", "--quick", "--flops-only"]) == 0
+    fake = {row["mode"]: row for row in json_lines(capsys.readouterr().out)}
+    for mode in ("moco", "videomoco"):
+        assert fake[mode]["gflop_per_step"] == pytest.approx(rows[mode]["gflop_per_step"], rel=1e-9)
+
+
+@pytest.mark.parametrize("name, rate", [("data", "clips_per_s"), ("index", "videos_per_s")])
+def test_pipeline_benchmarks_quick(name, rate, tmp_path, capsys):
+    if name not in bench.list_benchmarks():
+        pytest.skip(f"benchmarks/{name}.py not written yet")
+    results = tmp_path / "RESULTS.md"
+    assert cli_main(["bench", name, "--quick", "--record", "--results", str(results)]) == 0
+    rows = json_lines(capsys.readouterr().out)
+    assert rows and all(row[rate] > 0 for row in rows)
+    assert all(row["command"].startswith(f"python -m benchmarks.{name} --quick") for row in rows)
+    assert f"`python -m benchmarks.{name} --quick --record" in results.read_text()

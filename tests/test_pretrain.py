@@ -252,14 +252,16 @@ def test_video_failing_in_a_loader_worker_is_one_line_and_exit_1(tmp_path, caplo
         write_video(root / f"v{i}.mp4", moving_square_frames(16, 40, seed=i), fps=25, codec="h264")
     index_dir = tmp_path / "index"
     assert cli.main(["index", str(root), "--out", str(index_dir), "--no-progress"]) == 0
-    (root / "v2.mp4").write_bytes(b"")  # breaks after indexing: fails at training time
+    for name in ("v1.mp4", "v2.mp4"):  # break after indexing: fail at training time (one alone is tolerated)
+        (root / name).write_bytes(b"")
     code = cli.main(["pretrain", str(index_dir), *TINY, "-j", "1", "--epochs", "1", "--log_dir", str(tmp_path / "log"),
                      "--ckp_dir", str(tmp_path / "ckp")])
     assert code == 1
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].startswith("1 of 4 videos failed to decode")
+    assert len(errors) == 1 and errors[0].startswith("2 of 4 videos failed to decode")
     assert "Traceback" not in errors[0] and "\n" not in errors[0]
-    assert "v2.mp4" in (index_dir / "quarantine.csv").read_text()
+    quarantine = (index_dir / "quarantine.csv").read_text()
+    assert "v1.mp4" in quarantine and "v2.mp4" in quarantine
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

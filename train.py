@@ -1,6 +1,6 @@
 """The authors' entry point, kept so their command lines work verbatim: `python train.py [flags] DATA`.
 
-Forwards to `videomoco pretrain` (see docs/pretraining.md).
+Forwards to `videomoco pretrain` (see the README, "Pretraining").
 """
 
 import sys

@@ -110,3 +110,13 @@ def test_values_that_would_fail_in_workers_are_config_errors(flags, match):
     # --moco-k < batch, --width 0, -t 1.5, --lr -1 ended in tracebacks
     with pytest.raises(ConfigError, match=match):
         parse(["d", *flags])
+
+
+def test_augmentation_strength_flags():
+    cfg = parse(["d"])
+    assert (cfg.aug_flip, cfg.aug_jitter, cfg.aug_hue, cfg.aug_grayscale, cfg.aug_scale_min) == (0.5, 0.4, 0.1, 0.2, 0.2)
+    cfg = parse(["d", "--aug_flip", "0", "--aug_jitter", "0", "--aug_hue", "0.5", "--aug_grayscale", "0.5",
+                 "--aug_scale_min", "0.6"])
+    assert (cfg.aug_flip, cfg.aug_jitter, cfg.aug_hue, cfg.aug_grayscale, cfg.aug_scale_min) == (0.0, 0.0, 0.5, 0.5, 0.6)
+    with pytest.raises(ConfigError, match="--aug_hue"):
+        parse(["d", "--aug_hue", "0.7"])

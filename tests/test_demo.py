@@ -3,6 +3,7 @@ import json
 import torch
 
 from videomoco.cli import main as cli_main
+from videomoco.data.synthetic import MOTIONS
 from videomoco.demo import BUDGETS, Budget
 from videomoco.demo.evaluate import shuffle_frames, single_frame
 
@@ -38,7 +39,7 @@ def test_budgets_are_consistent():
         assert budget.adv_start_epoch < budget.epochs  # VideoMoCo's generator actually runs
         assert budget.clip_frames * budget.frame_stride <= budget.video_frames
         assert budget.queue >= budget.batch_size
-        assert budget.batch_size <= budget.train_per_class * 10  # one batch of train videos at least
+        assert budget.batch_size <= budget.train_per_class * len(MOTIONS)  # one batch of train videos at least
     assert Budget() == BUDGETS["default"]
 
 

@@ -1,15 +1,17 @@
 """The synthetic motion dataset: procedurally rendered clips whose classes need time.
 
-Each video shows one moving object over a textured background with static distractors.
-The class is the object's *motion*; its appearance (shape, colour, size, orientation,
-start position, background, distractors) is drawn from a random stream that never sees
-the class, so a single frame carries no class information:
+Each video shows one object (box, ellipse or triangle, elongated so rotation shows) on a plain
+background with mild per-frame noise. The class is the object's *motion*; its appearance (shape,
+colours, size, position and angle at the middle frame, noise) is drawn from a random stream that
+never sees the class, so a single frame carries (almost) no class information:
 
-    appearance rng  -> shape, colours, size, start position/angle, background, distractors
-    motion rng      -> speed, direction, radius ...   (its distribution depends on the class)
+    appearance rng  -> shape, colours, size, middle-frame position/angle, background noise
+    motion rng      -> speed, direction, rate ...   (its distribution depends on the class)
 
-Positions wrap around the frame (a torus), so at every frame the object's position is
-uniform whatever the motion; with the same seed, every class renders the same first frame.
+Trajectories are centred on the middle frame and positions wrap around the frame (a torus), so
+at every frame the position is uniform whatever the motion, and with the same seed every class
+renders the same middle frame. The background is one flat colour on purpose: a texture or
+distractors would let contrastive pretraining tell videos apart without looking at the motion.
 Videos are written as real H.264 files in the Kinetics layout `OUT/{train,val}/<class>/<id>.mp4`
 so the demo goes through the same decode/index/augment path as real data.
 """
@@ -30,17 +32,17 @@ log = logging.getLogger(__name__)
 
 # Every class is a motion; the appearance is independent of it. The set is closed under the
 # horizontal flip that pretraining augmentation applies (left/right and the two rotation senses are
-# one class each), so a flip never turns one class into another; up/down and accelerate/decelerate
-# are time reversals of each other, so a model that ignores frame order cannot tell them apart.
+# one class each), so a flip never turns one class into another; up/down and grow/shrink are time
+# reversals of each other, so a model that ignores frame order cannot tell them apart.
 MOTIONS = (
     "up", "down", "horizontal",  # constant velocity; horizontal: left or right
-    "spin", "wobble",  # rotation in place: one way round (either sense), or back and forth
-    "accelerate", "decelerate",  # straight line in a random direction, speed ramps up or down
-    "circle", "zigzag", "bounce",  # trajectory shapes in a random direction
+    "spin",  # rotation in place, either sense
+    "grow", "shrink",  # approach / retreat: the size changes exponentially, 2x over the video
 )
 SHAPES = ("box", "ellipse", "triangle")
 SPLITS = {"train": 0, "val": 1}
 HEADINGS = {"up": (270.0,), "down": (90.0,), "horizontal": (0.0, 180.0)}  # degrees, image coordinates (y down)
+NOISE_STD = 6.0  # per-frame background noise (grey levels): no two frames are pixel-identical
 
 
 @dataclass
@@ -48,8 +50,8 @@ class SynthConfig:
     out: str = "data/synthetic"
     train_per_class: int = 100
     val_per_class: int = 30
-    frames: int = 32
-    size: int = 64
+    frames: int = 24
+    size: int = 32
     fps: int = 25
     seed: int = 0
     appearance_classes: bool = False  # classes become <shape>-<motion>: appearance and motion both matter
@@ -64,91 +66,56 @@ def class_names(appearance_classes=False):
     return list(MOTIONS)
 
 
-def draw_appearance(rng, size):
-    """Everything the viewer sees in one frame; drawn without knowing the class."""
-    scale = size / 64.0
-    bg_a = rng.uniform(0, 255, 3)
-    bg_b = np.clip(bg_a + rng.uniform(-70, 70, 3), 0, 255)  # a subtle texture: the object stands out
+def draw_appearance(rng, size, frames):
+    """Everything the viewer sees in one frame, plus the noise of every frame; drawn without knowing the class."""
+    # a mid-grey, slightly tinted background: saturated random backgrounds put most of the input's
+    # energy in a per-video constant that the encoder must first learn to ignore
+    background = rng.uniform(100, 155) + rng.uniform(-12, 12, 3)
     colour = rng.uniform(0, 255, 3)
-    for _ in range(50):  # keep the object visible against its background
-        if np.abs(colour - (bg_a + bg_b) / 2).sum() > 200:
+    for _ in range(50):  # keep the object visible against its background, in grayscale too
+        if abs(colour.mean() - background.mean()) > 60:
             break
         colour = rng.uniform(0, 255, 3)
-    half_long = rng.uniform(10, 15) * scale
-    distractors = []
-    for _ in range(rng.integers(0, 3)):
-        distractors.append({
-            "shape": SHAPES[rng.integers(len(SHAPES))],
-            "colour": rng.uniform(0, 255, 3),
-            "half": (rng.uniform(3, 6) * scale, rng.uniform(2, 3) * scale),
-            "pos": rng.uniform(0, size, 2),
-            "angle": rng.uniform(0, 2 * np.pi),
-        })
+    half_long = rng.uniform(0.16, 0.24) * size
     return {
         "shape": SHAPES[rng.integers(len(SHAPES))],
         "colour": colour,
-        "half": (half_long, half_long * rng.uniform(0.45, 0.65)),  # elongated, so rotation shows
+        "half": (half_long, half_long * rng.uniform(0.4, 0.6)),  # elongated, so rotation shows
         "pos": rng.uniform(0, size, 2),
         "angle": rng.uniform(0, 2 * np.pi),
-        "grid": int(rng.integers(3, 9)),
-        "texture": rng.uniform(0, 1, (9, 9)),
-        "bg": (bg_a, bg_b),
-        "distractors": distractors,
+        "background": background,
+        "noise": rng.normal(0, NOISE_STD, (frames, size, size, 1)).astype(np.float32),
     }
 
 
-def _triangle_wave(t, period):
-    """A triangle wave `(T,)` in [-1, 1] that starts at 0 going up."""
-    return 1.0 - 2.0 * np.abs((t / period + 0.25) % 1.0 - 0.5) * 2.0
-
-
 def trajectory(motion, rng, frames, size):
-    """Offsets `(T, 2)` in pixels from the start position and angles `(T,)` from the start angle."""
+    """Offsets `(T, 2)` in pixels, angles `(T,)` and size factors `(T,)`, all relative to frame T // 2."""
     if motion not in MOTIONS:
         raise ValueError(f"unknown motion {motion!r}; expected one of {', '.join(MOTIONS)}")
-    t = np.arange(frames, dtype=np.float64)
-    scale = size / 64.0
+    t = np.arange(frames, dtype=np.float64) - frames // 2
+    offsets, angles, scales = np.zeros((frames, 2)), np.zeros(frames), np.ones(frames)
     if motion in HEADINGS:
-        heading = np.deg2rad(rng.choice(HEADINGS[motion]) + rng.uniform(-20, 20))
-    else:
-        heading = rng.uniform(0, 2 * np.pi)
-    unit = np.array([np.cos(heading), np.sin(heading)])
-    normal = np.array([-unit[1], unit[0]])
-    speed = rng.uniform(1.5, 2.5) * scale  # pixels per frame
-    offsets, angles = np.zeros((frames, 2)), np.zeros(frames)
-    if motion in HEADINGS:
-        offsets = speed * t[:, None] * unit
+        heading = np.deg2rad(rng.choice(HEADINGS[motion]) + rng.uniform(-15, 15))
+        speed = rng.uniform(0.8, 1.2) * size / 32  # pixels per frame
+        offsets = speed * t[:, None] * np.array([np.cos(heading), np.sin(heading)])
     elif motion == "spin":
-        angles = rng.choice([-1, 1]) * np.deg2rad(rng.uniform(8, 15)) * t
-    elif motion == "wobble":
-        angles = np.deg2rad(rng.uniform(30, 50)) * _triangle_wave(t, rng.uniform(10, 16))
-    elif motion in ("accelerate", "decelerate"):
-        ramp = np.linspace(0.2, 4.0, frames) * scale
-        velocity = ramp if motion == "accelerate" else ramp[::-1]
-        offsets = np.concatenate([[0.0], np.cumsum(velocity[:-1])])[:, None] * unit
-    elif motion == "circle":
-        radius = rng.uniform(8, 14) * scale
-        omega = rng.choice([-1, 1]) * speed / radius
-        phase = rng.uniform(0, 2 * np.pi)
-        ring = np.stack([np.cos(phase + omega * t), np.sin(phase + omega * t)], 1)
-        offsets = radius * (ring - ring[:1])
-    elif motion == "zigzag":
-        wave = _triangle_wave(t, rng.uniform(8, 12))
-        offsets = 0.6 * speed * t[:, None] * unit + rng.uniform(6, 10) * scale * wave[:, None] * normal
-    else:  # bounce: back and forth along a line
-        offsets = rng.uniform(10, 16) * scale * _triangle_wave(t, rng.uniform(12, 20))[:, None] * unit
-    return offsets, angles
+        angles = rng.choice([-1, 1]) * np.deg2rad(rng.uniform(10, 15)) * t
+    else:  # grow / shrink: exponential, so every step looks alike
+        rate = np.log(rng.uniform(1.8, 2.2)) / max(frames - 1, 1)
+        scales = np.exp((rate if motion == "grow" else -rate) * t)
+    return offsets, angles, scales
 
 
 def _coverage(shape, half, centre, angle, size):
-    """Anti-aliased coverage `(N, H, W)` of a shape at `centre (N, 2)`, `angle (N,)`, wrapping around the frame."""
+    """Anti-aliased coverage `(N, H, W)` of a shape of half-lengths `half (2, N)` at `centre (N, 2)`,
+    `angle (N,)`, wrapping around the frame."""
     coords = np.arange(size, dtype=np.float32) + 0.5
     centre, angle = centre.astype(np.float32), np.asarray(angle, dtype=np.float32)
     dx = (coords[None, None, :] - centre[:, 0, None, None] + size / 2) % size - size / 2  # (N, 1, W)
     dy = (coords[None, :, None] - centre[:, 1, None, None] + size / 2) % size - size / 2  # (N, H, 1)
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
     u, v = cos * dx + sin * dy, -sin * dx + cos * dy  # (N, H, W) object coordinates
-    a, b = np.float32(half[0]), np.float32(half[1])
+    a, b = (np.asarray(h, dtype=np.float32).reshape(-1, 1, 1) for h in half)
     if shape == "box":
         dist = np.maximum(np.abs(u) - a, np.abs(v) - b)
     elif shape == "ellipse":
@@ -160,38 +127,24 @@ def _coverage(shape, half, centre, angle, size):
     return np.clip(0.5 - dist, 0.0, 1.0, out=dist)
 
 
-def render(appearance, offsets, angles, size):
+def render(appearance, offsets, angles, scales, size):
     """Frames `(T, H, W, 3)` uint8 for one appearance and one trajectory."""
-    grid = appearance["grid"]
-    texture = appearance["texture"][:grid, :grid]
-    # bilinear upsampling of a coarse random grid: a smooth, per-video background
-    idx = np.linspace(0, grid - 1, size)
-    lo = np.minimum(idx.astype(int), grid - 2)
-    w = (idx - lo)[:, None]
-    rows = texture[lo] * (1 - w) + texture[lo + 1] * w  # (H, grid)
-    smooth = rows[:, lo] * (1 - w.T) + rows[:, lo + 1] * w.T  # (H, W)
-    bg_a, bg_b = appearance["bg"]
-    background = bg_a * (1 - smooth[..., None]) + bg_b * smooth[..., None]  # (H, W, 3)
-    for d in appearance["distractors"]:
-        alpha = _coverage(d["shape"], d["half"], d["pos"][None], np.array([d["angle"]]), size)[0]
-        background = background * (1 - alpha[..., None]) + d["colour"] * alpha[..., None]
-    background = background.astype(np.float32)
     centre = appearance["pos"][None] + offsets  # (T, 2)
-    alpha = _coverage(appearance["shape"], appearance["half"], centre, appearance["angle"] + angles, size)
-    colour = appearance["colour"].astype(np.float32)
-    frames = background + alpha[..., None] * (colour - background)  # (T, H, W, 3), within [0, 255]
-    return (frames + 0.5).astype(np.uint8)
+    half = [h * scales for h in appearance["half"]]
+    alpha = _coverage(appearance["shape"], half, centre, appearance["angle"] + angles, size)[..., None]
+    background = appearance["background"].astype(np.float32) + appearance["noise"][: len(offsets)]
+    frames = background + alpha * (appearance["colour"].astype(np.float32) - background)  # (T, H, W, 3)
+    return (np.clip(frames, 0, 255) + 0.5).astype(np.uint8)
 
 
-def make_video(label, seed, split, index, frames=32, size=64, appearance_classes=False):
+def make_video(label, seed, split, index, frames=24, size=32, appearance_classes=False):
     """Frames `(T, H, W, 3)` uint8 of video `index` of `split` with class `label` (a class name)."""
     streams = np.random.SeedSequence([seed, SPLITS[split], index]).spawn(2)
-    appearance = draw_appearance(np.random.default_rng(streams[0]), size)
+    appearance = draw_appearance(np.random.default_rng(streams[0]), size, frames)
     motion = label
     if appearance_classes:
         appearance["shape"], motion = label.split("-", 1)
-    offsets, angles = trajectory(motion, np.random.default_rng(streams[1]), frames, size)
-    return render(appearance, offsets, angles, size)
+    return render(appearance, *trajectory(motion, np.random.default_rng(streams[1]), frames, size), size)
 
 
 def _write_one(job):

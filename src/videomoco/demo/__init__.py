@@ -29,21 +29,27 @@ class Budget:
 
     train_per_class: int = 100
     test_per_class: int = 30  # rendered into val/, the held-out split
-    video_frames: int = 32
-    size: int = 64
+    video_frames: int = 24
+    size: int = 32
     clip_frames: int = 8
-    frame_stride: int = 2
+    frame_stride: int = 1  # at stride 2 the object jumps 2 px a frame and even supervised training stalls
     crop: int = 32
     batch_size: int = 32
-    epochs: int = 8
-    adv_start_epoch: int = 4  # VideoMoCo: plain MoCo with decay first, then the generator joins
-    lr: float = 0.1
-    queue: int = 1024
+    epochs: int = 16
+    adv_start_epoch: int = 8  # VideoMoCo: plain MoCo with decay first, then the generator joins
+    lr: float = 0.05
+    queue: int = 512
     temperature: float = 0.1
+    # colour is a per-video constant here, so strong colour jitter removes it as an instance cue;
+    # the classes are closed under the flip, so the flip stays
+    aug_jitter: float = 0.4  # brightness/contrast/saturation; 0 was not better in one run (docs/demo.md)
+    aug_hue: float = 0.5
+    aug_grayscale: float = 0.5
+    aug_scale_min: float = 0.5  # larger crops keep the moving object in view
     key_momentum: float = 0.99
     temporal_decay: float = 0.99  # per enqueue step; the paper's 0.99999 is for queues of 65536 keys
     views: str = "distinct"
-    supervised_epochs: int = 8
+    supervised_epochs: int = 16
     supervised_lr: float = 0.05
     num_clips: int = 2  # test clips per video
     ratios: tuple = (0.0, 0.25, 0.5)
@@ -51,7 +57,7 @@ class Budget:
 
 BUDGETS = {
     "default": Budget(),
-    "quick": Budget(train_per_class=3, test_per_class=2, video_frames=16, size=32, clip_frames=4, batch_size=10,
+    "quick": Budget(train_per_class=5, test_per_class=2, video_frames=12, size=32, clip_frames=4, batch_size=10,
                     epochs=2, adv_start_epoch=1, queue=40, supervised_epochs=1, num_clips=1, ratios=(0.0, 0.5)),
 }
 ABLATION = {  # name -> (temporal decay on, generator on)
@@ -108,6 +114,7 @@ def pretrain(cfg, budget, data, out, decay, adversarial, seed):
         frame_stride=budget.frame_stride, lr=budget.lr, cos=True, schedule=[], moco_k=budget.queue,
         moco_m=budget.key_momentum, moco_t=budget.temperature, temporal_decay=budget.temporal_decay if decay else 1.0,
         adv_start_epoch=budget.adv_start_epoch if adversarial else budget.epochs, views=budget.views,
+        aug_jitter=budget.aug_jitter, aug_hue=budget.aug_hue, aug_grayscale=budget.aug_grayscale, aug_scale_min=budget.aug_scale_min,
         print_freq=5, log_dir=str(out / "logs"), ckp_dir=str(out / "checkpoints"), save_every=budget.epochs,
         keep_last=1, image_every=1, device=cfg.device, seed=seed)
     shutil.rmtree(out, ignore_errors=True)  # a rerun starts clean: no old checkpoints, no appended logs

@@ -70,6 +70,11 @@ class PretrainConfig:
     aug_plus: bool = False
     cos: bool = False
     # --- ours ---
+    aug_flip: float = 0.5  # augmentation strengths (GpuAugment / PretrainDataset); the defaults are MoCo's
+    aug_jitter: float = 0.4
+    aug_hue: float = 0.1
+    aug_grayscale: float = 0.2
+    aug_scale_min: float = 0.2
     adv_start_epoch: int = 100
     drop_ratio: float = 0.25
     fill: str = "mean"
@@ -132,6 +137,11 @@ _FLAGS = [
     (("--mlp",), "mlp", "MLP projection head", {"action": "store_true"}),
     (("--aug_plus",), "aug_plus", "MoCo v2 augmentation (colour jitter, grayscale, blur)", {"action": "store_true"}),
     (("--cos",), "cos", "cosine lr schedule", {"action": "store_true"}),
+    (("--aug_flip",), "aug_flip", "probability of a horizontal flip", {"type": float}),
+    (("--aug_jitter",), "aug_jitter", "brightness / contrast / saturation jitter amount", {"type": float}),
+    (("--aug_hue",), "aug_hue", "hue jitter amount (fraction of a turn, at most 0.5)", {"type": float}),
+    (("--aug_grayscale",), "aug_grayscale", "probability of grayscale", {"type": float}),
+    (("--aug_scale_min",), "aug_scale_min", "smallest crop area (fraction of the frame)", {"type": float}),
     (("--adv_start_epoch",), "adv_start_epoch", "first epoch with the adversarial generator", {"type": int}),
     (("--drop_ratio",), "drop_ratio", "fraction of frames the generator drops", {"type": float}),
     (("--fill",), "fill", "what replaces dropped frames", {"choices": ("mean", "zero", "hold")}),
@@ -196,6 +206,10 @@ def _check(cfg):
         raise ConfigError(f"need --moco-m in [0, 1] and --moco-t > 0, got {cfg.moco_m} and {cfg.moco_t}")
     if cfg.lr < 0.0 or (cfg.g_lr or 0.0) < 0.0:
         raise ConfigError(f"--lr and --g_lr must be >= 0, got {cfg.lr} and {cfg.g_lr}")
+    for flag, value, high in (("--aug_flip", cfg.aug_flip, 1.0), ("--aug_jitter", cfg.aug_jitter, 1.0), ("--aug_hue", cfg.aug_hue, 0.5),
+                              ("--aug_grayscale", cfg.aug_grayscale, 1.0), ("--aug_scale_min", cfg.aug_scale_min, 1.0)):
+        if not 0.0 <= value <= high:
+            raise ConfigError(f"{flag} must be in [0, {high}], got {value}")
     if not 0.0 <= cfg.drop_ratio < 1.0:
         raise ConfigError(f"--drop_ratio must be in [0, 1), got {cfg.drop_ratio}")
     return cfg

@@ -54,7 +54,8 @@ class Run:
                                 cfg.adv_start_epoch)
         self.trainer = AdversarialTrainer(self.model, self.generator, self.opt_d, self.opt_g, adv,
                                           AMP_DTYPES[cfg.precision], self.scaler_d, self.scaler_g)
-        self.augment = GpuAugment(aug_plus=cfg.aug_plus).to(dev)
+        self.augment = GpuAugment(color_jitter=(cfg.aug_jitter,) * 3 + (cfg.aug_hue,), grayscale_p=cfg.aug_grayscale,
+                                  flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus).to(dev)
         self.stop = StopFlag()
         self.epoch, self.step, self.batch_in_epoch = cfg.start_epoch, 0, 0
         self.last_checkpoint, self.saved_step = None, None
@@ -146,7 +147,7 @@ def _build_data(run, cfg, info, workers):
     try:
         dataset = PretrainDataset(open_index(cfg.data), frames_per_clip=cfg.frame_per_clip,
                                   frame_stride=cfg.frame_stride, crop_size=cfg.crop_size, views=cfg.views,
-                                  seed=cfg.seed)
+                                  scale=(cfg.aug_scale_min, 1.0), seed=cfg.seed)
         run.loader = build_loader(dataset, run.per_process_batch, workers, shuffle=True, drop_last=True,
                                   seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                                   pin_memory=info.device.type == "cuda")

@@ -3,12 +3,13 @@ import io
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from videomoco.method.moco import VideoMoCo
+from videomoco.method.moco import VideoMoCo, own_key_fraction
 from videomoco.models import build_encoder
 
 
@@ -271,3 +272,18 @@ def test_mlp_on_registered_encoder_keeps_key_layout():
     assert keys == ["encoder_q.fc.0.weight", "encoder_q.fc.0.bias", "encoder_q.fc.2.weight", "encoder_q.fc.2.bias"]
     assert model.encoder_q.fc[2].out_features == 8
     assert copy.deepcopy(model).state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("K, n", [(32, 100), (64, 100), (150, 100), (250, 100)])
+def test_own_key_fraction_matches_a_simulated_queue(K, n):
+    """Epochs in a fresh random order, one key enqueued per sample: how often is a video's previous key queued?"""
+    rng = np.random.default_rng(0)
+    order = np.concatenate([rng.permutation(n) for _ in range(200)])
+    last_seen, hits, visits = {}, 0, 0
+    for t, video in enumerate(order):
+        if video in last_seen and t >= 2 * n:  # skip the first two epochs (queue filling)
+            visits += 1
+            hits += t - last_seen[video] <= K
+        last_seen[video] = t
+    assert abs(hits / visits - own_key_fraction(K, n)) < 0.02
+    assert own_key_fraction(2 * n, n) == 1.0 and own_key_fraction(0, n) == 0.0

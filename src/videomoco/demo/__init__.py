@@ -38,7 +38,7 @@ class Budget:
     epochs: int = 16
     adv_start_epoch: int = 8  # VideoMoCo: plain MoCo with decay first, then the generator joins
     lr: float = 0.05
-    queue: int = 512
+    queue: int = 256  # under half the 600 train videos, so a video's own older key is rarely a negative
     temperature: float = 0.1
     # colour is a per-video constant here, so strong colour jitter removes it as an instance cue;
     # the classes are closed under the flip, so the flip stays

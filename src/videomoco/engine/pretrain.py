@@ -21,6 +21,7 @@ from videomoco.engine.config import add_arguments as _add_config_arguments
 from videomoco.engine.logger import MetricLogger, environment, setup_logging
 from videomoco.engine.loop import StopFlag, TrainingDiverged, train_one_epoch
 from videomoco.engine.schedule import lr_for, schedule_state, set_lr
+from videomoco.method.moco import own_key_fraction
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +194,11 @@ def _train(cfg, info):
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.log_dir) / "config.yaml")
         run.logger.text("config", "\n".join(f"    {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
+    stale = own_key_fraction(cfg.moco_k, len(dataset))
+    if stale >= 0.1 and du.is_main_process():
+        log.warning("--moco-k %d is %.1fx the %d videos: about %.0f%% of queries find their own video's key from "
+                    "the previous epoch among the negatives; use a queue of at most half the videos",
+                    cfg.moco_k, cfg.moco_k / max(len(dataset), 1), len(dataset), 100 * stale)
     log.info("%d videos, %d processes x batch %d, %d workers each, epochs %d..%d", len(dataset),
              info.world_size, batch, workers, run.epoch, cfg.epochs)
     run.stop.install()

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from videomoco.data.encode import write_video
+from videomoco.method.moco import mlp_head
 from videomoco.models import build_encoder
 
 CLASSES = ("ApplyEyeMakeup", "Biking", "Diving")
@@ -67,22 +68,25 @@ def tiny_args(out, *extra):
             "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out), *extra]
 
 
-def pretrain_checkpoint(path, arch="r3d_18", width=8, mlp=False, generator=None):
+def pretrain_checkpoint(path, arch="r3d_18", width=8, mlp=False, generator=None, mlp_bn=False):
     """Our pretraining checkpoint layout with a distinct query and key encoder (and `generator`'s state)."""
     torch.manual_seed(0)
     q, k = build_encoder(arch, num_classes=16, width=width), build_encoder(arch, num_classes=16, width=width)
     if mlp:
         for enc in (q, k):
             enc.fc = nn.Sequential(nn.Linear(enc.feature_dim, enc.feature_dim), nn.ReLU(), nn.Linear(enc.feature_dim, 16))
+    if mlp_bn:
+        for enc in (q, k):
+            enc.fc = mlp_head(enc.fc, bn=True)
     for m in q.modules():  # non-trivial BN statistics, so a wrong load shows up in the features
-        if isinstance(m, nn.BatchNorm3d):
+        if isinstance(m, (nn.BatchNorm3d, nn.BatchNorm1d)):
             m.running_mean.uniform_(-0.1, 0.1)
             m.running_var.uniform_(0.5, 1.5)
     sd = {"queue": torch.randn(16, 32), "queue_ptr": torch.zeros(1, dtype=torch.long)}
     sd.update({f"encoder_q.{k_}": v for k_, v in q.state_dict().items()})
     sd.update({f"encoder_k.{k_}": v for k_, v in k.state_dict().items()})
     ckpt = {"format": "videomoco", "version": 1, "epoch": 1, "arch": arch,
-            "config": {"width": width, "dim": 16, "mlp": mlp}, "state_dict": sd}
+            "config": {"width": width, "dim": 16, "mlp": mlp, "mlp_bn": mlp_bn}, "state_dict": sd}
     if generator is not None:
         ckpt["generator"] = generator.state_dict()
     torch.save(ckpt, path)

@@ -28,9 +28,10 @@ def test_load_pretrain_checkpoint_returns_query_encoder_and_head(tmp_path):
     assert fresh.fc.out_features == 5
 
 
+@pytest.mark.parametrize("head", ["mlp", "mlp_bn"])
 @torch.no_grad()
-def test_mlp_head_is_restored(tmp_path):
-    ref = pretrain_checkpoint(tmp_path / "ckpt.pth", mlp=True)
+def test_mlp_head_is_restored(tmp_path, head):
+    ref = pretrain_checkpoint(tmp_path / "ckpt.pth", **{head: True})
     model = load_encoder(tmp_path / "ckpt.pth").eval()
     x = tiny_input()
     assert isinstance(model.fc, nn.Sequential)

@@ -287,3 +287,16 @@ def test_own_key_fraction_matches_a_simulated_queue(K, n):
         last_seen[video] = t
     assert abs(hits / visits - own_key_fraction(K, n)) < 0.02
     assert own_key_fraction(2 * n, n) == 1.0 and own_key_fraction(0, n) == 0.0
+
+
+def test_mlp_bn_head_centres_embeddings_over_the_batch():
+    """The BN head's output has zero batch mean in every dimension (no direction shared by all clips);
+    the linear head's does not. Keys: fc.0 (Linear), fc.1 (BN), fc.3 (the original fc), fc.4 (BN)."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 4, 16, 16)
+    for mlp_bn in (False, True):
+        model = VideoMoCo("r3d_18", dim=8, K=16, width=4, mlp_bn=mlp_bn)
+        mean = model.encoder_q(x).detach().mean(0).abs().max().item()
+        assert (mean < 1e-4) == mlp_bn, (mlp_bn, mean)
+    keys = [k for k in model.state_dict() if k.startswith("encoder_k.fc.")]
+    assert {k.split(".")[2] for k in keys} == {"0", "1", "3", "4"}

@@ -1,17 +1,23 @@
 """The synthetic motion dataset: procedurally rendered clips whose classes need time.
 
-Each video shows one object (box, ellipse or triangle, elongated so rotation shows) on a plain
-background with mild per-frame noise. The class is the object's *motion*; its appearance (shape,
-colours, size, position and angle at the middle frame, noise) is drawn from a random stream that
-never sees the class, so a single frame carries (almost) no class information:
+The class is a *motion*; everything else is drawn from a random stream that never sees the class,
+so a single frame carries (almost) no class information:
 
-    appearance rng  -> shape, colours, size, middle-frame position/angle, background noise
+    appearance rng  -> colours, dots / object, positions, background noise
     motion rng      -> speed, direction, rate ...   (its distribution depends on the class)
 
-Trajectories are centred on the middle frame and positions wrap around the frame (a torus), so
-at every frame the position is uniform whatever the motion, and with the same seed every class
-renders the same middle frame. The background is one flat colour on purpose: a texture or
-distractors would let contrastive pretraining tell videos apart without looking at the motion.
+Two scenes:
+
+- `dots` (default): a field of small dots with limited lifetimes (each dot lives LIFE frames, then
+  reappears elsewhere), all following the class's motion: a random-dot kinematogram, the classic
+  "motion without form" stimulus. Two clips of one video share no dots once they are LIFE frames
+  apart, and the palette is one of a few (PALETTES), so nothing static tells one video from another:
+  contrastive pretraining can only match two clips of a video by their motion. shrink and down are
+  the time reversals of grow and up, so their single frames are distributed exactly alike.
+- `object`: one object (box, ellipse or triangle, elongated so rotation shows) on a plain background;
+  trajectories are centred on the middle frame and wrap around (a torus), so every class renders the
+  same middle frame. Its shape, size, colour and position are static cues that identify a video.
+
 Videos are written as real H.264 files in the Kinetics layout `OUT/{train,val}/<class>/<id>.mp4`
 so the demo goes through the same decode/index/augment path as real data.
 """
@@ -43,6 +49,13 @@ SHAPES = ("box", "ellipse", "triangle")
 SPLITS = {"train": 0, "val": 1}
 HEADINGS = {"up": (270.0,), "down": (90.0,), "horizontal": (0.0, 180.0)}  # degrees, image coordinates (y down)
 NOISE_STD = 6.0  # per-frame background noise (grey levels): no two frames are pixel-identical
+SCENES = ("dots", "object")
+LIFE = 8  # frames a dot lives before it reappears elsewhere
+DOT_DENSITY = 0.065  # dots per pixel
+# (background, dot) RGB: a few palettes, so colour is not an identity (each is shared by many videos)
+PALETTES = (((150, 150, 150), (20, 20, 20)), ((105, 105, 105), (235, 235, 235)),
+            ((140, 120, 100), (30, 60, 150)), ((100, 120, 140), (240, 220, 90)))
+REVERSED = {"shrink": "grow", "down": "up"}  # dots: these classes are rendered as the time reversal of the other
 
 
 @dataclass
@@ -54,9 +67,11 @@ class SynthConfig:
     size: int = 32
     fps: int = 25
     seed: int = 0
-    appearance_classes: bool = False  # classes become <shape>-<motion>: appearance and motion both matter
+    appearance_classes: bool = False  # object scene: classes become <shape>-<motion>
+    scene: str = "dots"  # dots | object
     workers: int = 0  # 0: one per CPU core
     gop: int = 8  # short keyframe interval: cheap random access to clips
+    crf: int = 10  # near-lossless: coarser H.264 leaves motion-dependent artefacts that one frame can read
 
 
 def class_names(appearance_classes=False):
@@ -137,9 +152,76 @@ def render(appearance, offsets, angles, scales, size):
     return (np.clip(frames, 0, 255) + 0.5).astype(np.uint8)
 
 
-def make_video(label, seed, split, index, frames=24, size=32, appearance_classes=False):
+def dot_flow(motion, rng, size):
+    """The class's flow and where its dots are born: `(flow, low, high, wrap, visible)`.
+
+    `flow(p (N, 2), dt (N,)) -> (N, 2)` is where a dot born at p is dt frames later (about 1 px per
+    frame at 32 px, at the typical radius for spin / grow). Births are uniform in the square
+    [low, high)^2, chosen so that at every age the dots are uniform over the frame: translations wrap
+    around the frame (a torus), a rotation is fed from the square around the disc that holds the frame,
+    an expansion from the frame itself (its density then falls with age). `visible` is the expected
+    fraction of the dots born in the square that are in the frame, over a dot's life. Wrapping a
+    rotation or an expansion instead would fold the dots into a pattern that a single frame shows.
+    """
+    if motion not in MOTIONS:
+        raise ValueError(f"unknown motion {motion!r}; expected one of {', '.join(MOTIONS)}")
+    centre = size / 2 + rng.uniform(-0.15, 0.15, 2) * size
+    if motion in HEADINGS:
+        heading = np.deg2rad(rng.choice(HEADINGS[motion]) + rng.uniform(-15, 15))
+        velocity = rng.uniform(0.8, 1.2) * size / 32 * np.array([np.cos(heading), np.sin(heading)])
+        return (lambda p, dt: p + dt[:, None] * velocity), 0.0, float(size), True, 1.0
+    if motion == "spin":
+        omega = rng.choice([-1, 1]) * np.deg2rad(rng.uniform(6, 9))
+
+        def rotate(p, dt):
+            d, a = p - centre, omega * dt
+            return centre + np.stack([np.cos(a) * d[:, 0] - np.sin(a) * d[:, 1],
+                                      np.sin(a) * d[:, 0] + np.cos(a) * d[:, 1]], axis=1)
+        half = np.abs(np.array([0.0, size])[:, None] - centre[None]).max() * np.sqrt(2)  # the disc holding the frame
+        return rotate, centre - half, centre + half, False, size * size / (2 * half) ** 2
+    rate = rng.uniform(0.07, 0.1) * (1 if motion == "grow" else -1)  # per frame: about 2x over a dot's life
+    visible = min(1.0, float(np.mean(np.exp(-2 * rate * np.arange(LIFE)))))  # the frame's image grows as e^(rate t)
+    return (lambda p, dt: centre + (p - centre) * np.exp(rate * dt)[:, None]), 0.0, float(size), False, visible
+
+
+def render_dots(motion, appearance_rng, motion_rng, frames, size):
+    """Frames `(T, H, W, 3)` uint8 of a random-dot kinematogram: every dot follows `motion` for LIFE
+    frames (staggered phases), then reappears at a fresh random place; about DOT_DENSITY dots per pixel
+    of the frame whatever the motion."""
+    background, colour = (np.array(c, dtype=np.float32) for c in PALETTES[appearance_rng.integers(len(PALETTES))])
+    flow, low, high, wrap, visible = dot_flow(motion, motion_rng, size)
+    n = int(round(DOT_DENSITY * size * size / visible))  # about DOT_DENSITY dots per pixel in the frame
+    phase = appearance_rng.integers(0, LIFE, n)
+    births = low + (np.asarray(high) - np.asarray(low)) * appearance_rng.random((frames // LIFE + 2, n, 2))
+    noise = appearance_rng.normal(0, NOISE_STD, (frames, size, size, 1)).astype(np.float32)
+    coords = np.arange(size, dtype=np.float32) + 0.5
+    radius = size / 32
+    out = np.empty((frames, size, size, 3), dtype=np.uint8)
+    for t in range(frames):
+        pos = flow(births[(t + phase) // LIFE, np.arange(n)], ((t + phase) % LIFE).astype(np.float64))
+        pos = pos[np.all((pos > -radius - 1) & (pos < size + radius + 1), axis=1) | wrap].astype(np.float32)
+        dx, dy = coords[None, :] - pos[:, :1], coords[None, :] - pos[:, 1:]  # (n, W), (n, H)
+        if wrap:
+            dx, dy = (dx + size / 2) % size - size / 2, (dy + size / 2) % size - size / 2
+        dist = np.sqrt(dy[:, :, None] ** 2 + dx[:, None, :] ** 2)  # (n, H, W)
+        alpha = np.clip(radius + 0.5 - dist, 0.0, 1.0).max(axis=0, initial=0.0)[..., None]  # anti-aliased discs
+        frame = background + noise[t] + alpha * (colour - background - noise[t])
+        out[t] = np.clip(frame, 0, 255) + 0.5
+    return out
+
+
+def make_video(label, seed, split, index, frames=24, size=32, appearance_classes=False, scene="dots"):
     """Frames `(T, H, W, 3)` uint8 of video `index` of `split` with class `label` (a class name)."""
+    if scene not in SCENES:
+        raise ValueError(f"unknown scene {scene!r}; expected one of {', '.join(SCENES)}")
     streams = np.random.SeedSequence([seed, SPLITS[split], index]).spawn(2)
+    if scene == "dots":
+        if appearance_classes:
+            raise ValueError("appearance classes need the object scene (--scene object)")
+        rngs = [np.random.default_rng(s) for s in streams]
+        if label in REVERSED:
+            return np.ascontiguousarray(render_dots(REVERSED[label], *rngs, frames, size)[::-1])
+        return render_dots(label, *rngs, frames, size)
     appearance = draw_appearance(np.random.default_rng(streams[0]), size, frames)
     motion = label
     if appearance_classes:
@@ -149,8 +231,8 @@ def make_video(label, seed, split, index, frames=24, size=32, appearance_classes
 
 def _write_one(job):
     path, label, cfg, split, index = job
-    frames = make_video(label, cfg.seed, split, index, cfg.frames, cfg.size, cfg.appearance_classes)
-    write_video(path, frames, fps=cfg.fps, codec="h264", gop=cfg.gop)
+    frames = make_video(label, cfg.seed, split, index, cfg.frames, cfg.size, cfg.appearance_classes, cfg.scene)
+    write_video(path, frames, fps=cfg.fps, codec="h264", gop=cfg.gop, crf=cfg.crf)
     return path
 
 
@@ -192,16 +274,21 @@ def add_arguments(parser):
     parser.add_argument("--size", type=int, default=d.size, help="frame side in pixels")
     parser.add_argument("--fps", type=int, default=d.fps)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--scene", choices=SCENES, default=d.scene,
+                        help="dots: random-dot motion, nothing static tells videos apart; object: one moving object")
     parser.add_argument("--appearance-classes", action="store_true",
-                        help="classes are <shape>-<motion>, so both appearance and motion are needed")
+                        help="object scene: classes are <shape>-<motion>, so both appearance and motion are needed")
     parser.add_argument("--workers", type=int, default=d.workers, help="processes (0: one per core)")
     parser.add_argument("--gop", type=int, default=d.gop, help="keyframe interval")
+    parser.add_argument("--crf", type=int, default=d.crf, help="H.264 quality (lower is better)")
 
 
 def main(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.frames < 2 or args.size < 16 or args.size % 2:
         raise SystemExit(f"synth: need --frames >= 2 and an even --size >= 16, got {args.frames}, {args.size}")
+    if args.appearance_classes and args.scene != "object":
+        raise SystemExit("synth: --appearance-classes needs --scene object")
     cfg = SynthConfig(**{k: getattr(args, k) for k in asdict(SynthConfig()) if hasattr(args, k)})
     result = run(cfg)
     print(f"{result['root']}: {len(result['classes'])} classes, {'reused' if result['reused'] else 'written'}"

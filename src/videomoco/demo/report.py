@@ -106,7 +106,7 @@ def write_report(out, summary):
     results, budget, ratio = summary["results"], summary["budget"], summary["report_ratio"]
     lines = [
         "# videomoco demo", "",
-        f"{summary['num_classes']} motion classes ({', '.join(summary['classes'])}), "
+        f"{summary['num_classes']} motion classes ({', '.join(summary['classes'])}, scene `{budget.get('scene', 'object')}`), "
         f"{summary['num_train']} train and {summary['num_test']} test videos rendered under `{summary['data']}`; "
         f"encoder `{summary['arch']}` width {summary['width']}, clips of {budget['clip_frames']} frames "
         f"(stride {budget['frame_stride']}) at {budget['crop']} px, device `{summary['device']}`. "

@@ -70,6 +70,7 @@ class PretrainConfig:
     aug_plus: bool = False
     cos: bool = False
     # --- ours ---
+    mlp_bn: bool = False  # MLP head with BatchNorm (MoCo v3 style)
     aug_flip: float = 0.5  # augmentation strengths (GpuAugment / PretrainDataset); the defaults are MoCo's
     aug_jitter: float = 0.4
     aug_hue: float = 0.1
@@ -135,6 +136,8 @@ _FLAGS = [
     (("--moco-m", "--moco_m"), "moco_m", "momentum of the key encoder", {"type": float}),
     (("--moco-t", "--moco_t"), "moco_t", "softmax temperature", {"type": float}),
     (("--mlp",), "mlp", "MLP projection head", {"action": "store_true"}),
+    (("--mlp_bn",), "mlp_bn", "MLP projection head with BatchNorm (MoCo v3 style): keeps the embeddings from "
+     "collapsing on small or homogeneous data", {"action": "store_true"}),
     (("--aug_plus",), "aug_plus", "MoCo v2 augmentation (colour jitter, grayscale, blur)", {"action": "store_true"}),
     (("--cos",), "cos", "cosine lr schedule", {"action": "store_true"}),
     (("--aug_flip",), "aug_flip", "probability of a horizontal flip", {"type": float}),

@@ -40,7 +40,7 @@ class Run:
         dev = info.device
         torch.manual_seed(cfg.seed)  # the same initial weights and queue on every rank
         self.model = VideoMoCo(cfg.arch, cfg.moco_dim, cfg.moco_k, cfg.moco_m, cfg.moco_t, cfg.mlp,
-                               cfg.temporal_decay, cfg.width).to(dev)
+                               cfg.temporal_decay, cfg.width, mlp_bn=cfg.mlp_bn).to(dev)
         self.generator = FrameDropGenerator(cfg.drop_ratio, cfg.fill).to(dev)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)

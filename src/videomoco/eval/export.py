@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from videomoco.engine.checkpoint import load_error_reason
+from videomoco.method.moco import mlp_head
 from videomoco.models import build_encoder, list_encoders
 
 log = logging.getLogger(__name__)
@@ -120,10 +121,15 @@ def _infer_arch(sd):
 
 
 def _head(sd):
-    """The pretraining / fine-tuning head stored under `fc.*`: Linear, MLP (fc.0, fc.2) or None."""
+    """The pretraining / fine-tuning head stored under `fc.*`: Linear, MLP (fc.0, fc.2), MLP with
+    BatchNorm (fc.0, fc.1, fc.3, fc.4; `mlp_head(bn=True)`) or None."""
     if "fc.weight" in sd:
         out_dim, in_dim = sd["fc.weight"].shape
         return nn.Linear(in_dim, out_dim), {k[len("fc.") :]: sd[k] for k in ("fc.weight", "fc.bias")}
+    if "fc.0.weight" in sd and "fc.3.weight" in sd:
+        hidden, in_dim = sd["fc.0.weight"].shape
+        head = mlp_head(nn.Linear(hidden, sd["fc.3.weight"].shape[0]), bn=True)
+        return head, {k[len("fc.") :]: v for k, v in sd.items() if k.startswith("fc.")}
     if "fc.0.weight" in sd and "fc.2.weight" in sd:
         hidden, in_dim = sd["fc.0.weight"].shape
         head = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, sd["fc.2.weight"].shape[0]))

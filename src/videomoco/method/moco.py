@@ -49,9 +49,17 @@ def own_key_fraction(K, num_videos):
     return 1.0 - (2 * n - K) ** 2 / (2.0 * n * n)
 
 
-def mlp_head(fc):
-    """MoCo v2's projection head around an existing `fc`: Linear(f, f), ReLU, fc (keys fc.0 / fc.2)."""
+def mlp_head(fc, bn=False):
+    """MoCo v2's projection head around an existing `fc`: Linear(f, f), ReLU, fc (keys fc.0 / fc.2).
+
+    bn=True adds BatchNorm after both linear layers (MoCo v3 / SimCLR style; keys fc.0, fc.1, fc.3,
+    fc.4): centring the embeddings over the batch stops them from collapsing onto the direction
+    that every clip shares, which happens with the plain heads on small, homogeneous data.
+    """
     f = fc.weight.shape[1]
+    if bn:
+        return nn.Sequential(nn.Linear(f, f), nn.BatchNorm1d(f), nn.ReLU(), fc,
+                             nn.BatchNorm1d(fc.out_features, affine=False))
     return nn.Sequential(nn.Linear(f, f), nn.ReLU(), fc)
 
 
@@ -60,12 +68,12 @@ class VideoMoCo(nn.Module):
 
     arch/width: encoder built by `videomoco.models.build_encoder(arch, num_classes=dim, width=width)`,
     or by `encoder_fn(dim)` when given. dim: embedding size; K: queue length; m: key-encoder
-    momentum; T: temperature; mlp: MoCo v2 head; temporal_decay: t in `t**age`; shuffle_groups:
+    momentum; T: temperature; mlp: MoCo v2 head (mlp_bn: with BatchNorm); temporal_decay: t in `t**age`; shuffle_groups:
     BN groups for the single-process shuffle (default 2 when the batch has >= 4 clips, else 1).
     """
 
     def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, mlp=False,
-                 temporal_decay=0.99999, width=64, shuffle_groups=None, encoder_fn=None):
+                 temporal_decay=0.99999, width=64, shuffle_groups=None, encoder_fn=None, mlp_bn=False):
         super().__init__()
         if not 0.0 < temporal_decay <= 1.0:
             raise ValueError(f"temporal_decay must be in (0, 1], got {temporal_decay}")
@@ -80,8 +88,8 @@ class VideoMoCo(nn.Module):
                 return build_encoder(arch, num_classes=num_classes, width=width)
 
         self.encoder_q = encoder_fn(dim)
-        if mlp:
-            self.encoder_q.fc = mlp_head(self.encoder_q.fc)
+        if mlp or mlp_bn:
+            self.encoder_q.fc = mlp_head(self.encoder_q.fc, bn=mlp_bn)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for p in self.encoder_k.parameters():
             p.requires_grad = False  # updated by momentum, not by gradient

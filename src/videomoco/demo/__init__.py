@@ -36,8 +36,8 @@ class Budget:
     frame_stride: int = 1  # dots move about 1 px a frame
     crop: int = 32
     batch_size: int = 32
-    epochs: int = 16
-    adv_start_epoch: int = 8  # VideoMoCo: plain MoCo with decay first, then the generator joins
+    epochs: int = 24
+    adv_start_epoch: int = 12  # VideoMoCo: plain MoCo with decay first, then the generator joins
     # SGD at 0.05 kills this width-8 encoder within a few steps, and the plain heads let every
     # embedding collapse onto one direction (docs/demo.md, "Tuning")
     lr: float = 0.01

@@ -1,10 +1,13 @@
 """The synthetic motion dataset: procedurally rendered clips whose classes need time.
 
-The class is a *motion*; everything else is drawn from a random stream that never sees the class,
+The class is a *motion*; the appearance is drawn from a random stream that never sees the class,
 so a single frame carries (almost) no class information:
 
-    appearance rng  -> colours, dots / object, positions, background noise
+    appearance rng  -> palette / object's shape, colours, size, position; dot births; noise
     motion rng      -> speed, direction, rate ...   (its distribution depends on the class)
+
+(In `dots`, the motion also sets how many dots are born and where, so that every motion covers the
+frame with the same density.)
 
 Two scenes:
 

@@ -116,7 +116,8 @@ def pretrain(cfg, budget, data, out, decay, adversarial, seed):
         data=str(data), arch=cfg.arch, width=cfg.width, workers=cfg.workers, epochs=budget.epochs,
         batch_size=budget.batch_size, crop_size=budget.crop, frame_per_clip=budget.clip_frames,
         frame_stride=budget.frame_stride, lr=budget.lr, cos=True, schedule=[], moco_k=budget.queue,
-        moco_m=budget.key_momentum, moco_t=budget.temperature, mlp_bn=budget.mlp_bn, temporal_decay=budget.temporal_decay if decay else 1.0,
+        moco_m=budget.key_momentum, moco_t=budget.temperature, mlp_bn=budget.mlp_bn,
+        temporal_decay=budget.temporal_decay if decay else 1.0,
         adv_start_epoch=budget.adv_start_epoch if adversarial else budget.epochs, views=budget.views,
         aug_jitter=budget.aug_jitter, aug_hue=budget.aug_hue, aug_grayscale=budget.aug_grayscale, aug_scale_min=budget.aug_scale_min,
         print_freq=5, log_dir=str(out / "logs"), ckp_dir=str(out / "checkpoints"), save_every=budget.epochs,
@@ -180,7 +181,8 @@ def run(cfg):
     with timer("render the synthetic videos"):
         synth = synthetic.run(synthetic.SynthConfig(
             out=str(data), train_per_class=budget.train_per_class, val_per_class=budget.test_per_class,
-            frames=budget.video_frames, size=budget.size, seed=cfg.seed, workers=cfg.workers, scene=budget.scene))
+            frames=budget.video_frames, size=budget.size, seed=cfg.seed, workers=cfg.workers,
+            scene=budget.scene))
     with timer("index"):
         index = open_index(data)
         train_index = index.select("train").save(out / "index_train")  # pretraining never sees the test videos

@@ -197,7 +197,7 @@ def _train(cfg, info):
     stale = own_key_fraction(cfg.moco_k, len(dataset))
     if stale >= 0.1 and du.is_main_process():
         log.warning("--moco-k %d is %.1fx the %d videos: about %.0f%% of queries find their own video's key from "
-                    "the previous epoch among the negatives; use a queue of at most half the videos",
+                    "the previous epoch among the negatives; use a queue of at most 40%% of the videos",
                     cfg.moco_k, cfg.moco_k / max(len(dataset), 1), len(dataset), 100 * stale)
     log.info("%d videos, %d processes x batch %d, %d workers each, epochs %d..%d", len(dataset),
              info.world_size, batch, workers, run.epoch, cfg.epochs)

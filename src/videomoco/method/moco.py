@@ -68,8 +68,9 @@ class VideoMoCo(nn.Module):
 
     arch/width: encoder built by `videomoco.models.build_encoder(arch, num_classes=dim, width=width)`,
     or by `encoder_fn(dim)` when given. dim: embedding size; K: queue length; m: key-encoder
-    momentum; T: temperature; mlp: MoCo v2 head (mlp_bn: with BatchNorm); temporal_decay: t in `t**age`; shuffle_groups:
-    BN groups for the single-process shuffle (default 2 when the batch has >= 4 clips, else 1).
+    momentum; T: temperature; mlp: MoCo v2 head (mlp_bn: with BatchNorm); temporal_decay: t in
+    `t**age`; shuffle_groups: BN groups for the single-process shuffle (default 2 when the batch has
+    >= 4 clips, else 1).
     """
 
     def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, mlp=False,

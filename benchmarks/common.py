@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from videomoco.engine import memory
+
 RESULTS_PATH = Path(__file__).resolve().with_name("RESULTS.md")
 
 
@@ -195,52 +197,20 @@ def matmul_peak(device, dtype=None, size=None, iters=5):
     return 2 * n**3 / stats["min_s"] / 1e12
 
 
-def _proc_status_bytes(key):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise OSError(f"{key} not in /proc/self/status")
-
-
 def peak_memory_reset(device):
     """Start a peak-memory window; returns the baseline to pass to `peak_memory_bytes`.
 
-    CUDA: resets the allocator's peak and returns the bytes allocated now. CPU: resets the
-    process RSS high-water mark (Linux `/proc/self/clear_refs`) and returns the current RSS;
-    where that is not possible it falls back to `getrusage`, whose peak never resets.
+    The library's planner measures the same way (`videomoco.engine.memory`): CUDA resets the
+    allocator's peak, CPU the process's RSS high-water mark (Linux `/proc/self/clear_refs`).
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _proc_status_bytes("VmRSS")
-    except OSError:
-        return _peak_rss_bytes()
+    memory.reset_peak(device)
+    return memory.memory_in_use(device)
 
 
 def peak_memory_bytes(device, start=0):
-    """Peak memory growth since `peak_memory_reset` returned `start`.
-
-    CUDA: max allocated bytes (exact: live tensors only). CPU: peak RSS, approximate, because
-    the C allocator may reuse pages that earlier, freed tensors left resident.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        try:
-            peak = _proc_status_bytes("VmHWM")
-        except OSError:
-            peak = _peak_rss_bytes()
-    return max(0, peak - start)
-
-
-def _peak_rss_bytes():
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports kB
+    """Peak memory growth since `peak_memory_reset` returned `start` (CPU: peak RSS, approximate,
+    because the C allocator may reuse pages that earlier, freed tensors left resident)."""
+    return max(0, memory.peak_since_reset(device) - start)
 
 
 def add_common_arguments(parser):

@@ -13,10 +13,25 @@ step, not the data pipeline (see `benchmarks.data`). Reported per mode: steps/s 
 (median of timed steps after warm-up, device synchronised; the two modes' timed steps alternate,
 so a shared machine's load hits both alike), peak memory, FLOPs per step
 (`FlopCounterMode`, one eager step outside the timed loop), achieved TFLOP/s, and MFU against
-the matmul TFLOP/s measured in the same run (`common.matmul_peak`).
+the matmul TFLOP/s measured in the same run (`common.matmul_peak`) in the dtype the step computes
+in (`peak_dtype`): bf16 / fp16 for those precisions; for fp32 on CUDA the TF32 rate, since cuDNN
+runs fp32 convolutions in TF32 by default (`torch.backends.cudnn.allow_tf32`), plain fp32 on CPU.
+On CUDA `cudnn.benchmark` is on, as in `videomoco pretrain` without `--deterministic`.
+
+FLOPs: FlopCounterMode has no formula for cuDNN's RNN kernels, so on CUDA the generator's
+`nn.GRU` is counted analytically (`gru_flops`: per time step, direction and layer, 3 gates of
+`in x h` and `h x h` multiply-adds at 2 FLOPs each, backward twice the forward); on CPU and fake
+tensors ATen runs the GRU as matmuls, which FlopCounterMode counts. With `--compile` the FLOPs
+are those of the eager step: the compiled graph may compute more (e.g. the weight gradients of
+the encoder's convolutions that eager `backward(inputs=G's parameters)` skips in G's update).
+
+`--grad_checkpointing` checkpoints the query encoder's stem and residual blocks (the key encoder
+runs without a graph): lower peak memory; the recomputed forwards count in the FLOPs per step.
 """
 
 import argparse
+import ctypes
+import gc
 import math
 import sys
 
@@ -42,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=DTYPES, default="fp32", help="autocast dtype for the forward passes")
     p.add_argument("--channels_last", "--channels-last", action="store_true", help="channels_last_3d model and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the two encoders")
+    p.add_argument("--grad_checkpointing", "--grad-checkpointing", action="store_true",
+                   help="activation checkpointing of the query encoder (stem and every residual block)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--mode", choices=["both", *MODES], default="both")
     p.add_argument("--warmup", type=int, default=2)
@@ -73,9 +90,13 @@ def build_trainer(args, device):
     generator = FrameDropGenerator(cfg.drop_ratio, cfg.fill).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    # The optimisers of `videomoco pretrain`: SGD with momentum for both players.
-    opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03, momentum=0.9, weight_decay=1e-4)
-    opt_g = torch.optim.SGD(generator.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    if args.grad_checkpointing:  # the key encoder runs under no_grad: nothing to checkpoint
+        model.encoder_q.set_grad_checkpointing(True)
+    # The optimisers of `videomoco pretrain`: SGD with momentum for both players, fused on CUDA.
+    fused = True if device.type == "cuda" else None
+    params_d = [p for p in model.parameters() if p.requires_grad]
+    opt_d = torch.optim.SGD(params_d, lr=0.03, momentum=0.9, weight_decay=1e-4, fused=fused)
+    opt_g = torch.optim.SGD(generator.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, fused=fused)
     amp_dtype = DTYPES[args.precision]
     scaler_d = scaler_g = None
     if amp_dtype == torch.float16:
@@ -92,11 +113,67 @@ def synthetic_clips(args, device):
     return [torch.randn(shape, device=device).contiguous(memory_format=fmt) for _ in range(2)]
 
 
-def count_flops(step):
-    """FLOPs of one call of `step()` (forward and backward), counted by dispatching aten ops."""
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
+def gru_flops(gru, x):
+    """FLOPs of one forward of `nn.GRU` on `x`: per time step, direction and layer, 3 gates of `in x h` and
+    `h x h` multiply-adds, 2 FLOPs each: 2 * 3 * (in*h + h*h). Biases and gate nonlinearities not counted."""
+    batch, steps = (x.shape[0], x.shape[1]) if gru.batch_first else (x.shape[1], x.shape[0])
+    if x.dim() == 2:  # unbatched (T, in)
+        batch, steps = 1, x.shape[0]
+    h, directions = gru.hidden_size, 2 if gru.bidirectional else 1
+    total = 0
+    for layer in range(gru.num_layers):
+        inputs = gru.input_size if layer == 0 else h * directions
+        total += 2 * 3 * (inputs * h + h * h) * steps * batch * directions
+    return total
+
+
+def count_flops(step, analytic_gru=False):
+    """FLOPs of one call of `step()` (forward and backward), counted by dispatching aten ops.
+
+    `analytic_gru`: add `gru_flops` for every `nn.GRU` forward (3x with a backward, i.e. when its output
+    requires grad), for devices where the GRU is one cuDNN kernel that FlopCounterMode does not see.
+    """
+    extra = []
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.GRU):
+            f = gru_flops(module, args[0])
+            extra.append(3 * f if output[0].requires_grad else f)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook) if analytic_gru else None
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    finally:
+        if handle is not None:
+            handle.remove()
+    return counter.get_total_flops() + sum(extra)
+
+
+def uncounted_gru(device):
+    """True where the GRU runs as cuDNN's RNN kernel, which FlopCounterMode does not count."""
+    return torch.device(device).type == "cuda" and torch.backends.cudnn.enabled
+
+
+def matmul_peak_dtype(precision, device):
+    """(dtype, label) of the matmul rate a step of `precision` is measured against (see the module doc)."""
+    if precision == "bf16":
+        return torch.bfloat16, "bf16"
+    if precision == "fp16":
+        return torch.float16, "fp16"
+    tf32 = torch.device(device).type == "cuda" and torch.backends.cudnn.allow_tf32
+    return torch.float32, "tf32" if tf32 else "fp32"
+
+
+def measure_peak(device, precision, quick=False):
+    """`common.matmul_peak` in the step's dtype, TFLOP/s; TF32 matmuls switched on for a "tf32" peak."""
+    dtype, label = matmul_peak_dtype(precision, device)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = label == "tf32" or previous
+    try:
+        return common.matmul_peak(device, dtype=dtype, size=256 if quick else None, iters=2 if quick else 10)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def count_flops_only(args, mode):
@@ -126,11 +203,24 @@ def print_profile(step, device, top, title):
     print(f"--- profile: {title} ---\n" + prof.key_averages().table(sort_by=sort_by, row_limit=top), file=sys.stderr)
 
 
+def restart_peak_window(device):
+    """Forget the peak so far, not the baseline: CUDA resets its peak; CPU first hands freed heap back to the OS."""
+    gc.collect()
+    if torch.device(device).type == "cpu":
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # else RSS stays at the peak the allocator has cached
+        except (OSError, AttributeError):
+            pass
+    common.peak_memory_reset(device)
+
+
 def prepare(args, mode, device):
     """Build one mode's trainer, count its FLOPs, compile and warm it up.
 
     Returns `(step, row)`: the step function to time and the row so far. Peak memory is the growth
-    over this window (weights, optimiser state, activations of the warm-up steps).
+    over this window (weights, optimiser state, activations of the warm-up steps), not counting the
+    FLOP-counting step: under `FlopCounterMode` a step keeps more alive than a training step does
+    (with --grad_checkpointing about twice the activations).
     """
     mem_start = common.peak_memory_reset(device)
     trainer, model = build_trainer(args, device)
@@ -142,7 +232,8 @@ def prepare(args, mode, device):
         last.update(trainer.step(im_q, im_k, adversarial=adversarial))
 
     step.losses = last
-    flops = count_flops(step)  # eager, before compiling: the count is exact and device-independent
+    flops = count_flops(step, analytic_gru=uncounted_gru(device))  # eager, before compiling (see the module doc)
+    restart_peak_window(device)  # from the same baseline: the weights and optimiser state stay counted
     if args.compile:
         model.encoder_q.compile()
         model.encoder_k.compile()
@@ -152,9 +243,11 @@ def prepare(args, mode, device):
     return step, {
         "mode": mode, "arch": args.arch, "width": args.width,
         "clip": f"{args.frames}x{args.crop}x{args.crop}", "batch": args.batch, "precision": args.precision,
-        "channels_last": args.channels_last, "compile": args.compile, "device": str(device),
+        "channels_last": args.channels_last, "compile": args.compile, "grad_ckpt": args.grad_checkpointing,
+        "device": str(device),
         "peak_mem_mib": common.peak_memory_bytes(device, mem_start) / 2**20,
         "gflop_per_step": flops / 1e9, "gflop_per_clip": flops / args.batch / 1e9,
+        "flops_of": "eager step" if args.compile else "step",
     }
 
 
@@ -180,22 +273,24 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as `videomoco pretrain` (without --deterministic)
     command = common.command_line("benchmarks.train_step", argv)
     modes = list(MODES) if args.mode == "both" else [args.mode]
     if args.flops_only:
         rows = [count_flops_only(args, mode) for mode in modes]
         columns = list(rows[0])
     else:
-        def peak():
-            return common.matmul_peak(device, size=256 if args.quick else None, iters=2 if args.quick else 10)
-
-        peak_before = peak()
+        peak_before = measure_peak(device, args.precision, args.quick)
         rows = bench(args, modes, device)
-        peak_tflops = max(peak_before, peak())  # before and after: one burst of outside load can't lower it
+        # before and after: one burst of outside load can't lower it
+        peak_tflops = max(peak_before, measure_peak(device, args.precision, args.quick))
         for row in rows:
-            row.update(peak_tflops=peak_tflops, mfu=row["achieved_tflops"] / peak_tflops)
-        columns = ["mode", "arch", "width", "clip", "batch", "precision", "device", "step_ms", "steps_per_s",
-                   "clips_per_s", "peak_mem_mib", "gflop_per_step", "achieved_tflops", "peak_tflops", "mfu"]
+            row.update(peak_tflops=peak_tflops, peak_dtype=matmul_peak_dtype(args.precision, device)[1],
+                       mfu=row["achieved_tflops"] / peak_tflops)
+        columns = ["mode", "arch", "width", "clip", "batch", "precision", "grad_ckpt", "device", "step_ms",
+                   "steps_per_s", "clips_per_s", "peak_mem_mib", "gflop_per_step", "achieved_tflops", "peak_tflops",
+                   "peak_dtype", "mfu"]
     note = None
     if len(rows) == 2:
         flops_ratio = rows[1]["gflop_per_step"] / rows[0]["gflop_per_step"]
@@ -206,6 +301,9 @@ def main(argv=None):
                 row["videomoco_over_moco"] = rows[1]["step_ms"] / rows[0]["step_ms"]
         if not args.flops_only:
             note += f", step time {rows[0]['videomoco_over_moco']:.2f}x (timed steps alternate between the modes)"
+    if args.compile and not args.flops_only:
+        compiled = "--compile: FLOPs of the eager step (the compiled graph may compute more)"
+        note = f"{note}; {compiled}" if note else compiled
     for row in rows:
         common.emit(row, command=command)
     if args.record:

@@ -10,6 +10,18 @@ import torch
 from videomoco.data.encode import write_video
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# deterministic cuBLAS for the `cuda` tests, as `--deterministic` sets it: read when CUDA creates its handle
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip where there is no CUDA device (run them on a GPU with `-m cuda`)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHVISION_FIXTURES = REPO.parent / "shared" / "fixtures" / "torchvision_video_resnet"

@@ -175,3 +175,88 @@ def test_bf16_autocast_with_and_without_scaler(use_scaler):
     assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_g"])
     assert out["loss_d"].dtype == torch.float32
     assert not same(d_before, model.encoder_q) and not same(g_before, gen)
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_micro_batches_accumulate_the_whole_batch_update(adversarial):
+    # with BatchNorm frozen (eval mode) nothing depends on how the batch is split, so 3 micro-batches
+    # (2 + 2 + 1 clips) must give the whole batch's step: the same losses, parameters of both players,
+    # queue, pointer and ages
+    runs = []
+    for micro_batches in (1, 3):
+        model, gen = make_players()
+        model.eval()
+        trainer = make_trainer(model, gen, real_query_loss=True)
+        trainer.micro_batches = micro_batches
+        outs = [trainer.step(clips(b=5, seed=s), clips(b=5, seed=s + 1), adversarial=adversarial) for s in (0, 2)]
+        runs.append((outs, model, gen))
+    (outs_a, model_a, gen_a), (outs_b, model_b, gen_b) = runs
+    for a, b in zip(outs_a, outs_b):
+        for name in METRICS:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5, msg=name)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(gen_a.parameters(), gen_b.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert int(model_b.queue_ptr) == 10  # every key of both steps enqueued once
+    assert same(snapshot(make_players()[1]), gen_b) != adversarial  # G moved only in adversarial steps
+
+
+def test_micro_batches_use_batch_norm_per_micro_batch():
+    model, gen = make_players()
+    whole, split = copy.deepcopy(model), copy.deepcopy(model)
+    make_trainer(whole, copy.deepcopy(gen)).step(clips(b=4), clips(b=4, seed=1), adversarial=False)
+    trainer = make_trainer(split, copy.deepcopy(gen))
+    trainer.micro_batches = 2
+    trainer.step(clips(b=4), clips(b=4, seed=1), adversarial=False)
+    assert not torch.allclose(whole.encoder_q.body[0].weight, split.encoder_q.body[0].weight, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("shuffle", [
+    "device_rng",
+    pytest.param("cpu_generator", marks=pytest.mark.xfail(
+        strict=False, reason="moco._randperm copies the CPU permutation with a blocking .to(device)")),
+])
+def test_training_step_has_no_host_sync(precision, shuffle):
+    """Augmentation (with blur) + one VideoMoCo step on CUDA under `set_sync_debug_mode("error")`: any host sync
+    raises. fp16 uses GradScalers with fused SGD (an unfused optimiser syncs twice in `GradScaler.step`)."""
+    from videomoco.data.augment import GpuAugment
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = VideoMoCo("r3d_18", dim=16, K=32, width=8).to(device)
+    gen = FrameDropGenerator().to(device)
+    opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 0.1, momentum=0.9, fused=True)
+    opt_g = torch.optim.SGD(gen.parameters(), 0.1, momentum=0.9, fused=True)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scalers = (torch.amp.GradScaler("cuda"), torch.amp.GradScaler("cuda")) if precision == "fp16" else (None, None)
+    trainer = AdversarialTrainer(model, gen, opt_d, opt_g, AdversarialConfig(), dtype, *scalers)
+    augment = GpuAugment(blur_p=0.5).to(device)
+    raw = torch.randint(0, 256, (2, 4, 3, 8, 32, 32), dtype=torch.uint8).to(device)
+
+    def step(i):
+        shuffle_generator = torch.Generator().manual_seed(i) if shuffle == "cpu_generator" else None
+        return trainer.step(augment(raw[0]), augment(raw[1]), adversarial=True, shuffle_generator=shuffle_generator)
+
+    step(0)  # warm-up: cuDNN/cuBLAS handles, optimiser and scaler state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(torch.stack(list(out.values()))).all()
+
+
+def test_step_reads_no_tensor_values(monkeypatch):
+    """The CPU stand-in for the sync check above: no bool()/item()/tolist() on a tensor in a step."""
+    from test_augment import HostReads
+
+    model, gen = make_players()
+    trainer = make_trainer(model, gen)
+    trainer.step(clips(), clips(seed=1), adversarial=True)
+    host = HostReads(monkeypatch)
+    trainer.step(clips(), clips(seed=1), adversarial=True, shuffle_generator=torch.Generator().manual_seed(0))
+    assert host.reads == []

@@ -121,8 +121,67 @@ def test_generator_makes_it_reproducible():
     assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_gpu_augment_runs_on_cuda():
     clips = static_clips().cuda()
     out = GpuAugment().cuda()(clips)
     assert out.is_cuda and torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-5)
+
+
+@pytest.mark.parametrize("n, c, h, w, k", [(4, 3, 16, 24, 3), (3, 3, 32, 32, 5), (2, 1, 20, 12, 7)])
+def test_gaussian_blur_matches_kornia(n, c, h, w, k):
+    import kornia
+
+    torch.manual_seed(0)
+    x = torch.rand(n, c, h, w)
+    sigma = torch.rand(n) * 1.9 + 0.1  # GpuAugment's (0.1, 2.0)
+    expected = kornia.filters.gaussian_blur2d(x, k, sigma[:, None].expand(-1, 2))
+    torch.testing.assert_close(augment.gaussian_blur(x, k, sigma), expected, rtol=1e-5, atol=1e-6)
+
+
+class HostReads:
+    """Counts the Python-level reads of tensor values (each a host sync when the tensor is on a GPU)."""
+
+    NAMES = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.reads = []
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _original=original, _name=name, **kwargs):
+                self.reads.append((_name, t.device.type, t.dtype))
+                return _original(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_gpu_augment_and_normalize_read_no_tensor_values(monkeypatch):
+    """The CPU stand-in for a sync check: no bool()/item() on the clips' device (kornia's blur had two).
+
+    The one read left is the jitter order, `randperm(4).tolist()` of a CPU generator (no device sync)."""
+    clips = torch.randint(0, 256, (2, 3, 4, 32, 32), dtype=torch.uint8)
+    aug = GpuAugment(blur_p=1.0)
+    normalize(clips)  # build the cached statistics
+    host = HostReads(monkeypatch)
+    aug(clips)
+    normalize(clips)
+    assert host.reads == [("tolist", "cpu", torch.int64)]
+
+
+def test_normalize_builds_its_statistics_once_per_device():
+    clips = torch.randint(0, 256, (1, 3, 2, 4, 4), dtype=torch.uint8)
+    normalize(clips)
+    before = augment._channel_stats.cache_info()
+    out = normalize(clips)
+    after = augment._channel_stats.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 2
+    mean = torch.tensor(augment.KINETICS_MEAN).view(1, 3, 1, 1, 1)
+    std = torch.tensor(augment.KINETICS_STD).view(1, 3, 1, 1, 1)
+    assert torch.equal(out, (clips.float() / 255 - mean) / std)
+
+
+def test_blur_sigma_is_checked_at_construction():
+    with pytest.raises(ValueError, match="blur_sigma"):
+        GpuAugment(blur_sigma=(0.0, 2.0))
+    GpuAugment(blur_sigma=(0.0, 2.0), aug_plus=False)  # no blur: not checked

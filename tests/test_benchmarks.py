@@ -121,3 +121,30 @@ def test_pipeline_benchmarks_quick(name, rate, tmp_path, capsys):
     assert rows and all(row[rate] > 0 for row in rows)
     assert all(row["command"].startswith(f"python -m benchmarks.{name} --quick") for row in rows)
     assert f"`python -m benchmarks.{name} --quick --record" in results.read_text()
+
+
+@pytest.mark.parametrize("bidirectional, layers, batch_first", [(True, 1, True), (False, 2, False)])
+def test_gru_flops_match_what_the_cpu_matmuls_count(bidirectional, layers, batch_first):
+    """On CPU FlopCounterMode sees the GRU's matmuls; `gru_flops` is the count for cuDNN's uncounted kernel."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.train_step import count_flops, gru_flops
+
+    gru = torch.nn.GRU(12, 8, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    x = torch.randn(3, 5, 12)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        gru(x)
+    assert gru_flops(gru, x) == counter.get_total_flops()
+    with torch.no_grad():  # forward only: once; with a backward: 3x (input and weight gradients)
+        assert count_flops(lambda: gru(x), analytic_gru=True) == 2 * gru_flops(gru, x)
+    train = lambda: gru(x)[0].sum().backward()  # noqa: E731
+    assert count_flops(train, analytic_gru=True) - count_flops(train) == 3 * gru_flops(gru, x)
+
+
+def test_mfu_peak_is_measured_in_the_steps_dtype():
+    from benchmarks.train_step import matmul_peak_dtype
+
+    assert matmul_peak_dtype("bf16", "cuda") == (torch.bfloat16, "bf16")
+    assert matmul_peak_dtype("fp16", "cuda") == (torch.float16, "fp16")
+    assert matmul_peak_dtype("fp32", "cpu") == (torch.float32, "fp32")
+    assert matmul_peak_dtype("fp32", "cuda")[1] == ("tf32" if torch.backends.cudnn.allow_tf32 else "fp32")

@@ -89,6 +89,68 @@ def test_rng_state_is_weights_only_and_restores(tmp_path):
     assert torch.equal(torch.rand(1), expected[2])
 
 
+
+class FakeCuda:
+    """torch.cuda's RNG functions on `count` fake devices, this process on `current`."""
+
+    def __init__(self, monkeypatch, count, current=0):
+        self.states = {i: torch.full((16,), i, dtype=torch.uint8) for i in range(count)}
+        self.current = current
+        for name, fn in {"is_available": lambda: True, "is_initialized": lambda: True,
+                         "device_count": lambda: count, "current_device": lambda: self.current,
+                         "get_rng_state": self.get, "set_rng_state": self.set,
+                         "get_rng_state_all": lambda: [self.states[i] for i in range(count)],
+                         "set_rng_state_all": self.set_all}.items():
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+    def index(self, device):
+        return self.current if device in (None, "cuda") else int(device)
+
+    def get(self, device="cuda"):
+        return self.states[self.index(device)].clone()
+
+    def set(self, state, device="cuda"):
+        if self.index(device) not in self.states:
+            raise IndexError(f"no device {device}")
+        self.states[self.index(device)] = state.clone()
+
+    def set_all(self, states):
+        for i, state in enumerate(states):
+            self.set(state, i)
+
+
+def test_cuda_rng_state_is_this_devices_and_weights_only(tmp_path, monkeypatch):
+    cuda = FakeCuda(monkeypatch, count=8, current=3)
+    cuda.states[3] = torch.arange(16, dtype=torch.uint8)
+    ck.save_checkpoint({"state_dict": {}, "rng": ck.rng_state()}, tmp_path / "r.pth")
+    saved = ck.load_checkpoint(tmp_path / "r.pth")["rng"]["cuda"]  # weights_only=True
+    assert saved["device"] == 3 and torch.equal(saved["state"], torch.arange(16, dtype=torch.uint8))
+    one = FakeCuda(monkeypatch, count=1)  # resumed on 1 GPU: the saved state goes to this process's device
+    ck.set_rng_state(ck.load_checkpoint(tmp_path / "r.pth")["rng"])
+    assert torch.equal(one.states[0], torch.arange(16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("saved_on, resumed_on, current", [(8, 1, 0), (1, 8, 0), (1, 8, 5), (8, 8, 5)])
+def test_cuda_rng_state_of_another_gpu_count_restores_what_it_can(tmp_path, monkeypatch, saved_on, resumed_on,
+                                                                 current):
+    """Old checkpoints hold `get_rng_state_all()` of every GPU: restoring never raises on another GPU count."""
+    old = {**ck.rng_state(), "cuda": [torch.full((16,), 100 + i, dtype=torch.uint8) for i in range(saved_on)]}
+    cuda = FakeCuda(monkeypatch, count=resumed_on, current=current)
+    before = {i: s.clone() for i, s in cuda.states.items()}
+    ck.set_rng_state(old)
+    for i, state in cuda.states.items():
+        expected = old["cuda"][i] if i == current and i < saved_on else before[i]
+        assert torch.equal(state, expected), i
+
+
+def test_cuda_rng_state_untouched_when_cuda_never_started(monkeypatch):
+    cuda = FakeCuda(monkeypatch, count=2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)  # e.g. a --device cpu run on a GPU machine
+    state = ck.rng_state()
+    assert "cuda" not in state
+    ck.set_rng_state({**state, "cuda": {"device": 0, "state": torch.full((16,), 7, dtype=torch.uint8)}})
+    assert cuda.states[0].eq(0).all() and cuda.states[1].eq(1).all()
+
 def test_official_layout_is_normalised(torchvision_fixtures):
     layout = json.loads((torchvision_fixtures / "videomoco_checkpoint_layout.json").read_text())
     entries = layout["moco_netD_full_key_list_example_r3d_18_dim128_K65536_no_mlp"]

@@ -35,6 +35,9 @@ def test_extract_writes_features_and_paths(tmp_path, folder):
     assert [r["class_name"] for r in rows] == ["cats", "cats", "dogs", "dogs", "dogs"]
     assert json.loads((tmp_path / "feats.json").read_text())["videos"] == 5
     assert not (tmp_path / "feats.parts").exists()
+    # 2 videos x 3 clips per batch, 4 clips per forward: the same features
+    assert cli(args(folder, tmp_path / "split") + ["--micro-batch", "4"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "split.npy"), feats, rtol=1e-5, atol=1e-6)
 
 
 def test_extract_resumes_after_an_interruption(tmp_path, folder, monkeypatch):

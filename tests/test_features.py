@@ -60,3 +60,19 @@ def test_extract_features_keeps_rows_and_ids_together():
     assert np.allclose(logits, 2 * rows["features"])
     dropped = extract_features(Linear3d(), loader, clip_fn=lambda x: x * 0)["features"]
     assert np.all(dropped == 0)
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_extract_features_in_micro_batches_gives_the_same_features(micro_batch):
+    from videomoco.models import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder("r3d_18", num_classes=3, width=8)
+    clips = torch.randint(0, 256, (5, 3, 4, 32, 32), dtype=torch.uint8)
+    loader = [(clips[:3], torch.tensor([0, 0, 1]), torch.tensor([4, 4, 5])), (clips[3:], torch.tensor([1, 2]), torch.tensor([5, 6]))]
+    for head in (False, True):
+        whole = extract_features(encoder, loader, head=head)
+        split = extract_features(encoder, loader, head=head, micro_batch=micro_batch)
+        assert split["features"].shape == whole["features"].shape == (5, 64 if not head else 3)
+        np.testing.assert_allclose(split["features"], whole["features"], rtol=1e-5, atol=1e-6)
+        assert split["video_ids"].tolist() == whole["video_ids"].tolist() == [4, 4, 5, 5, 6]

@@ -135,3 +135,58 @@ def test_root_eval_py_runs_on_the_authors_data_layout(tmp_path, make_video):
     assert cli(argv + ["--device", "cpu"]) == 0
     m = json.loads((out / "metrics.json").read_text())["metrics"]
     assert m["num_test_videos"] == 2 and m["num_classes"] == 2
+
+
+def test_grad_checkpointing_flag_trains_the_same_model(tmp_path, make_video, monkeypatch):
+    import videomoco.eval.finetune as finetune
+
+    root = ucf101_root(tmp_path, make_video, classes=("A", "B"), train=1, test=1)
+    enabled = []
+    monkeypatch.setattr(finetune, "set_grad_checkpointing", lambda m: enabled.append(m.set_grad_checkpointing(True)))
+    states = {}
+    for flag in ([], ["--grad_checkpointing"]):
+        out = tmp_path / f"ft{len(flag)}"
+        assert cli(["finetune", str(root), *tiny_args(out, "--epochs", "1", "--num-clips", "1"), *flag]) == 0
+        states[len(flag)] = torch.load(out / "checkpoint.pth", weights_only=True)["state_dict"]
+    assert len(enabled) == 1 and enabled[0].grad_checkpointing
+    assert list(states[1]) == list(states[0])
+    for key, value in states[0].items():  # same weights and BN running stats after a checkpointed epoch
+        torch.testing.assert_close(states[1][key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+class TinyNoBN(nn.Module):
+    """Conv3d -> mean pool -> Linear, no BN: micro-batches change nothing but the float summation order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean(dim=(2, 3, 4)))
+
+
+@pytest.mark.parametrize("micro_batch", [2, 3])
+def test_micro_batches_accumulate_to_the_whole_batch_update(micro_batch):
+    from videomoco.eval.finetune import train_one_epoch
+
+    g = torch.Generator().manual_seed(0)
+    clips = torch.randint(0, 256, (10, 3, 4, 8, 8), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (10,), generator=g)
+    loader = [(clips[:5], labels[:5], None), (clips[5:], labels[5:], None)]  # 5 clips: uneven micro-batches
+    torch.manual_seed(0)
+    ref = TinyNoBN()
+    results = {}
+    for micro in (None, micro_batch):
+        model = TinyNoBN()
+        model.load_state_dict(ref.state_dict())
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3)
+        stats = train_one_epoch(model, loader, opt, "cpu", torch.Generator().manual_seed(1), micro_batch=micro)
+        results[micro] = stats, model.state_dict()
+    (loss, acc), whole = results[None]
+    (loss_mb, acc_mb), split = results[micro_batch]
+    assert loss_mb == pytest.approx(loss, rel=1e-5) and acc_mb == acc
+    for key, value in whole.items():
+        assert not torch.equal(value, ref.state_dict()[key])  # the two steps moved every tensor
+        torch.testing.assert_close(split[key], value, atol=1e-6, rtol=1e-5, msg=key)
+

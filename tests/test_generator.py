@@ -109,3 +109,19 @@ def test_generator_cost_is_small_next_to_the_encoder():
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert gen_flops.get_total_flops() < 0.01 * enc_flops.get_total_flops()
     assert params(gen) < 0.01 * params(encoder)
+
+
+def test_scores_are_float32_under_bf16_autocast():
+    """G scores in fp32 under autocast (cuDNN's GRU would autocast to fp16; bf16 scores tie in top-k)."""
+    torch.manual_seed(0)
+    gen = FrameDropGenerator(hidden=16, input_size=16)
+    x = clip(b=2, t=8, h=32, w=32)
+    expected = gen.scores(x)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = gen.scores(x)
+        got_bf16_input = gen.scores(x.bfloat16())
+        dropped, keep = gen(x)
+    assert got.dtype == torch.float32 and keep.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(got_bf16_input, gen.scores(x.bfloat16().float()), rtol=0, atol=0)
+    torch.testing.assert_close(dropped, gen(x)[0], rtol=0, atol=0)

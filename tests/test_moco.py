@@ -95,6 +95,18 @@ def test_momentum_update_formula():
         torch.testing.assert_close(pk_new.double(), 0.9 * pk + 0.1 * pq, rtol=1e-6, atol=1e-7)
 
 
+def test_momentum_update_is_bitwise_the_per_tensor_update():
+    """The multi-tensor update does the per-parameter `mul_(m).add_(q, alpha=1 - m)` arithmetic exactly."""
+    model = tiny_moco(m=0.99)
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    expected = [k.detach().clone().mul_(0.99).add_(q.detach(), alpha=1 - 0.99)
+                for q, k in zip(model.encoder_q.parameters(), model.encoder_k.parameters())]
+    model._momentum_update_key_encoder()
+    assert all(torch.equal(k, e) for k, e in zip(model.encoder_k.parameters(), expected))
+
+
 @pytest.mark.parametrize("batch", [4, 5])
 def test_enqueue_wraps_around_and_ages(batch):
     model = tiny_moco(K=24)
@@ -300,3 +312,25 @@ def test_mlp_bn_head_centres_embeddings_over_the_batch():
         assert (mean < 1e-4) == mlp_bn, (mlp_bn, mean)
     keys = [k for k in model.state_dict() if k.startswith("encoder_k.fc.")]
     assert {k.split(".")[2] for k in keys} == {"0", "1", "3", "4"}
+
+
+def test_micro_batch_keys_use_per_chunk_statistics_of_one_permutation():
+    # chunks=2: the key encoder sees two random halves of the batch, as two GPUs would, and the keys
+    # come back in the original order; the permutation comes from the generator passed in
+    model = tiny_moco(shuffle_groups=1)
+    x = clips(b=6)
+    keys = model.encode_keys(x, chunks=2, generator=torch.Generator().manual_seed(3))
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        shuffled = torch.cat([model.encoder_k(x[idx]) for idx in perm.split([3, 3])])
+        expected = F.normalize(shuffled[torch.argsort(perm)], dim=1)
+    torch.testing.assert_close(keys, expected)
+    with torch.no_grad():
+        assert not torch.allclose(F.normalize(model.encoder_k(x), dim=1), keys, atol=1e-3)
+
+
+def test_micro_batch_sizes_are_tensor_split_sizes():
+    from videomoco.method.moco import micro_batch_sizes
+
+    for batch, chunks in [(8, 2), (32, 3), (5, 5), (7, 1)]:
+        assert micro_batch_sizes(batch, chunks) == [len(c) for c in torch.arange(batch).tensor_split(chunks)]

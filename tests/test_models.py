@@ -4,6 +4,7 @@ The reference fixtures (/work/shared/fixtures/torchvision_video_resnet, see its 
 state_dict layout and its outputs for two deterministic weight fills, so no torchvision or weight file is needed.
 """
 
+import copy
 import hashlib
 import json
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from videomoco.models import build_encoder, list_encoders
+from videomoco.models import build_encoder, list_encoders, set_grad_checkpointing
 from videomoco.models.resnet3d import BasicBlock
 
 RESNETS = ["r3d_18", "mc3_18", "r2plus1d_18"]
@@ -240,3 +241,87 @@ def test_c3d_standard_input_stages():
         model(torch.randn(1, 3, 16, 112, 112))
     # the classic C3D pyramid at width w: (w,16,56,56) (2w,8,28,28) (4w,4,14,14) (8w,2,7,7)
     assert shapes == [(4, 16, 56, 56), (8, 8, 28, 28), (16, 4, 14, 14), (32, 2, 7, 7)]
+
+
+# ---- activation checkpointing -------------------------------------------------------------------------------------
+
+GRAD_TOL = dict(atol=1e-6, rtol=1e-5)  # recomputation runs the same kernels on the same inputs: exact in practice
+
+
+def checkpointed_pair(name, momentum=0.1):
+    """Two copies of one tiny encoder, the second with `set_grad_checkpointing(True)`, and a BN recompute counter."""
+    torch.manual_seed(0)
+    plain = build_encoder(name, **TINY)
+    for m in plain.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.momentum = momentum
+    ckpt = set_grad_checkpointing(copy.deepcopy(plain))
+    bn = next(m for m in ckpt.modules() if isinstance(m, nn.BatchNorm3d))
+    calls = []
+    bn.register_forward_hook(lambda *_: calls.append(1))
+    return plain, ckpt, calls
+
+
+def run_twice(model, x):
+    """Two forwards then one backward (VideoMoCo's query encoder sees the real and the dropped clip)."""
+    x = x.clone().requires_grad_()
+    out = model(x)
+    (out.square().mean() + model(0.5 * x).mean()).backward()
+    return out, x.grad
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: cumulative average, driven by num_batches_tracked
+@pytest.mark.parametrize("name", list_encoders())
+def test_grad_checkpointing_matches_plain_training(name, momentum):
+    plain, ckpt, calls = checkpointed_pair(name, momentum)
+    x = torch.randn(2, 3, 8, 32, 32)
+    out, grad = run_twice(plain, x)
+    out_c, grad_c = run_twice(ckpt, x)
+    assert len(calls) == 4  # 2 forwards + 2 recomputations in backward: the checkpoint is really on
+    torch.testing.assert_close(out_c, out, **GRAD_TOL)
+    torch.testing.assert_close(grad_c, grad, **GRAD_TOL)
+    for (key, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, **GRAD_TOL, msg=key)
+    state, state_c = plain.state_dict(), ckpt.state_dict()
+    assert list(state_c) == list(state)  # the flag is no state_dict entry
+    for key in state:  # BN running stats updated once per forward, not again by the recomputation
+        assert torch.equal(state_c[key], state[key]), key
+    assert any(k.endswith("num_batches_tracked") and v.item() == 2 for k, v in state_c.items())
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_grad_checkpointing_in_eval_and_no_grad(name):
+    plain, ckpt, calls = checkpointed_pair(name)
+    x = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():  # train mode, no graph: a plain call, BN stats updated once
+        torch.testing.assert_close(ckpt(x), plain(x), **GRAD_TOL)
+    assert len(calls) == 1
+    for key, value in plain.state_dict().items():
+        assert torch.equal(ckpt.state_dict()[key], value), key
+    plain.eval(), ckpt.eval()
+    out, grad = run_twice(plain, x)  # eval mode with grad (input saliency, frozen-BN fine-tuning)
+    out_c, grad_c = run_twice(ckpt, x)
+    torch.testing.assert_close(out_c, out, **GRAD_TOL)
+    torch.testing.assert_close(grad_c, grad, **GRAD_TOL)
+    assert ckpt.set_grad_checkpointing(False) is ckpt and not ckpt.grad_checkpointing
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_grad_checkpointing_backward_twice_with_retain_graph(name):
+    # AdversarialTrainer backpropagates one graph twice (encoder, then generator): one recomputation per backward
+    plain, ckpt, calls = checkpointed_pair(name)
+    x = torch.randn(2, 3, 8, 32, 32)
+    for model in (plain, ckpt):
+        loss = model(x).square().mean()
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert len(calls) == 3
+    for (key, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, **GRAD_TOL, msg=key)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(ckpt.state_dict()[key], value), key
+
+
+def test_set_grad_checkpointing_rejects_other_models():
+    with pytest.raises(ValueError, match="Linear does not support activation checkpointing"):
+        set_grad_checkpointing(nn.Linear(2, 2))

@@ -5,6 +5,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,8 +184,8 @@ def test_nan_loss_stops_with_message(videos, tmp_path, monkeypatch):
 
     real_step, calls = AdversarialTrainer.step, []
 
-    def step(self, im_q, im_k, adversarial):
-        out = real_step(self, im_q, im_k, adversarial)
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
         calls.append(1)
         if len(calls) == 3:
             out["loss_d"] = out["loss_d"] * float("nan")
@@ -193,7 +194,8 @@ def test_nan_loss_stops_with_message(videos, tmp_path, monkeypatch):
     monkeypatch.setattr(AdversarialTrainer, "step", step)
     cfg = pretrain.config_from_args({"data": str(videos), "width": 8, "frame_per_clip": 8, "crop_size": 32,
                                      "moco_k": 32, "moco_dim": 16, "batch_size": 4, "workers": 0, "seed": 0,
-                                     "print_freq": 1, "save_every": 1, "epochs": 3, "log_dir": str(tmp_path / "log"),
+                                     "print_freq": 1, "save_every": 1, "epochs": 3, "micro_batch": 4,  # no probe step
+                                     "log_dir": str(tmp_path / "log"),
                                      "ckp_dir": str(tmp_path / "ckp")})
     result = pretrain.run(cfg)
     assert result["exit_code"] == 1 and result["status"] == "diverged"
@@ -269,3 +271,205 @@ def test_video_failing_in_a_loader_worker_is_one_line_and_exit_1(tmp_path, caplo
 def test_cuda_device_without_cuda_is_a_one_line_error(videos, tmp_path, capsys):
     assert cli_run(videos, tmp_path, "--device", "cuda") == 2
     assert capsys.readouterr().err == "videomoco pretrain: error: --device cuda asked for but CUDA is not available\n"
+
+
+def _parameters_and_queue(path):
+    """What a micro-batched run and a multi-process run must agree on: every parameter of both
+    players, the queue, its pointer and ages (not BatchNorm's running statistics, which a rank
+    keeps for its own clips while a micro-batched process updates them once per micro-batch)."""
+    ckpt = ck.load_checkpoint(path)
+    model = VideoMoCo("r3d_18", dim=16, K=32, width=8)
+    params = {f"state_dict.{n}" for n, _ in model.named_parameters()} | {
+        "state_dict.queue", "state_dict.queue_ptr", "state_dict.queue_age"}
+    values = {f"state_dict.{k}": v for k, v in ckpt["state_dict"].items()}
+    values |= {f"generator.{k}": v for k, v in ckpt["generator"].items()}
+    return {k: v for k, v in values.items() if k in params or k.startswith("generator.")}
+
+
+def test_micro_batches_match_two_processes(videos, tmp_path):
+    """`-b 8 --micro_batch 4` in one process writes the checkpoint of `torchrun --nproc_per_node 2 ... -b 8`:
+    2 plain MoCo steps, then 2 adversarial ones. Tolerance 1e-5: the same arithmetic, but the
+    gradients of the two halves are summed in another order (an accumulated backward vs gloo's
+    all-reduce), a float32 rounding difference of ~1e-7 per step that SGD carries over 4 steps."""
+    args = [*TINY, "-b", "8", "--epochs", "4", "--adv_start_epoch", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    # both as subprocesses with one thread each: the same kernels per micro-batch as per rank (a different
+    # thread count reorders float sums, and a tie in G's top-k can then drop another frame)
+    pretrain = ["-m", "videomoco", "pretrain", str(videos), *args]
+    for out, launcher, extra in ((one, [], ["--micro_batch", "4"]),
+                                 (two, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], [])):
+        cmd = [sys.executable, *launcher, *pretrain, *extra, "--log_dir", str(out / "log"), "--ckp_dir", str(out / "ckp")]
+        proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 micro-batch of 4" in proc.stderr  # torchrun, auto: 4 clips per rank fit
+    a, b = (_parameters_and_queue(o / "ckp" / "checkpoint_0004.pth.tar") for o in (one, two))
+    assert a.keys() == b.keys() and len(a) > 50
+    for key, value in a.items():
+        torch.testing.assert_close(value, b[key], rtol=0, atol=1e-5, msg=key)
+    assert int(a["state_dict.queue_ptr"]) == 4 * 8 % 32 and int(a["state_dict.queue_age"].max()) == 3
+    assert [r["loss_g"] == 0 for r in metrics(one)] == [True, True, False, False]
+    for r1, r2 in zip(metrics(one), metrics(two)):
+        assert r1["loss_d"] == pytest.approx(r2["loss_d"], abs=1e-4)
+
+
+def test_resume_is_exact_with_micro_batches(videos, tmp_path):
+    args = ("--epochs", "2", "--adv_start_epoch", "1", "-j", "2", "--micro_batch", "2")
+    reference = tmp_path / "reference"
+    assert cli_run(videos, reference, *args) == 0
+    resumed = tmp_path / "resumed"
+    assert cli_run(videos, resumed, *args, "--max_steps", "3") == 0  # mid-epoch 1, adversarial
+    assert cli_run(videos, resumed, *args, "--resume", "auto") == 0
+    _assert_same_run(reference, resumed)
+
+
+def test_authors_command_plans_micro_batches(videos, tmp_path):
+    """Their README command with --micro_batch auto (the default) under a budget that holds 3 of the 4 clips
+    of a batch: auto splits it in 2 micro-batches of 2 and the step completes."""
+    _official_checkpoint(tmp_path / "checkpoint_0100.pth.tar", arch="r2plus1d_18", dim=128, K=65536, epoch=100)
+
+    def train(out, *extra):
+        theirs = ["--log_dir", f"{out}/L", "--ckp_dir", f"{out}/C", "-a", "r2plus1d_18", "--lr", "0.005", "-fpc", "32",
+                  "-b", "32", "-j", "128", "--epochs", "200", "--schedule", "120", "160", "--dist_url",
+                  f"tcp://localhost:{free_port()}", "--multiprocessing_distributed", "--world_size", "1", "--rank", "0",
+                  "--resume", "./checkpoint_0100.pth.tar", str(videos)]
+        ours = ["--width", "8", "-fpc", "16", "-cs", "64", "-b", "4", "--max_steps", "1", *extra]
+        proc = subprocess.run([sys.executable, str(REPO / "train.py"), *theirs, *ours], cwd=tmp_path,
+                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stderr, json.loads((tmp_path / out / "L" / "memory_plan.json").read_text())
+
+    log, plan = train("free")
+    assert "1 micro-batch of 4" in log and plan["micro_batches"] == 1
+    from videomoco.engine.memory import MARGIN, StepEstimate
+
+    estimate = StepEstimate(plan["fixed"], plan["per_clip"], plan["per_input_clip"])
+    budget = plan["reserve_bytes"] + int(estimate.peak(3, 4) / (1 - MARGIN))
+    log, plan = train("capped", "--memory_budget", str(budget))
+    assert "2 micro-batches of 2" in log and plan["micro_batches"] == 2, log[-1500:]
+    ckpt = ck.load_checkpoint(tmp_path / "capped" / "C" / ck.checkpoint_name(100, step=1))
+    assert ckpt["step"] == 1 and ckpt["sampler"]["position"] == 4
+
+
+def test_a_batch_that_cannot_fit_is_one_line_before_training(videos, tmp_path, capsys):
+    assert cli_run(videos, tmp_path, "--memory_budget", "64MB") == 2
+    err = [line for line in capsys.readouterr().err.splitlines()  # log records aside
+           if not re.match(r"\d\d:\d\d:\d\d (INFO|WARNING) ", line)]
+    assert len(err) == 1 and err[0].startswith("videomoco pretrain: error: batch 4 (4 per process): one clip needs ~")
+    assert "usable of 64 MiB; to fit, try" in err[0] and "--grad_checkpointing" in err[0]
+    assert not (tmp_path / "ckp").exists() or not list((tmp_path / "ckp").iterdir())
+
+
+def test_grad_checkpointing_trains_the_same_model(videos, tmp_path):
+    # recomputing each residual stage in the backward pass changes memory, not the update (float tolerance:
+    # the recomputed forward is the same arithmetic; 1e-5 after 2 adversarial SGD steps)
+    args = ("--adv_start_epoch", "0", "--max_steps", "2")
+    assert cli_run(videos, tmp_path / "plain", *args) == 0
+    assert cli_run(videos, tmp_path / "ckpt", *args, "--grad_checkpointing") == 0
+    a, b = (ck.load_checkpoint(tmp_path / o / "ckp" / ck.checkpoint_name(1)) for o in ("plain", "ckpt"))
+    for part in ("state_dict", "generator"):
+        for key, value in a[part].items():
+            torch.testing.assert_close(value, b[part][key], rtol=0, atol=1e-5, msg=f"{part}.{key}")
+
+
+def test_precision_auto_is_bf16_on_a_native_bf16_gpu_else_fp32(monkeypatch):
+    assert pretrain.PretrainConfig().precision == "auto"
+    assert pretrain.resolve_precision("auto", torch.device("cpu")) == "fp32"  # the authors' command on CPU
+    for native, expected in ((True, "bf16"), (False, "fp32")):  # False: e.g. a V100 (bf16 only emulated)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, n=native:
+                            n or including_emulation)
+        assert pretrain.resolve_precision("auto", torch.device("cuda")) == expected
+    assert pretrain.resolve_precision("fp16", torch.device("cuda")) == "fp16"
+    assert pretrain.resolve_precision("fp32", torch.device("cuda")) == "fp32"
+
+
+def test_loading_an_optimizer_state_keeps_this_runs_fused_choice():
+    p = torch.nn.Parameter(torch.randn(3))
+    plain = torch.optim.SGD([p], 0.1, momentum=0.9)  # a CPU run's (or an older) checkpoint
+    p.grad = torch.ones(3)
+    plain.step()
+    fused = torch.optim.SGD([p], 0.1, momentum=0.9, fused=True)  # a CUDA run resuming it
+    pretrain.load_optimizer_state(fused, plain.state_dict())
+    assert fused.param_groups[0]["fused"] is True and torch.equal(fused.state[p]["momentum_buffer"], torch.ones(3))
+    back = torch.optim.SGD([p], 0.1, momentum=0.9)
+    pretrain.load_optimizer_state(back, fused.state_dict())
+    assert not back.param_groups[0]["fused"]
+
+
+def test_deterministic_sets_cublas_workspace_unless_set(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")  # restored (absent or not) at teardown
+    pretrain._deterministic_environment(pretrain.PretrainConfig())
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    pretrain._deterministic_environment(pretrain.PretrainConfig(deterministic=True))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    pretrain._deterministic_environment(pretrain.PretrainConfig(deterministic=True))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_nondeterministic_ops_are_probed_for_the_models_modules_on_cuda(monkeypatch):
+    from videomoco.models import build_encoder
+
+    def no_kernel(device):
+        raise RuntimeError("max_pool3d_with_indices_backward_cuda does not have a deterministic implementation")
+
+    monkeypatch.setitem(pretrain.CUDA_DETERMINISM_PROBES, torch.nn.MaxPool3d, ("MaxPool3d backward (C3D)", no_kernel))
+    c3d, r3d = build_encoder("c3d", num_classes=4, width=4), build_encoder("r3d_18", num_classes=4, width=4)
+    assert pretrain.nondeterministic_ops(c3d, torch.device("cpu")) == []  # CPU: every op has a deterministic kernel
+    assert pretrain.nondeterministic_ops(c3d, torch.device("cuda")) == ["MaxPool3d backward (C3D)"]
+    assert pretrain.nondeterministic_ops(r3d, torch.device("cuda")) == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["r3d_18", "r2plus1d_18", "c3d"])
+def test_deterministic_cuda_step_runs_and_repeats(arch, precision):
+    """Under use_deterministic_algorithms(True) (and cuBLAS's workspace set, as --deterministic does before CUDA
+    starts), a VideoMoCo step raises for no op except those `nondeterministic_ops` names, and repeats bitwise."""
+    from videomoco.method import AdversarialTrainer, FrameDropGenerator
+
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") is None:
+        pytest.skip("CUBLAS_WORKSPACE_CONFIG must be set before CUDA starts (run with CUBLAS_WORKSPACE_CONFIG=:4096:8)")
+    device = torch.device("cuda")
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    try:
+        results = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = VideoMoCo(arch, dim=16, K=32, width=8).to(device)
+            generator = FrameDropGenerator().to(device)
+            if pretrain.nondeterministic_ops(model, device):
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            opt_d = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], 0.1, momentum=0.9, fused=True)
+            opt_g = torch.optim.SGD(generator.parameters(), 0.1, momentum=0.9, fused=True)
+            trainer = AdversarialTrainer(model, generator, opt_d, opt_g, amp_dtype=pretrain.AMP_DTYPES[precision])
+            im_q, im_k = torch.randn(2, 4, 3, 8, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
+            out = trainer.step(im_q, im_k, adversarial=True)
+            results.append([out["loss_d"], out["loss_g"], *[p.detach().clone() for p in model.parameters()]])
+        assert all(torch.equal(a, b) for a, b in zip(*results))
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.deterministic = previous[1]
+
+
+def test_logged_step_time_includes_the_flush_sync(monkeypatch):
+    """The flush's host sync waits for the GPU work the steps queued: that wait counts as step time."""
+    from types import SimpleNamespace
+
+    from videomoco.engine import loop
+
+    def slow_all_reduce(t):
+        time.sleep(0.05)  # stands for the device finishing the queued steps
+        return t
+
+    monkeypatch.setattr(loop.du, "all_reduce_mean", slow_all_reduce)
+    logged = {}
+    run = SimpleNamespace(step=2, last_checkpoint=None, opt_d=SimpleNamespace(param_groups=[{"lr": 0.1}]),
+                          info=SimpleNamespace(world_size=1),
+                          logger=SimpleNamespace(scalars=lambda step, m: logged.update(m)))
+    times = [0.0, 0.1, 8, time.perf_counter()]  # data s, step s, clips, end of the last step
+    metrics = loop._flush(run, {"loss_d": torch.tensor(2.0)}, 2, 0, times)
+    assert metrics["step_time"] >= (0.1 + 0.05) / 2 and metrics["clips_per_s"] <= 8 / 0.15
+    assert logged["clips_per_s"] == metrics["clips_per_s"]

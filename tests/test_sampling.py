@@ -96,3 +96,22 @@ def test_bad_arguments():
         EpochSampler(10, rank=2, world_size=2)
     with pytest.raises(ValueError, match="empty"):
         EpochSampler(0)
+
+
+@pytest.mark.parametrize("world, batch", [(2, 4), (4, 2), (8, 1)])
+def test_global_batches_do_not_depend_on_how_they_are_split(world, batch):
+    # a global batch of 8 holds the same videos in the same order on 1 rank or on `world` ranks: rank r
+    # gets the r-th contiguous slice of it, so a micro-batch of one process is a rank of a bigger run
+    whole = collect(EpochSampler(37, seed=5, batch_size=8, drop_last=True))
+    shares = [collect(EpochSampler(37, seed=5, rank=r, world_size=world, batch_size=batch, drop_last=True))
+              for r in range(world)]
+    for i in range(len(whole) // 8):
+        step = [x for share in shares for x in share[i * batch : (i + 1) * batch]]
+        assert step == whole[i * 8 : (i + 1) * 8]
+
+
+def test_batch_size_one_is_every_world_size_th_index():
+    order = collect(EpochSampler(12, seed=2))
+    assert collect(EpochSampler(12, seed=2, rank=1, world_size=3)) == order[1::3]
+    with pytest.raises(ValueError, match="batch_size"):
+        EpochSampler(12, batch_size=0)

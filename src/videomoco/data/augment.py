@@ -11,6 +11,7 @@ shared by its T frames, so the augmentation changes appearance but never adds fl
 network could use to tell frames apart; `per_frame=True` reproduces the authors' per-frame draw.
 """
 
+import functools
 import math
 
 import kornia
@@ -107,13 +108,39 @@ def _check_clips(clips):
         raise ValueError(f"clips must be (B, 3, T, H, W), got {tuple(clips.shape)}")
 
 
+@functools.lru_cache(maxsize=32)
+def _channel_stats(values, device):
+    """`values` (3 floats) as a (1, 3, 1, 1, 1) float32 tensor on `device`, built once per device (a host
+    to device copy per batch waits for the queued kernels)."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1, 1)
+
+
 def normalize(clips, mean=KINETICS_MEAN, std=KINETICS_STD):
     """uint8 (or [0, 1] float) `(B, 3, T, H, W)` -> normalised float32, no augmentation (evaluation)."""
     _check_clips(clips)
     x = _to_unit_float(clips)
-    mean = torch.tensor(mean, device=x.device).view(1, 3, 1, 1, 1)
-    std = torch.tensor(std, device=x.device).view(1, 3, 1, 1, 1)
+    mean = _channel_stats(tuple(float(v) for v in mean), x.device)
+    std = _channel_stats(tuple(float(v) for v in std), x.device)
     return (x - mean) / std
+
+
+def gaussian_blur(x, kernel_size, sigma):
+    """Separable Gaussian blur with one sigma per image, reflect borders; no host syncs.
+
+    x: float (N, C, H, W); kernel_size: odd int; sigma: (N,) positive, the same along H and W.
+    Numerically kornia's `gaussian_blur2d(x, kernel_size, sigma[:, None].expand(-1, 2))`, which
+    checks `bool((sigma > 0).all())` on the tensor's device (a host sync per call on a GPU).
+    """
+    n, c, h, w = x.shape
+    r = kernel_size // 2
+    dist = (torch.arange(kernel_size, device=x.device, dtype=x.dtype) - r).pow(2.0)  # (k,) offsets squared
+    kernel = torch.exp(-dist / (2 * sigma.to(x.dtype)[:, None].pow(2.0)))  # (N, k)
+    kernel = (kernel / kernel.sum(-1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, k), per channel
+    x = F.pad(x, (r, r, 0, 0), mode="reflect").reshape(1, n * c, h, w + 2 * r)
+    x = F.conv2d(x, kernel.view(n * c, 1, 1, kernel_size), groups=n * c)  # along W
+    x = F.pad(x.view(n, c, h, w), (0, 0, r, r), mode="reflect").reshape(1, n * c, h + 2 * r, w)
+    x = F.conv2d(x, kernel.view(n * c, 1, kernel_size, 1), groups=n * c)  # along H
+    return x.view(n, c, h, w)
 
 
 class GpuAugment(nn.Module):
@@ -135,6 +162,8 @@ class GpuAugment(nn.Module):
             jitter_p, blur_p = 1.0, 0.0
         self.brightness, self.contrast, self.saturation, self.hue = color_jitter
         self.jitter_p, self.grayscale_p, self.blur_p, self.flip_p = jitter_p, grayscale_p, blur_p, flip_p
+        if blur_p > 0 and not 0 < blur_sigma[0] <= blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {blur_sigma}")
         self.blur_sigma = blur_sigma
         self.per_frame = per_frame
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -167,9 +196,9 @@ class GpuAugment(nn.Module):
         x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
         if self.blur_p > 0:
             blur = chance(self.blur_p).view(-1, 1, 1, 1)
-            sigma = uniform(*self.blur_sigma).unsqueeze(1).expand(-1, 2)  # (B*T, 2)
+            sigma = uniform(*self.blur_sigma)  # (B*T,), positive (checked in __init__, not on the device)
             kernel = max(3, int(0.1 * min(h, w)) // 2 * 2 + 1)  # ~10% of the side, odd, as in MoCo v2
-            x = torch.where(blur, kornia.filters.gaussian_blur2d(x, kernel, sigma), x)
+            x = torch.where(blur, gaussian_blur(x, kernel, sigma), x)
         flip = chance(self.flip_p).view(-1, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)
         x = (x - self.mean.to(device)) / self.std.to(device)

@@ -229,7 +229,7 @@ def build_loader(dataset, batch_size, workers, shuffle=True, drop_last=True, see
         log.info("clamping -j %d to %d workers (%d CPUs)", workers, cpus, cpus)
         workers = cpus
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                           drop_last=drop_last)
+                           drop_last=drop_last, batch_size=batch_size)
     if drop_last and len(sampler) < batch_size:
         raise ValueError(f"{len(sampler)} items per rank are fewer than one batch of {batch_size} (drop_last)")
     return DataLoader(

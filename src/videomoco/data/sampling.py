@@ -54,20 +54,26 @@ def distinct_clip_starts(num_frames, span, rng, count=2):
 class EpochSampler(Sampler):
     """Distributed-aware, epoch-seeded sampler whose position can be checkpointed mid-epoch.
 
-    Every rank draws the same permutation from `(seed, epoch)` and takes every `world_size`-th
-    index from `rank`, so the ranks partition the dataset. `drop_last` drops the tail that does
+    Every rank draws the same permutation from `(seed, epoch)` and the ranks partition it. With
+    `batch_size` (the per-rank batch) the permutation is cut into global batches of
+    `world_size * batch_size` and rank r takes the r-th contiguous slice of each, so a global batch
+    holds the same videos in the same order whatever the number of ranks (and of micro-batches
+    within a rank); `batch_size=1` is the classic every-`world_size`-th index from `rank`. `drop_last` drops the tail that does
     not divide evenly; otherwise the head is repeated to pad it. `state_dict()` records the epoch
     and how many of this rank's samples were consumed, and iteration after `load_state_dict()`
     resumes from there.
     """
 
-    def __init__(self, dataset_len, shuffle=True, seed=0, rank=0, world_size=1, drop_last=False):
+    def __init__(self, dataset_len, shuffle=True, seed=0, rank=0, world_size=1, drop_last=False, batch_size=1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if dataset_len < 1:
             raise ValueError("cannot sample from an empty dataset")
         self.dataset_len, self.shuffle, self.seed = dataset_len, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.batch_size = batch_size
         if drop_last:
             self.num_samples = dataset_len // world_size
         else:
@@ -94,7 +100,12 @@ class EpochSampler(Sampler):
         total = self.num_samples * self.world_size
         if total > len(order):
             order += (order * math.ceil(total / len(order)))[: total - len(order)]
-        return order[:total][self.rank :: self.world_size]
+        order = order[:total]
+        block = self.world_size * self.batch_size
+        full = len(order) // block * block  # whole global batches; the tail is dealt out index by index
+        mine = [order[i + self.rank * self.batch_size : i + (self.rank + 1) * self.batch_size]
+                for i in range(0, full, block)]
+        return [i for chunk in mine for i in chunk] + order[full:][self.rank :: self.world_size]
 
     def __iter__(self):
         start, self.start = self.start, 0

@@ -180,9 +180,37 @@ def rng_state():
         "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if _cuda_in_use():
+        # this process's device only: a checkpoint written on 8 GPUs must resume on 1 (and vice versa),
+        # and reading every GPU's state would start a CUDA context on each of them from every rank
+        device = torch.cuda.current_device()
+        state["cuda"] = {"device": int(device), "state": torch.cuda.get_rng_state(device)}
     return state
+
+
+def _cuda_in_use():
+    """CUDA RNG states matter only in a process that has started CUDA (a `--device cpu` run never does)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _set_cuda_rng_state(saved):
+    """Restore the CUDA state of this process's device from a checkpoint; never raises on a GPU count change.
+
+    `saved`: ours, `{"device": i, "state": ByteTensor}` (the saving process's device; it goes to this
+    process's device, as every rank resumes rank 0's CPU states too), or an older checkpoint's list of
+    every device's state (`get_rng_state_all`): the entry of this process's device if it has one.
+    """
+    device = torch.cuda.current_device()
+    if isinstance(saved, dict):
+        value = saved.get("state")
+    elif isinstance(saved, (list, tuple)):
+        value = saved[device] if device < len(saved) else None
+    else:
+        value = None
+    if not isinstance(value, torch.Tensor):
+        log.warning("checkpoint has no CUDA RNG state for cuda:%d; keeping the current one", device)
+        return
+    torch.cuda.set_rng_state(value, device)
 
 
 def set_rng_state(state):
@@ -191,5 +219,5 @@ def set_rng_state(state):
     keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and _cuda_in_use():
+        _set_cuda_rng_state(state["cuda"])

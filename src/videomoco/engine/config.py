@@ -17,6 +17,18 @@ class ConfigError(ValueError):
     """A bad value in a config file or flag combination (one-line message)."""
 
 
+def micro_batch_arg(value):
+    """`--micro_batch`: 'auto' or a number of clips >= 1."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        if isinstance(value, float) or int(value) < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1, got {value!r}") from None
+    return int(value)
+
+
 def error_line(err):
     """The one line to show a user for `err`.
 
@@ -83,9 +95,10 @@ class PretrainConfig:
     g_loss_weight: float = 100.0
     g_lr: float | None = None  # None: same as --lr (the authors use one rate for both)
     real_query_loss: bool = False
-    precision: str = "fp32"
+    precision: str = "auto"  # bf16 on a CUDA device with native bf16, else fp32 (pretrain.resolve_precision)
     channels_last: bool = False
     compile: bool = False
+    grad_checkpointing: bool = False
     frame_stride: int = 1
     width: int = 64
     views: str = "same"  # the authors': two crops of one clip
@@ -98,6 +111,8 @@ class PretrainConfig:
     image_every: int = 10
     device: str = "auto"
     deterministic: bool = False
+    micro_batch: int | str = "auto"  # clips per micro-batch in each process; auto: planned from memory
+    memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
 
 
 # (flags, dest, help, extra argparse kwargs); order = order in --help
@@ -152,9 +167,12 @@ _FLAGS = [
     (("--g_loss_weight",), "g_loss_weight", "weight of the generator loss", {"type": float}),
     (("--g_lr",), "g_lr", "generator learning rate (default: --lr)", {"type": float}),
     (("--real_query_loss",), "real_query_loss", "also train on the un-dropped query", {"action": "store_true"}),
-    (("--precision",), "precision", "autocast dtype", {"choices": ("fp32", "bf16", "fp16")}),
+    (("--precision",), "precision", "autocast dtype; auto: bf16 on a CUDA GPU with native bf16, else fp32",
+     {"choices": ("auto", "fp32", "bf16", "fp16")}),
     (("--channels_last",), "channels_last", "channels_last_3d model and inputs", {"action": "store_true"}),
     (("--compile",), "compile", "torch.compile the encoders", {"action": "store_true"}),
+    (("--grad_checkpointing",), "grad_checkpointing",
+     "activation checkpointing per residual block: less memory, ~33%% more FLOPs", {"action": "store_true"}),
     (("--frame_stride",), "frame_stride", "take every N-th frame", {"type": int}),
     (("--width",), "width", "encoder base width (64 = torchvision)", {"type": int}),
     (("--views",), "views", "query and key from the same clip or two clips", {"choices": ("same", "distinct")}),
@@ -165,6 +183,10 @@ _FLAGS = [
     (("--keep_every",), "keep_every", "also keep every M-th epoch checkpoint (0: off)", {"type": int}),
     (("--image_every",), "image_every", "log a dropped-frames image every N epochs (0: off)", {"type": int}),
     (("--device",), "device", "auto, cpu, cuda or cuda:N", {}),
+    (("--micro_batch",), "micro_batch", "clips per micro-batch in each process (gradients accumulated, the "
+     "semantics of a run on more GPUs); auto: the largest that fits this device's memory", {"type": micro_batch_arg}),
+    (("--memory_budget",), "memory_budget", "memory the planner may assume this process can use in all, e.g. 16GB "
+     "(default: what it holds plus what the device has free)", {}),
     (("--deterministic",), "deterministic", "deterministic algorithms (bitwise-reproducible on CPU)",
      {"action": "store_true"}),
 ]
@@ -215,6 +237,17 @@ def _check(cfg):
             raise ConfigError(f"{flag} must be in [0, {high}], got {value}")
     if not 0.0 <= cfg.drop_ratio < 1.0:
         raise ConfigError(f"--drop_ratio must be in [0, 1), got {cfg.drop_ratio}")
+    try:
+        cfg.micro_batch = micro_batch_arg(cfg.micro_batch)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"--micro_batch {e}") from None
+    if cfg.memory_budget:
+        from videomoco.engine.memory import parse_size
+
+        try:
+            parse_size(cfg.memory_budget)
+        except ValueError as e:
+            raise ConfigError(f"--memory_budget: {e}") from None
     return cfg
 
 
@@ -234,7 +267,7 @@ def load_yaml(path):
     return {k.replace("-", "_"): _coerce(path, k.replace("-", "_"), v) for k, v in values.items()}
 
 
-_KIND = {int: "an integer", float: "a number"}
+_KIND = {int: "an integer", float: "a number", micro_batch_arg: "'auto' or an integer >= 1"}
 
 
 def _coerce(path, dest, value):
@@ -255,7 +288,7 @@ def _coerce(path, dest, value):
         raise ConfigError(f"config {path}: {dest}: {value!r} is not {_KIND[convert]}")
     try:
         items = [convert(v) for v in items]
-    except ValueError:
+    except (ValueError, argparse.ArgumentTypeError):
         raise ConfigError(f"config {path}: {dest}: {value!r} is not {_KIND[convert]}") from None
     return items if kwargs.get("nargs") else items[0]
 

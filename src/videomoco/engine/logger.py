@@ -12,12 +12,25 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on whatever `sys.stderr` is when a record is written (pytest, notebooks and
+    the demo swap it; a handler bound to an old, closed stream would fail on every record)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(rank=0):
     """One-line records from the `videomoco` loggers on stderr; other ranks only log warnings."""
     logger = logging.getLogger("videomoco")
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     if not any(getattr(h, "videomoco", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
         handler.videomoco = True
         logger.addHandler(handler)

@@ -60,6 +60,11 @@ def step_seed(seed, rank, step):
     return ((seed * 1_000_003 + rank) * 1_000_033 + step) % (2**63)
 
 
+def shuffle_generator(seed, step):
+    """The generator of step `step`'s shuffle-BN permutation: the same on every rank, so none is broadcast."""
+    return torch.Generator().manual_seed(step_seed(seed, -1, step))
+
+
 def _prepare(clips, run):
     """uint8 (B, 3, T, H, W) from the loader -> augmented float on the device."""
     clips = clips.to(run.info.device, non_blocking=True)
@@ -67,6 +72,21 @@ def _prepare(clips, run):
     if run.cfg.channels_last:
         clips = clips.contiguous(memory_format=torch.channels_last_3d)
     return clips
+
+
+def prepare_views(im_q, im_k, run, micro_batches):
+    """Augment both views micro-batch by micro-batch, each with the random draws of the rank it stands for.
+
+    Micro-batch j of rank r is rank `r * micro_batches + j` of a run on `micro_batches` times more
+    processes: seeded alike, it draws the same crops' colour, flips and blur as that rank would.
+    """
+    pairs = []
+    for j, (q, k) in enumerate(zip(im_q.tensor_split(micro_batches), im_k.tensor_split(micro_batches))):
+        torch.manual_seed(step_seed(run.cfg.seed, run.info.rank * micro_batches + j, run.step))
+        pairs.append((_prepare(q, run), _prepare(k, run)))
+    if len(pairs) == 1:
+        return pairs[0]
+    return torch.cat([q for q, _ in pairs]), torch.cat([k for _, k in pairs])
 
 
 def _flush(run, sums, count, epoch, times):
@@ -79,7 +99,8 @@ def _flush(run, sums, count, epoch, times):
         raise TrainingDiverged(
             f"{bad[0]} is {metrics[bad[0]]} at step {run.step} (epoch {epoch}); "
             f"last good checkpoint: {run.last_checkpoint or 'none'}")
-    data_time, step_time, clips = times
+    data_time, step_time, clips, step_end = times
+    step_time += time.perf_counter() - step_end  # the sync above waited for the work these steps queued
     metrics.update(lr=run.opt_d.param_groups[0]["lr"], data_time=data_time / count, step_time=step_time / count,
                    clips_per_s=clips * run.info.world_size / max(step_time, 1e-9))
     run.logger.scalars(run.step, metrics)
@@ -97,33 +118,33 @@ def train_one_epoch(run, epoch):
     start = run.sampler.start // batch
     bar = tqdm(total=num_batches, initial=start, desc=f"epoch {epoch}", mininterval=2.0, dynamic_ncols=True,
                disable=not du.is_main_process(), leave=False)
-    sums, count, times, metrics = {}, 0, [0.0, 0.0, 0], None
+    sums, count, times, metrics = {}, 0, [0.0, 0.0, 0, 0.0], None  # data s, step s, clips, end of the last step
     end = time.perf_counter()
     status = "done"
     for i, (im_q, im_k) in enumerate(run.loader, start=start):
         data_time = time.perf_counter() - end
-        torch.manual_seed(step_seed(cfg.seed, run.info.rank, run.step))
-        im_q, im_k = _prepare(im_q, run), _prepare(im_k, run)  # (B, 3, T, H, W) float
+        im_q, im_k = prepare_views(im_q, im_k, run, run.trainer.micro_batches)  # (B, 3, T, H, W) float
         if i == start and cfg.image_every > 0 and epoch % cfg.image_every == 0 and adversarial:
             with torch.no_grad():  # the generator is deterministic: no RNG or state is touched
                 _, keep = generator(im_q[:1])
             run.logger.image("generator/dropped_frames", run.step,
                              drop_strip(im_q[0].float(), keep[0], mean=run.augment.mean.flatten().tolist(),
                                         std=run.augment.std.flatten().tolist()))
-        out = run.trainer.step(im_q, im_k, adversarial)
+        out = run.trainer.step(im_q, im_k, adversarial, shuffle_generator(cfg.seed, run.step))
         run.step += 1
         run.batch_in_epoch = i + 1
         for name, value in out.items():
             sums[name] = sums.get(name, 0) + value.float()
         count += 1
         times[0] += data_time
-        times[1] += time.perf_counter() - end
+        times[3] = time.perf_counter()
+        times[1] += times[3] - end
         times[2] += im_q.shape[0]
         bar.update(1)
         if run.step % cfg.print_freq == 0 or i + 1 == num_batches:
             metrics = _flush(run, sums, count, epoch, times)
             bar.set_postfix(loss_d=f"{metrics['loss_d']:.3f}", acc1=f"{metrics['acc1']:.1f}")
-            sums, count, times = {}, 0, [0.0, 0.0, 0]
+            sums, count, times = {}, 0, [0.0, 0.0, 0, 0.0]
         if i + 1 == num_batches:
             break
         if cfg.max_steps and run.step >= cfg.max_steps:

@@ -5,7 +5,10 @@
 """
 
 import dataclasses
+import json
 import logging
+import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -16,6 +19,7 @@ import torch
 from videomoco.data.datasets import DataFailureError, set_epoch
 from videomoco.engine import checkpoint as ck
 from videomoco.engine import distributed as du
+from videomoco.engine import memory
 from videomoco.engine.config import ConfigError, PretrainConfig, config_from_args, error_line, save_config
 from videomoco.engine.config import add_arguments as _add_config_arguments
 from videomoco.engine.logger import MetricLogger, environment, setup_logging
@@ -26,6 +30,58 @@ from videomoco.method.moco import own_key_fraction
 log = logging.getLogger(__name__)
 
 AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # deterministic cuBLAS (one workspace per stream, no split-K races)
+
+
+def resolve_precision(precision, device):
+    """`--precision auto`: "bf16" on a CUDA device with native bf16 (Ampere and later), else "fp32" (CPU, older
+    GPUs). Other values are returned as they are. The logits, losses and G's scores are float32 either way."""
+    if precision != "auto":
+        return precision
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return "bf16" if native_bf16 else "fp32"
+
+
+def load_optimizer_state(optimizer, state):
+    """`optimizer.load_state_dict(state)`, keeping this run's `fused` / `foreach` choice: a checkpoint written on
+    the CPU (or before fused SGD) would otherwise switch a fused CUDA optimiser back, and GradScaler then passes
+    it the scale that only the fused step accepts."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for key in ("fused", "foreach"):
+            if key in optimizer.defaults:
+                group[key] = optimizer.defaults[key]
+
+
+# Ops of our models that have no deterministic CUDA kernel in some torch releases: module type -> (name, a
+# tiny call of the op on a device that raises under `use_deterministic_algorithms(True)` where it has none).
+CUDA_DETERMINISM_PROBES = {
+    torch.nn.MaxPool3d: ("MaxPool3d backward (C3D)", lambda device: torch.nn.functional.max_pool3d(
+        torch.zeros(1, 1, 2, 2, 2, device=device, requires_grad=True), 2).sum().backward()),
+}
+
+
+def nondeterministic_ops(model, device):
+    """The ops of `model` that raise under `torch.use_deterministic_algorithms(True)` on `device` (CUDA only)."""
+    if device.type != "cuda":
+        return []
+    missing = []
+    for kind, (name, probe) in CUDA_DETERMINISM_PROBES.items():
+        if any(isinstance(m, kind) for m in model.modules()):
+            try:
+                probe(device)
+            except RuntimeError as e:
+                if "deterministic" not in str(e):
+                    raise
+                missing.append(name)
+    return missing
+
+
+def _deterministic_environment(cfg):
+    """--deterministic: cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA creates its handle, so set it (unless set)
+    before any process touches the device; spawned workers inherit it."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
 
 
 class Run:
@@ -34,6 +90,7 @@ class Run:
     def __init__(self, cfg, info, batch):
         from videomoco.data.augment import GpuAugment
         from videomoco.method import AdversarialConfig, AdversarialTrainer, FrameDropGenerator, VideoMoCo
+        from videomoco.models import set_grad_checkpointing
 
         self.cfg, self.info, self.per_process_batch = cfg, info, batch
         self.loader = self.sampler = None  # set by _build_data
@@ -44,17 +101,22 @@ class Run:
         self.generator = FrameDropGenerator(cfg.drop_ratio, cfg.fill).to(dev)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
+        if cfg.grad_checkpointing:  # the query encoder's backward; the key encoder runs without grad
+            set_grad_checkpointing(self.model.encoder_q)
         params_d = [p for p in self.model.parameters() if p.requires_grad]
-        self.opt_d = torch.optim.SGD(params_d, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        fused = True if dev.type == "cuda" else None  # one kernel per step, and GradScaler.step without host syncs
+        self.opt_d = torch.optim.SGD(params_d, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                     fused=fused)
         self.opt_g = torch.optim.SGD(self.generator.parameters(), cfg.g_lr or cfg.lr, momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay)
-        fp16 = cfg.precision == "fp16"
+                                     weight_decay=cfg.weight_decay, fused=fused)
+        precision = resolve_precision(cfg.precision, dev)  # already resolved (and logged) by _train
+        fp16 = precision == "fp16"
         self.scaler_d = torch.amp.GradScaler(dev.type) if fp16 else None
         self.scaler_g = torch.amp.GradScaler(dev.type) if fp16 else None
         adv = AdversarialConfig(cfg.drop_ratio, cfg.fill, cfg.g_loss, cfg.g_loss_weight, cfg.real_query_loss,
                                 cfg.adv_start_epoch)
         self.trainer = AdversarialTrainer(self.model, self.generator, self.opt_d, self.opt_g, adv,
-                                          AMP_DTYPES[cfg.precision], self.scaler_d, self.scaler_g)
+                                          AMP_DTYPES[precision], self.scaler_d, self.scaler_g)
         self.augment = GpuAugment(color_jitter=(cfg.aug_jitter,) * 3 + (cfg.aug_hue,), grayscale_p=cfg.aug_grayscale,
                                   flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus).to(dev)
         self.stop = StopFlag()
@@ -109,8 +171,8 @@ class Run:
                      path, self.epoch)
             return
         self.generator.load_state_dict(ckpt["generator"])
-        self.opt_d.load_state_dict(ckpt["optimizer"])
-        self.opt_g.load_state_dict(ckpt["optimizer_g"])
+        load_optimizer_state(self.opt_d, ckpt["optimizer"])
+        load_optimizer_state(self.opt_g, ckpt["optimizer_g"])
         if self.scaler_d is not None and ckpt.get("scaler"):
             self.scaler_d.load_state_dict(ckpt["scaler"]["d"])
             self.scaler_g.load_state_dict(ckpt["scaler"]["g"])
@@ -158,7 +220,61 @@ def _build_data(run, cfg, info, workers):
     return dataset
 
 
+def _fitting_options(cfg, estimate, usable, batch):
+    """What to change when one clip does not fit (the estimate's smaller clips, then other memory savers)."""
+    hints = memory.fitting_hints(estimate, usable, batch, cfg.frame_per_clip, cfg.crop_size)
+    hints += ["--precision bf16"] if cfg.precision == "fp32" else []
+    hints += ["--grad_checkpointing"] if not cfg.grad_checkpointing else []
+    return ", ".join(hints + (["a larger --memory_budget"] if cfg.memory_budget else []))
+
+
+def _plan_micro_batches(run, cfg, info, workers):
+    """Set `run.trainer.micro_batches` from --micro_batch N, or plan it from a measured probe (auto).
+
+    Returns what was decided and measured (written to `memory_plan.json` in --log_dir)."""
+    b, world = run.per_process_batch, info.world_size
+    smallest = memory.smallest_trainable(run.model)
+    if cfg.micro_batch != "auto":
+        n = math.ceil(b / min(cfg.micro_batch, b))
+        if b // n < smallest:
+            raise ConfigError(f"--micro_batch {cfg.micro_batch} splits the batch of {b} per process into micro-batches "
+                              f"of {b // n} clip(s); the BatchNorm1d of --mlp_bn needs at least {smallest}")
+        run.trainer.micro_batches = n
+        log.info("batch %d (%d per process): %s (--micro_batch %d)", cfg.batch_size, b,
+                 memory.split_text(n, b), cfg.micro_batch)
+        return {"micro_batches": n, "per_process_batch": b}
+    clip = (3, cfg.frame_per_clip, cfg.crop_size, cfg.crop_size)
+    adversarial = cfg.epochs > max(cfg.adv_start_epoch, run.epoch)  # plan for the costlier step if it will run
+    log.info("--micro_batch auto: measuring a %s step of %d and %d clips", "VideoMoCo" if adversarial else "MoCo",
+             smallest, 2 * smallest)
+    estimate = memory.probe_step(run.trainer, clip, adversarial, info.device, cfg.channels_last, world)
+    limit = memory.parse_size(cfg.memory_budget) if cfg.memory_budget else None
+    budget = memory.budget_bytes(info.device, limit)
+    reserve = memory.worker_reserve(workers, 2 * b * math.prod(clip)) if info.device.type == "cpu" else 0
+    try:
+        plan = memory.plan_micro_batches(estimate, b, budget, reserve, what=f"batch {cfg.batch_size} ({b} per process)",
+                                         smallest=smallest)
+    except memory.MemoryPlanError as e:
+        plan, error = None, f"{e}; to fit, try {_fitting_options(cfg, estimate, memory.usable_bytes(budget, reserve), b)}"
+    n = plan.micro_batches if plan else b + 1
+    if world > 1:  # every rank must split alike: the most micro-batches any rank needs
+        t = torch.tensor([n], device=info.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        n = int(t.item())
+    if n > b:
+        raise ConfigError(error if plan is None else "another rank has too little memory for one clip")
+    if n != plan.micro_batches:  # another rank needs more
+        plan = dataclasses.replace(plan, micro_batches=n, micro_batch=math.ceil(b / n),
+                                   peak=estimate.peak(math.ceil(b / n), b))
+    run.trainer.micro_batches = n
+    log.info("%s", memory.plan_line(plan, estimate, cfg.batch_size, b, world))
+    return {"micro_batches": n, "per_process_batch": b, "budget_bytes": budget, "reserve_bytes": reserve,
+            "margin": memory.MARGIN, **dataclasses.asdict(estimate), **{f"plan_{k}": v for k, v in
+                                                                      dataclasses.asdict(plan).items()}}
+
+
 def _worker(local_rank, cfg):
+    _deterministic_environment(cfg)  # before init_distributed, which may start CUDA
     info = du.init_distributed(cfg, local_rank)
     setup_logging(info.rank)
     try:
@@ -172,19 +288,30 @@ def _train(cfg, info):
     env = environment()
     log.info("environment: %s", ", ".join(f"{k} {v}" for k, v in env.items()))
     log.info("process %d/%d on %s", info.rank, info.world_size, info.device)
+    if cfg.precision == "auto":
+        cfg.precision = resolve_precision(cfg.precision, info.device)
+        if du.is_main_process():
+            log.info("--precision auto: %s on %s", cfg.precision, info.device)
     if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True)  # an op without a deterministic kernel raises
         torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
     elif info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     batch, workers = du.per_process(cfg, info.world_size, du.procs_per_node(cfg))
     run = Run(cfg, info, batch)
+    missing = nondeterministic_ops(run.model, info.device) if cfg.deterministic else []
+    if missing:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        log.warning("--deterministic: %s has no deterministic CUDA kernel in torch %s; it runs nondeterministically "
+                    "(with a warning), every other op deterministically", ", ".join(missing), torch.__version__)
     dataset = _build_data(run, cfg, info, workers)
     if cfg.resume:
         run.resume(cfg.resume)
     if cfg.resumeG:
         log.warning("--resumeG %s: the authors' MaskGenerator does not fit our FrameDropGenerator "
                     "(different architecture); continuing with a fresh generator", cfg.resumeG)
+    memory_plan = _plan_micro_batches(run, cfg, info, workers)
     if cfg.compile:
         # the generator's update back-propagates with retain_graph=True, which donated buffers forbid
         torch._functorch.config.donated_buffer = False
@@ -193,6 +320,7 @@ def _train(cfg, info):
     if du.is_main_process():
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.log_dir) / "config.yaml")
+        (Path(cfg.log_dir) / "memory_plan.json").write_text(json.dumps(memory_plan, indent=1) + "\n")
         run.logger.text("config", "\n".join(f"    {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
     stale = own_key_fraction(cfg.moco_k, len(dataset))
     if stale >= 0.1 and du.is_main_process():
@@ -244,6 +372,7 @@ def _train(cfg, info):
 def run(cfg: PretrainConfig) -> dict:
     """Pretrain with `cfg` (the Python entry point). Returns rank 0's summary (status, epoch, step,
     checkpoint path, exit_code); only status and exit_code from a parent that spawned its workers."""
+    _deterministic_environment(cfg)  # spawned workers inherit it
     return du.launch(_worker, cfg)
 
 
@@ -255,7 +384,7 @@ def main(args):
     try:
         cfg = config_from_args(args)
         result = run(cfg)
-    except (ConfigError, ck.CheckpointError) as e:
+    except (ConfigError, ck.CheckpointError, memory.MemoryPlanError) as e:
         print(f"videomoco pretrain: error: {e}", file=sys.stderr)
         return 2
     return result.get("exit_code", 0) if result else 0

@@ -1,23 +1,37 @@
-"""What every evaluation command shares: the config fields and flags, model and data loading, results files."""
+"""What every evaluation command shares: the config fields and flags, model and data loading, memory
+planning, results files.
+
+Memory planning (`plan_micro_batch`, the eval side of `videomoco.engine.memory`): before the first batch
+of a command, one forward (fine-tuning: one training step, on a copy) of 1 and 2 random clips is
+measured, and a loader batch that would not fit is run in micro-batches of clips: `--micro-batch auto`.
+Inference is split after normalisation (BN in eval mode: the same features); fine-tuning accumulates
+the gradients of the micro-batches into one update of the whole batch's mean loss. When not even one
+clip fits, the command stops with one line naming the estimate and what to lower.
+"""
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
+import math
 import random
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from videomoco.data.datasets import DataFailureError, LabeledDataset
 from videomoco.data.decode import VideoError
 from videomoco.data.index import open_index
 from videomoco.engine.checkpoint import CheckpointError
-from videomoco.engine.config import error_line
+from videomoco.engine import memory
+from videomoco.engine.config import error_line, micro_batch_arg
 from videomoco.eval.export import load_encoder
 from videomoco.eval.features import extract_features
 from videomoco.models import build_encoder
@@ -46,6 +60,8 @@ class EvalConfig:
     workers: int = 4
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     seed: int = 0
+    micro_batch: int | str = "auto"  # clips per forward / per fine-tuning micro-batch; auto: planned from memory
+    memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
     out: str = "runs/eval"
 
 
@@ -68,7 +84,19 @@ def add_common_arguments(parser, cfg_cls=EvalConfig, data=True):
     parser.add_argument("--workers", type=int, default=d.workers, help="data loading workers")
     parser.add_argument("--device", default=d.device)
     parser.add_argument("--seed", type=int, default=d.seed)
+    add_memory_arguments(parser, cfg_cls)
     parser.add_argument("--out", default=d.out, help="output directory (metrics.json, summary.md, ...)")
+
+
+def add_memory_arguments(parser, cfg_cls=EvalConfig):
+    """`--micro-batch` and `--memory-budget` (checked by `check_config`, so a bad value is one line)."""
+    d = cfg_cls()
+    parser.add_argument("--micro-batch", "--micro_batch", dest="micro_batch", default=d.micro_batch,
+                        help="clips per forward (fine-tuning: per micro-batch, gradients accumulated); auto: the "
+                             "most that fit this device's memory, measured before the first batch")
+    parser.add_argument("--memory-budget", "--memory_budget", dest="memory_budget", default=d.memory_budget,
+                        help="memory the planner may assume this process can use in all, e.g. 16GB "
+                             "(default: what it holds + what the device has free)")
 
 
 def config_from_args(cfg_cls, args):
@@ -95,7 +123,28 @@ def check_config(cfg):
     device = str(getattr(cfg, "device", "cpu"))
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for but CUDA is not available")
+    if hasattr(cfg, "micro_batch"):
+        cfg.micro_batch = _micro_batch(cfg)
+    if getattr(cfg, "memory_budget", ""):
+        _budget_limit(cfg)
     return cfg
+
+
+def _micro_batch(cfg):
+    try:
+        return micro_batch_arg(cfg.micro_batch)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--micro-batch {e}") from None
+
+
+def _budget_limit(cfg):
+    """`--memory-budget` in bytes, or None when not given."""
+    if not getattr(cfg, "memory_budget", ""):
+        return None
+    try:
+        return memory.parse_size(cfg.memory_budget)
+    except ValueError as e:
+        raise ValueError(f"--memory-budget: {e}") from None
 
 
 # what bad input raises: a missing or corrupt file, a bad value, a dataset whose videos do not decode
@@ -171,10 +220,150 @@ def make_loader(cfg, dataset):
                       pin_memory=str(cfg.device).startswith("cuda"))
 
 
-def extract(cfg, encoder, subset, head=False, clip_fn=None):
-    """Clip-level features (or logits with `head=True`) of a subset, in test mode (no augmentation)."""
+def extract(cfg, encoder, subset, head=False, clip_fn=None, micro_batch=None):
+    """Clip-level features (or logits with `head=True`) of a subset, in test mode (no augmentation).
+
+    micro_batch: clips per forward; None: `plan_micro_batch` (measured once per encoder and settings)."""
+    if micro_batch is None:
+        micro_batch = plan_micro_batch(cfg, encoder, cfg.batch_size, head=head)
     loader = make_loader(cfg, labeled_dataset(cfg, subset, mode="test"))
-    return extract_features(encoder, loader, cfg.device, head=head, clip_fn=clip_fn, progress=True)
+    return extract_features(encoder, loader, cfg.device, head=head, clip_fn=clip_fn, progress=True,
+                            micro_batch=micro_batch)
+
+
+# --------------------------------------------------------------------------- memory planning
+
+_PLANS = weakref.WeakKeyDictionary()  # model -> {settings: clips per forward}, so a command plans once
+_ESTIMATES = weakref.WeakKeyDictionary()  # model -> {(kind, head, clip, device): StepEstimate}
+
+
+def _command(cfg):
+    name = type(cfg).__name__
+    return "eval" if name == "EvalConfig" else name.removesuffix("Config").lower()
+
+
+def input_bytes_per_clip(clip, device, views=1):
+    """What one clip of a batch costs outside the micro-batch being computed: `views` float copies on the
+    device and (CPU) its uint8 on the host. clip: (C, T, H, W)."""
+    elems = math.prod(clip)
+    return views * 4 * elems + (elems if torch.device(device).type == "cpu" else 0)
+
+
+def _tensor_bytes(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _optimizer_bytes(optimizer):
+    return _tensor_bytes(t for state in optimizer.state.values() for t in state.values()) if optimizer else 0
+
+
+def probe_estimate(model, clip, device, train=False, head=False, optimizer=None, momentum=0.9, per_input_clip=0):
+    """`memory.StepEstimate` of a forward of `model` (train: a fine-tuning step) on clips (C, T, H, W).
+
+    Inference runs `forward_features` (head: the full forward) under inference_mode in eval mode; a
+    training step (forward, cross-entropy, backward, SGD step) runs on a copy of the model, whose bytes
+    are subtracted, as are those of `optimizer`'s state (its copy stands in for it). The model's mode
+    and the global RNG are left as they were.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    with memory.probing(device):
+        if train:
+            probe = copy.deepcopy(model).train()
+            opt = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=momentum)
+            subtract = _tensor_bytes(probe.state_dict().values()) + _optimizer_bytes(optimizer)
+
+            def step(m):
+                logits = probe(torch.randn((m, *clip), device=device))
+                F.cross_entropy(logits, torch.zeros(m, dtype=torch.long, device=device)).backward()
+                opt.step()
+        else:
+            subtract = 0
+            forward = model.eval() if head else model.eval().forward_features
+
+            def step(m):
+                with torch.inference_mode():
+                    forward(torch.randn((m, *clip), device=device))
+
+        try:
+            return memory.measure_step(step, device, per_input_clip, subtract=subtract,
+                                       smallest=memory.smallest_trainable(model) if train else 1)
+        except ValueError:
+            if not train:
+                raise
+            # BatchNorm cannot train on one clip whose feature map is 1x1x1: measure 2 and 4 clips instead
+            return memory.measure_step(step, device, per_input_clip, subtract=subtract, smallest=2)
+        finally:
+            model.train(was_training)
+
+
+def _fitting_options(cfg, estimate, usable, batch, clips_per_item):
+    """What to change when one clip does not fit: smaller clips, a smaller batch, more memory."""
+    hints = memory.fitting_hints(estimate, usable, batch, cfg.frames, cfg.crop, flags=("--frames", "--crop"))
+    room = usable - estimate.fixed
+    if room >= estimate.per_clip:
+        clips = 1 + (room - estimate.per_clip) // max(estimate.per_input_clip, 1)
+        if clips // clips_per_item >= 1:
+            hints.append(f"--batch-size {int(clips // clips_per_item)}")
+    hints.append("a larger --memory-budget" if cfg.memory_budget else "a device with more free memory")
+    return ", ".join(hints)
+
+
+def plan_micro_batch(cfg, model, clips_per_batch, train=False, head=False, optimizer=None, input_views=1, what=None):
+    """Clips per forward (train: per fine-tuning micro-batch) for batches of `clips_per_batch` clips.
+
+    `cfg.micro_batch` when it is a number (no probe); with 'auto', measured by `probe_estimate` (once per
+    model and clip settings) and planned by `memory.plan_micro_batches` within `cfg.memory_budget` (or
+    what the process holds + what the device has free), less the DataLoader workers' share on CPU.
+    Logs one line; raises `memory.MemoryPlanError` (a ValueError, one line) when not even one clip fits.
+    input_views: float copies of each clip of the batch held while a micro-batch is computed.
+    """
+    micro = _micro_batch(cfg)
+    limit = _budget_limit(cfg)
+    device = torch.device(cfg.device)
+    clip = (3, cfg.frames, cfg.crop, cfg.crop)
+    b = max(int(clips_per_batch), 1)
+    kind = "training" if train else "inference"
+    what = what or f"{_command(cfg)} {kind}"
+    key = (kind, head, b, input_views, clip, str(device), micro, limit, cfg.workers)
+    try:
+        plans = _PLANS.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: plan every time
+        plans = {}
+    if key in plans:
+        return plans[key]
+    if micro != "auto":
+        log.info("%s: batch %d: %s (--micro-batch %d)", what, b, memory.split_text(math.ceil(b / min(micro, b)), b),
+                 micro)
+        plans[key] = min(micro, b)
+        return plans[key]
+    per_input = input_bytes_per_clip(clip, device, input_views)
+    try:
+        estimates = _ESTIMATES.setdefault(model, {})
+    except TypeError:
+        estimates = {}
+    probe_key = (kind, head, clip, str(device))
+    if probe_key not in estimates:
+        log.info("%s: --micro-batch auto: measuring a %s of 1 and 2 clips", what,
+                 "training step" if train else "forward")
+        estimates[probe_key] = probe_estimate(model, clip, device, train, head, optimizer,
+                                              getattr(cfg, "momentum", 0.9), per_input)
+    estimate = dataclasses.replace(estimates[probe_key], per_input_clip=per_input)
+    budget = memory.budget_bytes(device, limit)
+    reserve = memory.worker_reserve(cfg.workers, b * math.prod(clip)) if device.type == "cpu" else 0
+    shape = "x".join(map(str, clip))
+    try:
+        plan = memory.plan_micro_batches(estimate, b, budget, reserve,
+                                         what=f"{'a training' if train else 'an inference'} batch of {b} clips of {shape}")
+    except memory.MemoryPlanError as e:
+        hints = _fitting_options(cfg, estimate, memory.usable_bytes(budget, reserve), b,
+                                 max(1, b // max(cfg.batch_size, 1)))
+        raise memory.MemoryPlanError(f"{e}; to fit, try {hints}") from None
+    log.info("%s: batch %d needs ~%s, %s available: %s (~%s; %s + %s per clip)", what, b, memory.gib(plan.needed),
+             memory.gib(plan.budget), memory.split_text(plan.micro_batches, b), memory.gib(plan.peak),
+             memory.gib(estimate.fixed), memory.gib(estimate.per_clip))
+    plans[key] = plan.micro_batch
+    return plan.micro_batch
 
 
 def class_names(dataset):

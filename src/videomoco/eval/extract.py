@@ -6,7 +6,8 @@ writes `FEATS.npy` `(V, D)` float32 and `FEATS.csv` (row, path, label, class_nam
 of DATA (a folder of videos, a dataset root, or an index directory). Work is done in chunks of
 `--chunk-size` videos saved under `FEATS.parts/` as they finish; a rerun skips the finished
 chunks, so an interrupted extraction continues where it stopped. Videos that fail to decode are
-skipped with a warning and a count (`FEATS.json` lists them).
+skipped with a warning and a count (`FEATS.json` lists them). The batch_size x num_clips clips of a
+batch run through the encoder `--micro-batch` at a time (auto: planned from a measured forward).
 """
 
 import csv
@@ -48,6 +49,8 @@ class ExtractConfig:
     chunk_size: int = 512  # videos per saved chunk
     workers: int = 4
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    micro_batch: int | str = "auto"  # clips per forward; auto: planned from memory
+    memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
 
 
 def add_arguments(parser):
@@ -66,6 +69,7 @@ def add_arguments(parser):
     parser.add_argument("--chunk-size", type=int, default=d.chunk_size, help="videos per resumable chunk")
     parser.add_argument("--workers", type=int, default=d.workers)
     parser.add_argument("--device", default=d.device)
+    common.add_memory_arguments(parser, ExtractConfig)
 
 
 class VideoClips(Dataset):
@@ -99,14 +103,19 @@ def _save_chunk(path, features, rows, ok):
 
 
 @torch.inference_mode()
-def extract_chunk(encoder, dataset, rows, cfg):
-    """Video features `(len(rows), D)` (mean over clips) and ok flags of the videos `rows`."""
+def extract_chunk(encoder, dataset, rows, cfg, micro_batch=None):
+    """Video features `(len(rows), D)` (mean over clips) and ok flags of the videos `rows`.
+
+    micro_batch: clips per forward; None: planned (once per encoder) for batches of batch_size x num_clips."""
+    if micro_batch is None:
+        micro_batch = common.plan_micro_batch(cfg, encoder, cfg.batch_size * cfg.num_clips)
     loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=cfg.batch_size, num_workers=cfg.workers)
     feats, oks = [], []
     for clips, _, ok in loader:
         b, n = clips.shape[:2]
         x = normalize(clips.flatten(0, 1).to(cfg.device))  # (B*N, 3, T, S, S)
-        feats.append(encoder.forward_features(x).float().view(b, n, -1).mean(1).cpu())  # (B, D)
+        out = torch.cat([encoder.forward_features(part) for part in x.split(micro_batch)])
+        feats.append(out.float().view(b, n, -1).mean(1).cpu())  # (B, D)
         oks.append(ok)
     return torch.cat(feats).numpy(), torch.cat(oks).numpy()
 
@@ -118,7 +127,8 @@ def run(cfg):
     if not records:
         raise ValueError(f"{cfg.data}: no usable videos")
     parts = Path(f"{out}.parts")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "workers", "device")}
+    settings = {k: v for k, v in asdict(cfg).items()
+                if k not in ("out", "batch_size", "workers", "device", "micro_batch", "memory_budget")}
     settings["videos"] = len(records)
     if (parts / "settings.json").is_file() and json.loads((parts / "settings.json").read_text()) != settings:
         raise ValueError(f"{parts} holds a partial extraction with other settings; delete it or use another --out")

@@ -14,21 +14,23 @@ from videomoco.data.augment import normalize
 
 
 @torch.inference_mode()
-def extract_features(encoder, loader, device="cpu", head=False, clip_fn=None, progress=False):
+def extract_features(encoder, loader, device="cpu", head=False, clip_fn=None, progress=False, micro_batch=None):
     """Run `encoder` over `loader`; returns clip-level rows as numpy arrays.
 
     `head=False` gives `forward_features` (pooled, pre-head `(N, feature_dim)`), `head=True` the full
-    forward (logits). `clip_fn(x) -> x` is applied to the normalised float clip (robustness drops).
+    forward (logits). `clip_fn(x) -> x` is applied to the normalised float clip (robustness drops), on
+    the whole loader batch. `micro_batch`: clips per forward (None: the whole batch); BN is in eval
+    mode, so the split does not change the features.
     Returns `{"features": (N, D) float32, "labels": (N,) int64, "video_ids": (N,) int64}`.
     """
     encoder.eval()
+    forward = encoder if head else encoder.forward_features
     feats, labels, ids = [], [], []
     for clip, label, video_id in tqdm(loader, disable=not progress, desc="features", leave=False):
         x = normalize(clip.to(device, non_blocking=True))  # (B, 3, T, H, W) float
         if clip_fn is not None:
             x = clip_fn(x)
-        out = encoder(x) if head else encoder.forward_features(x)
-        feats.append(out.float().cpu())
+        feats += [forward(part).float().cpu() for part in (x.split(micro_batch) if micro_batch else (x,))]
         labels.append(torch.as_tensor(label).view(-1).cpu())
         ids.append(torch.as_tensor(video_id).view(-1).cpu())
     if not feats:

@@ -10,6 +10,9 @@ The authors' eval.py keeps BN in eval mode while training (a leftover of their l
 we train BN (`model.train()`), the usual fine-tuning protocol. Checkpoints (`checkpoint.pth` in `--out`,
 atomic, every epoch) hold the model in torchvision keys plus `arch`, `width`, `num_classes`, so
 `load_encoder` reads them; `--resume` continues one and refuses a head of another class count.
+A batch that does not fit the device's memory runs in micro-batches (`--micro-batch`, by default
+planned from a measured step before the first batch): gradients are accumulated into one update of
+the batch's mean loss, while BN normalises each micro-batch on its own.
 
     videomoco finetune DATA --dataset ucf101 --split 1 --pretrained CKPT --out runs/ft
 """
@@ -29,6 +32,7 @@ from videomoco.engine.checkpoint import load_checkpoint, save_checkpoint
 from videomoco.engine.schedule import learning_rate
 from videomoco.eval import common
 from videomoco.eval.features import confusion_matrix, per_class_accuracy, topk_accuracy, video_scores
+from videomoco.models import set_grad_checkpointing
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class FinetuneConfig(common.EvalConfig):
     eval_every: int = 0  # evaluate every N epochs as well as at the end (0: only at the end)
     resume: str = ""
     evaluate: bool = False  # only evaluate (the --pretrained or --resume model), no training
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     out: str = "runs/finetune"
 
 
@@ -67,6 +72,8 @@ def add_arguments(parser):
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="also evaluate every N epochs")
     parser.add_argument("--resume", default="", help="continue from a fine-tuning checkpoint.pth")
     parser.add_argument("--evaluate", action="store_true", help="only evaluate the --pretrained / --resume model")
+    parser.add_argument("--grad-checkpointing", "--grad_checkpointing", action="store_true",
+                        help="activation checkpointing of the encoder's blocks: less memory, more compute")
 
 
 def flip(x, generator=None):
@@ -75,20 +82,27 @@ def flip(x, generator=None):
     return torch.where(mask.to(x.device)[:, None, None, None, None], x.flip(-1), x)
 
 
-def train_one_epoch(model, loader, optimizer, device, generator=None):
-    """One pass over `loader`; returns the mean loss and clip accuracy of the epoch."""
+def train_one_epoch(model, loader, optimizer, device, generator=None, micro_batch=None):
+    """One pass over `loader`; returns the mean loss and clip accuracy of the epoch.
+
+    micro_batch: clips per forward/backward (None: the whole batch). The gradients of a batch's
+    micro-batches, each loss weighted by its share of the batch, add up to those of the batch's mean
+    loss: one optimizer step per batch. (BN in train mode normalises each micro-batch on its own.)
+    """
     model.train()
     total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for clip, label, _ in loader:
-        x = flip(normalize(clip.to(device, non_blocking=True)), generator)  # (B, 3, T, H, W)
+        x = flip(normalize(clip.to(device, non_blocking=True)), generator)  # (B, 3, T, H, W), flips drawn per batch
         label = label.to(device, non_blocking=True)
-        logits = model(x)  # (B, C)
-        loss = F.cross_entropy(logits, label)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        parts = list(zip(x.split(micro_batch), label.split(micro_batch))) if micro_batch else [(x, label)]
+        for xs, ys in parts:
+            logits = model(xs)  # (b, C)
+            loss = F.cross_entropy(logits, ys)
+            (loss * (len(ys) / len(label)) if len(parts) > 1 else loss).backward()
+            total_loss += loss.detach() * len(ys)
+            correct += (logits.argmax(1) == ys).sum()
         optimizer.step()
-        total_loss += loss.detach() * len(label)
-        correct += (logits.argmax(1) == label).sum()
         seen += len(label)
     if not torch.isfinite(total_loss):
         raise FloatingPointError("fine-tuning loss is not finite; lower --lr")
@@ -150,8 +164,14 @@ def run(cfg):
     else:
         model = common.load_model(cfg, num_classes=num_classes)
     model = model.to(cfg.device)
+    if cfg.grad_checkpointing:
+        set_grad_checkpointing(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start = _resume(cfg, model, optimizer, num_classes) if cfg.resume else 0
+    micro_batch = None
+    if not cfg.evaluate and start < cfg.epochs:  # planned once, before the first batch
+        micro_batch = common.plan_micro_batch(cfg, model, min(cfg.batch_size, len(train_set)), train=True,
+                                              optimizer=optimizer)
     loader = build_loader(train_set, cfg.batch_size, cfg.workers, shuffle=True, drop_last=len(train_set) >= cfg.batch_size,
                           seed=cfg.seed, pin_memory=str(cfg.device).startswith("cuda"))
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
@@ -162,7 +182,7 @@ def run(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         set_epoch(loader, epoch)
-        loss, acc = train_one_epoch(model, loader, optimizer, cfg.device, generator)
+        loss, acc = train_one_epoch(model, loader, optimizer, cfg.device, generator, micro_batch)
         log.info("epoch %d/%d lr %.4g loss %.4f train clip acc %.2f", epoch + 1, cfg.epochs, lr, loss, acc)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_clip_top1": acc}
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:

@@ -69,16 +69,25 @@ def droppers(cfg, generator=None):
 
 
 @torch.inference_mode()
-def dropped_features(cfg, encoder, loader, drop_fns):
-    """Clean features `(N, D)` and, per (dropper, ratio), the features of the dropped clips, in one pass."""
+def dropped_features(cfg, encoder, loader, drop_fns, micro_batch=None):
+    """Clean features `(N, D)` and, per (dropper, ratio), the features of the dropped clips, in one pass.
+
+    Frames are dropped on the whole loader batch, the encoder runs on `micro_batch` clips at a time
+    (None: planned once per encoder, for the clean and one dropped copy of the batch)."""
+    if micro_batch is None:
+        micro_batch = common.plan_micro_batch(cfg, encoder, cfg.batch_size, input_views=2)
     encoder.eval()
+
+    def features(x):
+        return torch.cat([encoder.forward_features(part).float().cpu() for part in x.split(micro_batch)])
+
     clean, dropped, labels, ids = [], {}, [], []
     for clip, label, video_id in tqdm(loader, desc="robustness", leave=False):
         x = normalize(clip.to(cfg.device))  # (B, 3, T, H, W)
-        clean.append(encoder.forward_features(x).float().cpu())
+        clean.append(features(x))
         for name, fn in drop_fns.items():
             for r in cfg.ratios:
-                dropped.setdefault((name, r), []).append(encoder.forward_features(fn(x, r)).float().cpu())
+                dropped.setdefault((name, r), []).append(features(fn(x, r)))
         labels.append(label.view(-1))
         ids.append(video_id.view(-1))
     return _cat(clean), {k: _cat(v) for k, v in dropped.items()}, _cat(labels), _cat(ids)

@@ -8,8 +8,10 @@
            = -InfoNCE(decayed logits of q)                "contrastive"
 
 G and D are updated by their own optimisers from one shared forward pass: G's loss is
-back-propagated into G's parameters only (`backward(inputs=...)`), G steps, then D's loss into
-D's parameters only, D steps. So G's step never moves D and D's step never moves G. Before
+back-propagated into G's parameters only (`backward(inputs=...)`), D's loss into D's parameters
+only, then G steps and D steps. So G's step never moves D and D's step never moves G. A batch
+can be processed in micro-batches (`micro_batches`): the gradients of each are accumulated
+before the players step, with the semantics of a run on that many times more GPUs. Before
 `adv_start_epoch` (`adversarial=False`) G is not run at all: plain MoCo with temporal decay.
 
 Under torch.distributed the trainer averages the gradients of both players itself, so `model`
@@ -60,9 +62,11 @@ class AdversarialTrainer:
     opt_d / opt_g: the optimisers of D and G (each only sees its own player's parameters).
     amp_dtype: None, torch.bfloat16 or torch.float16 for autocast; scaler_d / scaler_g: optional
     `torch.amp.GradScaler`s (fp16). `generator` and `opt_g` may be None for plain MoCo.
+    micro_batches: each batch is processed in this many micro-batches (see `step`).
     """
 
-    def __init__(self, model, generator, opt_d, opt_g, cfg=None, amp_dtype=None, scaler_d=None, scaler_g=None):
+    def __init__(self, model, generator, opt_d, opt_g, cfg=None, amp_dtype=None, scaler_d=None, scaler_g=None,
+                 micro_batches=1):
         self.cfg = cfg or AdversarialConfig()
         if self.cfg.g_loss not in G_LOSSES:
             raise ValueError(f"unknown g_loss {self.cfg.g_loss!r}; expected one of {', '.join(G_LOSSES)}")
@@ -71,17 +75,20 @@ class AdversarialTrainer:
         self.params_d = trainable_params(opt_d)
         self.params_g = trainable_params(opt_g) if opt_g is not None else []
         self.amp_dtype, self.scaler_d, self.scaler_g = amp_dtype, scaler_d, scaler_g
+        self.micro_batches = micro_batches  # set by the memory planner before training
 
     def _autocast(self, device):
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.amp_dtype)
 
-    def _update(self, loss, params, optimizer, scaler, retain_graph=False):
-        """Back-propagate `loss` into `params` only, then step `optimizer`."""
-        optimizer.zero_grad(set_to_none=True)
+    def _backward(self, loss, params, scaler, retain_graph=False):
+        """Accumulate the gradient of `loss` into `params` only (`.grad +=`)."""
         scaled = scaler.scale(loss) if scaler is not None else loss
         scaled.backward(inputs=params, retain_graph=retain_graph)
+
+    @staticmethod
+    def _step(params, optimizer, scaler):
         average_gradients(params)
         if scaler is not None:
             scaler.step(optimizer)
@@ -89,19 +96,16 @@ class AdversarialTrainer:
         else:
             optimizer.step()
 
-    def step(self, im_q, im_k, adversarial):
-        """One step on query / key clips (B, C, T, H, W). Returns detached 0-d tensors (no host sync)."""
+    def _micro_step(self, im_q, k, adversarial, weight):
+        """Forward one micro-batch of queries (b, C, T, H, W) against its keys k (b, dim) and accumulate
+        `weight` x each player's gradient; nothing steps. Returns the micro-batch's metrics."""
         cfg, model = self.cfg, self.model
-        if adversarial and (self.generator is None or self.opt_g is None):
-            raise ValueError("an adversarial step needs a generator and its optimiser")
         zero = torch.zeros((), device=im_q.device)
         loss_g, drop_fraction = zero, zero
-
         with self._autocast(im_q.device):
-            k = model.encode_keys(im_k)  # (B, dim), no grad
             if adversarial:
-                dropped, keep = self.generator(im_q)  # (B, C, T, H, W), (B, T)
-                q = model.encode_query(dropped)  # (B, dim)
+                dropped, keep = self.generator(im_q)  # (b, C, T, H, W), (b, T)
+                q = model.encode_query(dropped)  # (b, dim)
                 q_real = None
                 if cfg.real_query_loss or cfg.g_loss == "feature_l1":
                     with torch.set_grad_enabled(cfg.real_query_loss):
@@ -110,28 +114,47 @@ class AdversarialTrainer:
             else:
                 q = model.encode_query(im_q)
 
-        logits, _ = model.contrastive_logits(q, k)  # (B, 1 + K)
+        logits, _ = model.contrastive_logits(q, k)  # (b, 1 + K), against the queue as the step found it
         loss_d = contrastive_loss(logits)
         if adversarial and cfg.real_query_loss:
             loss_d = loss_d + contrastive_loss(model.contrastive_logits(q_real, k)[0])
-
         if adversarial:
             if cfg.g_loss == "feature_l1":
                 loss_g = -cfg.g_loss_weight * feature_l1(q, q_real.detach())
             else:
                 loss_g = -contrastive_loss(logits)
-            # G first: its gradient flows back through D, whose parameters must not have stepped yet
-            self._update(loss_g, self.params_g, self.opt_g, self.scaler_g, retain_graph=True)
-        self._update(loss_d, self.params_d, self.opt_d, self.scaler_d)
-        model.enqueue(k)
-
+            # G's gradient flows back through D's graph before either player has stepped
+            self._backward(loss_g * weight, self.params_g, self.scaler_g, retain_graph=True)
+        self._backward(loss_d * weight, self.params_d, self.scaler_d)
         acc1, acc5 = topk_accuracy(logits.detach(), ks=(1, 5))
-        return {
-            "loss_d": loss_d.detach(),
-            "loss_g": loss_g.detach(),
-            "acc1": acc1,
-            "acc5": acc5,
-            "drop_fraction": drop_fraction,
-            "queue_age_mean": model.queue_age.float().mean(),
-            "queue_age_max": model.queue_age.max().float(),
-        }
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "acc1": acc1, "acc5": acc5,
+                "drop_fraction": drop_fraction}
+
+    def step(self, im_q, im_k, adversarial, shuffle_generator=None):
+        """One step on query / key clips (B, C, T, H, W). Returns detached 0-d tensors (no host sync).
+
+        The batch is processed as `self.micro_batches` micro-batches, as that many times more processes
+        with one micro-batch each would (BN's running statistics aside): BN statistics per micro-batch, shuffle-BN of the keys
+        across all of them, one momentum update, every logit against the queue of the step's start, the
+        gradients of the batch-mean losses accumulated, then G and D step once and all keys are enqueued.
+        shuffle_generator: the `torch.Generator` of the shuffle-BN permutation (see `encode_keys`).
+        """
+        model, chunks = self.model, min(self.micro_batches, im_q.shape[0])
+        if adversarial and (self.generator is None or self.opt_g is None):
+            raise ValueError("an adversarial step needs a generator and its optimiser")
+        with self._autocast(im_q.device):
+            k = model.encode_keys(im_k, chunks=chunks, generator=shuffle_generator)  # (B, dim), no grad
+        self.opt_d.zero_grad(set_to_none=True)
+        if adversarial:
+            self.opt_g.zero_grad(set_to_none=True)
+        out = {}
+        for q_j, k_j in zip(im_q.tensor_split(chunks), k.tensor_split(chunks)):
+            weight = q_j.shape[0] / im_q.shape[0]  # the losses are means over the whole batch
+            for name, value in self._micro_step(q_j, k_j, adversarial, weight).items():
+                out[name] = out.get(name, 0) + value * weight
+        if adversarial:
+            self._step(self.params_g, self.opt_g, self.scaler_g)
+        self._step(self.params_d, self.opt_d, self.scaler_d)
+        model.enqueue(k)
+        return out | {"queue_age_mean": model.queue_age.float().mean(),
+                      "queue_age_max": model.queue_age.max().float()}

@@ -16,6 +16,8 @@ Fill modes for a dropped frame:
 - "hold": the previous kept frame (the first kept frame when the clip starts with drops).
 """
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -99,13 +101,21 @@ class FrameDropGenerator(nn.Module):
         self.score = nn.Linear(hidden, 1)
 
     def scores(self, clip):
-        """Drop scores: clip (B, C, T, H, W) -> (B, T); the highest are dropped."""
+        """Drop scores: clip (B, C, T, H, W) -> float32 (B, T); the highest are dropped.
+
+        Always computed in float32, also under bf16/fp16 autocast: cuDNN's GRU autocasts to fp16 (whose
+        gradients underflow without a GradScaler, and bf16 runs have none), and low-precision scores make
+        top-k ties likely. G is under 0.1% of a step's FLOPs.
+        """
         b, c, t, h, w = clip.shape
-        frames = clip.transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
-        frames = F.adaptive_avg_pool2d(frames, self.input_size)
-        x = self.features(frames).flatten(1).view(b, t, -1)  # (B, T, hidden)
-        x, _ = self.rnn(x)  # (B, T, hidden)
-        return self.score(x).squeeze(-1)  # (B, T)
+        kind = clip.device.type  # "meta" (FLOP counts) has no autocast
+        fp32 = torch.autocast(device_type=kind, enabled=False) if torch.amp.is_autocast_available(kind) else None
+        with fp32 or nullcontext():
+            frames = clip.float().transpose(1, 2).reshape(b * t, c, h, w)  # (B*T, C, H, W)
+            frames = F.adaptive_avg_pool2d(frames, self.input_size)
+            x = self.features(frames).flatten(1).view(b, t, -1)  # (B, T, hidden)
+            x, _ = self.rnn(x)  # (B, T, hidden)
+            return self.score(x).squeeze(-1)  # (B, T)
 
     def forward(self, clip):
         """clip (B, C, T, H, W) -> (dropped clip (B, C, T, H, W), keep mask (B, T) float, 1 = kept)."""

@@ -33,6 +33,18 @@ def concat_all_gather(x):
     return torch.cat(gathered, dim=0)
 
 
+def micro_batch_sizes(batch, chunks):
+    """Sizes of `batch` clips split into `chunks` micro-batches as evenly as possible (`tensor_split`)."""
+    return [batch // chunks + (i < batch % chunks) for i in range(chunks)]
+
+
+def _randperm(n, generator, device):
+    """A permutation of n from `generator` (on its own device) or the global RNG, on `device`."""
+    if generator is None:
+        return torch.randperm(n, device=device)
+    return torch.randperm(n, generator=generator, device=generator.device).to(device, non_blocking=True)
+
+
 def own_key_fraction(K, num_videos):
     """Fraction of queries whose own key from the previous epoch is still in a queue of K keys.
 
@@ -106,46 +118,62 @@ class VideoMoCo(nn.Module):
 
     @torch.no_grad()
     def _momentum_update_key_encoder(self):
-        """k = m * k + (1 - m) * q for every parameter (BN running stats stay the key encoder's own)."""
-        for p_q, p_k in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
-            p_k.mul_(self.m).add_(p_q.detach(), alpha=1.0 - self.m)
+        """k = m * k + (1 - m) * q for every parameter (BN running stats stay the key encoder's own).
+
+        Two multi-tensor kernels over all parameters (`_foreach_mul_`, `_foreach_add_`) instead of two
+        launches per parameter; the same arithmetic as `p_k.mul_(m).add_(p_q, alpha=1 - m)`.
+        """
+        params_k = list(self.encoder_k.parameters())
+        params_q = [p.detach() for p in self.encoder_q.parameters()]
+        torch._foreach_mul_(params_k, self.m)
+        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
 
     @torch.no_grad()
-    def _encode_keys_grouped(self, x):
+    def _encode_keys_grouped(self, x, generator=None):
         """Single-process shuffle-BN: random groups, BN statistics per group, original order back."""
         b = x.shape[0]
         groups = self.shuffle_groups or (2 if b >= 4 else 1)
-        perm = torch.randperm(b, device=x.device)
+        perm = _randperm(b, generator, x.device)
         k = torch.cat([self.encoder_k(chunk) for chunk in x[perm].tensor_split(min(groups, b))])
         return k[torch.argsort(perm)]
 
     @torch.no_grad()
-    def _batch_shuffle_ddp(self, x):
-        """The authors' shuffle across ranks: gather, permute (rank 0's permutation), keep our slice."""
-        x_all = concat_all_gather(x)
-        idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
-        dist.broadcast(idx_shuffle, src=0)
-        idx_this = idx_shuffle.view(dist.get_world_size(), -1)[dist.get_rank()]
-        return x_all[idx_this], torch.argsort(idx_shuffle)
+    def _encode_keys_shuffled(self, x, chunks, generator=None):
+        """Shuffle-BN over every rank's micro-batches: each of the `world_size * chunks` key encoders of
+        the global batch (a rank's micro-batch, as one GPU of a bigger run) sees a random part of it.
 
-    @torch.no_grad()
-    def _batch_unshuffle_ddp(self, x, idx_unshuffle):
-        x_all = concat_all_gather(x)
-        return x_all[idx_unshuffle.view(dist.get_world_size(), -1)[dist.get_rank()]]
+        The authors' scheme (`chunks=1` under DDP): gather all key clips, permute them (one permutation
+        for all ranks: drawn from `generator`, which every rank seeds alike, else rank 0's broadcast),
+        encode this rank's slices, gather the keys and undo the permutation. x: (b, C, T, H, W) -> (b, dim).
+        """
+        world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
+        x_all = concat_all_gather(x) if world > 1 else x  # (world * b, C, T, H, W), rank-major
+        perm = _randperm(x_all.shape[0], generator, x.device)
+        if world > 1 and generator is None:
+            dist.broadcast(perm, src=0)
+        sizes = micro_batch_sizes(x.shape[0], chunks) * world  # one entry per micro-batch of the global batch
+        mine = perm.split(sizes)[rank * chunks : (rank + 1) * chunks]
+        k = torch.cat([self.encoder_k(x_all[idx]) for idx in mine])  # (b, dim), in permuted order
+        k_all = concat_all_gather(k) if world > 1 else k
+        return k_all[torch.argsort(perm)][rank * x.shape[0] : (rank + 1) * x.shape[0]]
 
     def encode_query(self, x):
         """x: (B, C, T, H, W) -> L2-normalised query embeddings (B, dim) float32, with gradient."""
         return F.normalize(self.encoder_q(x).float(), dim=1)
 
     @torch.no_grad()
-    def encode_keys(self, x):
-        """Momentum-update the key encoder, then x: (B, C, T, H, W) -> normalised keys (B, dim) float32."""
+    def encode_keys(self, x, chunks=1, generator=None):
+        """Momentum-update the key encoder, then x: (B, C, T, H, W) -> normalised keys (B, dim) float32.
+
+        chunks: the micro-batches this process splits its batch into (BN statistics per micro-batch,
+        shuffled across all of them and all ranks); generator: a `torch.Generator` for the shuffle
+        permutation, seeded alike on every rank (default: the global RNG).
+        """
         self._momentum_update_key_encoder()
-        if is_distributed():
-            x, idx_unshuffle = self._batch_shuffle_ddp(x)
-            k = self._batch_unshuffle_ddp(self.encoder_k(x), idx_unshuffle)
+        if is_distributed() or chunks > 1:
+            k = self._encode_keys_shuffled(x, chunks, generator)
         else:
-            k = self._encode_keys_grouped(x)
+            k = self._encode_keys_grouped(x, generator)
         return F.normalize(k.float(), dim=1)
 
     def contrastive_logits(self, q, k):

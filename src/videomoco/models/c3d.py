@@ -20,8 +20,11 @@ Choices, each to accept clips other than 16x112x112:
   C3D checkpoints; only the head is named `fc` here.
 """
 
+from functools import partial
+
 import torch.nn as nn
 
+from videomoco.models.checkpointing import checkpoint_stage
 from videomoco.models.registry import register_encoder
 from videomoco.models.resnet3d import init_weights
 
@@ -54,14 +57,28 @@ class C3D(nn.Module):
         self.pool5 = nn.AdaptiveAvgPool3d(1)
         self.feature_dim = in_planes
         self.fc = nn.Linear(self.feature_dim, num_classes)
+        self.grad_checkpointing = False  # a plain attribute: not in state_dict()
         init_weights(self)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Checkpoint each conv block (conv, BN, ReLU, pool) in training forwards (timm's API)."""
+        self.grad_checkpointing = bool(enable)
+        return self
+
+    def _block(self, name, pool, x):
+        """conv{name} -> bn{name} -> ReLU (-> pool): (B, C, T, H, W) -> (B, C', T', H', W')."""
+        x = self.relu(getattr(self, f"bn{name}")(getattr(self, f"conv{name}")(x)))
+        return x if pool is None else getattr(self, f"pool{name[0]}")(x)
 
     def forward_features(self, x):
         """(B, 3, T, H, W) -> pooled features (B, feature_dim)."""
         for name, _, pool in BLOCKS:
-            x = self.relu(getattr(self, f"bn{name}")(getattr(self, f"conv{name}")(x)))
-            if pool is not None:
-                x = getattr(self, f"pool{name[0]}")(x)
+            block = partial(self._block, name, pool)
+            if self.grad_checkpointing:  # the ModuleList only tells the checkpoint which params/BNs the block has
+                owner = nn.ModuleList([getattr(self, f"conv{name}"), getattr(self, f"bn{name}")])
+                x = checkpoint_stage(owner, x, block)
+            else:
+                x = block(x)
         return self.pool5(x).flatten(1)  # (B, 8w)
 
     def forward(self, x):

@@ -48,6 +48,19 @@ def count_parameters(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def set_grad_checkpointing(model, enable=True):
+    """Turn activation checkpointing of `model`'s stages on or off; returns `model`.
+
+    Every registered encoder has `model.set_grad_checkpointing(enable)`; any other model is a ValueError.
+    """
+    method = getattr(model, "set_grad_checkpointing", None)
+    if not callable(method):
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing "
+                         "(no set_grad_checkpointing method)")
+    method(enable)
+    return model
+
+
 def count_flops(model, clip_shape=CLIP_SHAPE):
     """FLOPs of one forward pass on one clip `(C, T, H, W)` (a multiply-add counts 2).
 

@@ -16,6 +16,7 @@ Smaller widths scale every stage (width * (1, 2, 4, 8)) for tests and CPU demos.
 
 import torch.nn as nn
 
+from videomoco.models.checkpointing import checkpoint_stage
 from videomoco.models.registry import register_encoder
 
 def make_conv(kind, in_planes, out_planes, midplanes, stride=1):
@@ -102,12 +103,27 @@ class VideoResNet(nn.Module):
         self.layer4 = make_layer(kinds[3], planes[2], planes[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.fc = nn.Linear(self.feature_dim, num_classes)
+        self.grad_checkpointing = False  # a plain attribute: not in state_dict()
         init_weights(self)
+
+    def set_grad_checkpointing(self, enable=True):
+        """Checkpoint the stem and every residual block of layer1..layer4 in training forwards (timm's API).
+
+        Per block, as timm's `checkpoint_seq(..., flatten=True)`, not per stage: layer1 holds most of
+        the activations, so a per-stage checkpoint would recompute nearly all of them at once in backward.
+        """
+        self.grad_checkpointing = bool(enable)
+        return self
 
     def forward_features(self, x):
         """(B, 3, T, H, W) -> pooled features (B, feature_dim)."""
-        x = self.stem(x)  # (B, w, T, H/2, W/2)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 8w, T', H/16, W/16)
+        if self.grad_checkpointing:
+            x = checkpoint_stage(self.stem, x)
+            for block in (*self.layer1, *self.layer2, *self.layer3, *self.layer4):
+                x = checkpoint_stage(block, x)
+        else:
+            x = self.stem(x)  # (B, w, T, H/2, W/2)
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 8w, T', H/16, W/16)
         return self.avgpool(x).flatten(1)
 
     def forward(self, x):

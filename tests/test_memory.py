@@ -1,0 +1,85 @@
+"""The memory planner: sizes, the fit from a probe, the plan and its one-line refusal."""
+
+import sys
+
+import pytest
+import torch
+
+from videomoco.engine import memory
+from videomoco.engine.memory import StepEstimate, plan_micro_batches
+
+MB = 2**20
+
+
+@pytest.mark.parametrize("text, expected", [("16GB", 16 * 2**30), ("512m", 512 * MB), ("1.5 GiB", 3 * 2**29),
+                                            ("2000000", 2_000_000), ("64kb", 65536)])
+def test_parse_size(text, expected):
+    assert memory.parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "0", "1.2.3G", "nan", "inf"])
+def test_parse_size_rejects_junk(text):
+    with pytest.raises(ValueError):
+        memory.parse_size(text)
+
+
+def test_plan_takes_the_fewest_micro_batches_that_fit():
+    est = StepEstimate(fixed=1000 * MB, per_clip=100 * MB, per_input_clip=10 * MB)
+    assert est.peak(4, 32) == 1000 * MB + 400 * MB + 280 * MB
+    budget = int((1000 + 800 + 240) * MB / (1 - memory.MARGIN)) + MB  # room for micro-batches of 8
+    plan = plan_micro_batches(est, 32, budget)
+    assert (plan.micro_batches, plan.micro_batch) == (4, 8)
+    assert plan.needed == est.peak(32, 32) and plan.peak == est.peak(8, 32) <= plan.budget
+    assert plan_micro_batches(est, 32, 10**15).micro_batches == 1
+    # 3 micro-batches of at most 11 when 11 fit but 16 do not
+    budget = int((1000 + 1100 + 210) * MB / (1 - memory.MARGIN)) + MB
+    assert (plan_micro_batches(est, 32, budget).micro_batches, plan_micro_batches(est, 32, budget).micro_batch) == (3, 11)
+
+
+def test_plan_leaves_the_reserve_and_refuses_when_one_clip_does_not_fit():
+    est = StepEstimate(fixed=1000 * MB, per_clip=100 * MB, per_input_clip=10 * MB)
+    budget = int((1000 + 100 + 310) * MB / (1 - memory.MARGIN)) + MB  # exactly one clip at a time
+    assert plan_micro_batches(est, 32, budget).micro_batches == 32
+    assert plan_micro_batches(est, 32, budget + 500 * MB, reserve=500 * MB).micro_batches == 32
+    with pytest.raises(memory.MemoryPlanError, match=r"^batch 32: one clip needs ~1.4 GiB, 1.2 GiB usable of 1.3 GiB$"):
+        plan_micro_batches(est, 32, budget - 200 * MB, what="batch 32")
+
+
+def test_split_text():
+    assert memory.split_text(1, 32) == "1 micro-batch of 32"
+    assert memory.split_text(8, 32) == "8 micro-batches of 4"
+    assert memory.split_text(3, 32) == "3 micro-batches of at most 11"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_measure_step_fits_the_cost_per_clip():
+    # a probe that holds 24 MB per clip at its peak: the fit finds about that, whatever the process holds
+    held = []
+
+    def probe(m):
+        held.append(torch.ones(m * 24 * MB // 4))  # written, so resident
+        held.clear()
+
+    est = memory.measure_step(probe, "cpu", per_input_clip=MB)
+    assert 20 * MB <= est.per_clip <= 28 * MB
+    assert est.fixed > 0 and est.per_input_clip == MB
+    assert memory.measure_step(lambda m: None, "cpu", per_input_clip=MB).per_clip == MB  # never below the inputs
+
+
+def test_budget_is_what_is_held_plus_what_is_free():
+    held, free = memory.memory_in_use("cpu"), memory.memory_available("cpu")
+    assert held > 0 and free > 0
+    assert memory.budget_bytes("cpu", limit=123) == 123
+    assert memory.budget_bytes("cpu") >= held
+    assert memory.worker_reserve(2, 10 * MB) == 2 * (memory.WORKER_BYTES + memory.PREFETCH * 10 * MB)
+
+
+def test_a_model_with_batchnorm1d_is_planned_in_micro_batches_of_two_or_more():
+    est = StepEstimate(fixed=1000 * MB, per_clip=100 * MB, per_input_clip=10 * MB)
+    budget = int((1000 + 100 + 310) * MB / (1 - memory.MARGIN)) + MB  # one clip at a time would fit
+    with pytest.raises(memory.MemoryPlanError, match="2 clips need"):
+        plan_micro_batches(est, 32, budget, smallest=2)
+    plan = plan_micro_batches(est, 32, budget + 200 * MB, smallest=2)
+    assert 32 // plan.micro_batches >= 2
+    assert memory.smallest_trainable(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))) == 2
+    assert memory.smallest_trainable(torch.nn.Conv3d(3, 3, 1)) == 1

@@ -217,7 +217,8 @@ def test_micro_batches_use_batch_norm_per_micro_batch():
 @pytest.mark.parametrize("shuffle", [
     "device_rng",
     pytest.param("cpu_generator", marks=pytest.mark.xfail(
-        strict=False, reason="moco._randperm copies the CPU permutation with a blocking .to(device)")),
+        strict=False, reason="moco._randperm copies the CPU permutation non-blocking from pageable memory, "
+                             "which CUDA may still run synchronously: to be seen on a device")),
 ])
 def test_training_step_has_no_host_sync(precision, shuffle):
     """Augmentation (with blur) + one VideoMoCo step on CUDA under `set_sync_debug_mode("error")`: any host sync

@@ -266,6 +266,7 @@ def _ddp_worker(rank, world, init_file, model_state):
         flats = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(flats, flat)
         assert torch.equal(flats[0], flats[1])
+        dist.barrier()  # neither rank tears gloo down while the other still finishes its last all_gather
     finally:
         dist.destroy_process_group()
 

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 from videomoco.models import build_encoder, list_encoders, set_grad_checkpointing
-from videomoco.models.resnet3d import BasicBlock
 
 RESNETS = ["r3d_18", "mc3_18", "r2plus1d_18"]
 TINY = dict(num_classes=5, width=8)

@@ -224,12 +224,11 @@ def split_text(micro_batches, batch):
     return f"{micro_batches} micro-batches of {'at most ' if batch % micro_batches else ''}{size}"
 
 
-def plan_line(plan, estimate, batch, per_process, world_size):
-    """The one log line, e.g. `batch 32 (32 per process) needs ~41.0 GiB, 21.8 GiB available: 8 micro-batches of 4`."""
-    split = split_text(plan.micro_batches, per_process)
-    return (f"batch {batch} ({per_process} per process{f' x {world_size}' if world_size > 1 else ''}) needs "
-            f"~{gib(plan.needed)}, {gib(plan.budget)} available: {split} (~{gib(plan.peak)}; "
-            f"{gib(estimate.fixed)} + {gib(estimate.per_clip)} per clip)")
+def plan_line(plan, estimate, what, batch):
+    """The one log line, e.g. `batch 32 (32 per process) needs ~41.0 GiB, 21.8 GiB available: 8 micro-batches of 4
+    (...)`; `what` names the batch, `batch` is the clips it splits."""
+    return (f"{what} needs ~{gib(plan.needed)}, {gib(plan.budget)} available: {split_text(plan.micro_batches, batch)} "
+            f"(~{gib(plan.peak)}; {gib(estimate.fixed)} + {gib(estimate.per_clip)} per clip)")
 
 
 def worker_reserve(workers, batch_bytes):
@@ -246,21 +245,30 @@ def budget_bytes(device, limit=None):
 # --------------------------------------------------------------------------- probing a training step
 
 
-def state_bytes(trainer):
-    """Bytes of every tensor an `AdversarialTrainer`'s model, generator and optimisers hold."""
-    tensors = [*trainer.model.state_dict().values(), *trainer.generator.state_dict().values()]
-    for opt in (trainer.opt_d, trainer.opt_g):
-        tensors += [t for state in opt.state.values() for t in state.values()]
+def tensor_bytes(tensors):
+    """Bytes of the tensors among `tensors` (other values are skipped)."""
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-def input_bytes_per_clip(clip, device, world_size=1):
-    """What one more clip of the batch costs outside the micro-batch being computed: its two float views
-    on the device, its uint8 views on the host (the same memory on CPU), and under DDP every rank's
-    key clips gathered. clip: (C, T, H, W)."""
+def optimizer_bytes(*optimizers):
+    """Bytes of the optimisers' state (momentum buffers, ...); None entries count 0."""
+    return tensor_bytes(t for opt in optimizers if opt is not None for state in opt.state.values()
+                        for t in state.values())
+
+
+def state_bytes(trainer):
+    """Bytes of every tensor an `AdversarialTrainer`'s model, generator and optimisers hold."""
+    tensors = [*trainer.model.state_dict().values(), *trainer.generator.state_dict().values()]
+    return tensor_bytes(tensors) + optimizer_bytes(trainer.opt_d, trainer.opt_g)
+
+
+def input_bytes_per_clip(clip, device, views=2, world_size=1):
+    """What one more clip of the batch costs outside the micro-batch being computed: `views` float copies
+    on the device, their uint8 on the host (the same memory on CPU), and under DDP every rank's key clips
+    gathered. clip: (C, T, H, W)."""
     elems = math.prod(clip)
-    host = 2 * elems if torch.device(device).type == "cpu" else 0
-    return 2 * elems * 4 + host + (4 * elems * world_size if world_size > 1 else 0)
+    host = views * elems if torch.device(device).type == "cpu" else 0
+    return views * elems * 4 + host + (4 * elems * world_size if world_size > 1 else 0)
 
 
 def smallest_trainable(module):
@@ -303,5 +311,6 @@ def probe_step(trainer, clip, adversarial, device, channels_last=False, world_si
             im_q = torch.randn((m, *clip), device=device).contiguous(memory_format=fmt)
             probe.step(im_q, torch.randn_like(im_q), adversarial)
 
-        return measure_step(step, device, input_bytes_per_clip(clip, device, world_size), subtract=state_bytes(probe),
+        return measure_step(step, device, input_bytes_per_clip(clip, device, world_size=world_size),
+                            subtract=state_bytes(probe),
                             smallest=smallest_trainable(trainer.model))

@@ -267,7 +267,8 @@ def _plan_micro_batches(run, cfg, info, workers):
         plan = dataclasses.replace(plan, micro_batches=n, micro_batch=math.ceil(b / n),
                                    peak=estimate.peak(math.ceil(b / n), b))
     run.trainer.micro_batches = n
-    log.info("%s", memory.plan_line(plan, estimate, cfg.batch_size, b, world))
+    what = f"batch {cfg.batch_size} ({b} per process{f' x {world}' if world > 1 else ''})"
+    log.info("%s", memory.plan_line(plan, estimate, what, b))
     return {"micro_batches": n, "per_process_batch": b, "budget_bytes": budget, "reserve_bytes": reserve,
             "margin": memory.MARGIN, **dataclasses.asdict(estimate), **{f"plan_{k}": v for k, v in
                                                                       dataclasses.asdict(plan).items()}}

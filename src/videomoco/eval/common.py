@@ -233,28 +233,12 @@ def extract(cfg, encoder, subset, head=False, clip_fn=None, micro_batch=None):
 
 # --------------------------------------------------------------------------- memory planning
 
-_PLANS = weakref.WeakKeyDictionary()  # model -> {settings: clips per forward}, so a command plans once
-_ESTIMATES = weakref.WeakKeyDictionary()  # model -> {(kind, head, clip, device): StepEstimate}
+_ESTIMATES = weakref.WeakKeyDictionary()  # model -> {(kind, head, clip, device): StepEstimate}: probed once
 
 
 def _command(cfg):
     name = type(cfg).__name__
     return "eval" if name == "EvalConfig" else name.removesuffix("Config").lower()
-
-
-def input_bytes_per_clip(clip, device, views=1):
-    """What one clip of a batch costs outside the micro-batch being computed: `views` float copies on the
-    device and (CPU) its uint8 on the host. clip: (C, T, H, W)."""
-    elems = math.prod(clip)
-    return views * 4 * elems + (elems if torch.device(device).type == "cpu" else 0)
-
-
-def _tensor_bytes(tensors):
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _optimizer_bytes(optimizer):
-    return _tensor_bytes(t for state in optimizer.state.values() for t in state.values()) if optimizer else 0
 
 
 def probe_estimate(model, clip, device, train=False, head=False, optimizer=None, momentum=0.9, per_input_clip=0):
@@ -271,7 +255,7 @@ def probe_estimate(model, clip, device, train=False, head=False, optimizer=None,
         if train:
             probe = copy.deepcopy(model).train()
             opt = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=momentum)
-            subtract = _tensor_bytes(probe.state_dict().values()) + _optimizer_bytes(optimizer)
+            subtract = memory.tensor_bytes(probe.state_dict().values()) + memory.optimizer_bytes(optimizer)
 
             def step(m):
                 logits = probe(torch.randn((m, *clip), device=device))
@@ -319,28 +303,19 @@ def plan_micro_batch(cfg, model, clips_per_batch, train=False, head=False, optim
     input_views: float copies of each clip of the batch held while a micro-batch is computed.
     """
     micro = _micro_batch(cfg)
-    limit = _budget_limit(cfg)
     device = torch.device(cfg.device)
     clip = (3, cfg.frames, cfg.crop, cfg.crop)
     b = max(int(clips_per_batch), 1)
     kind = "training" if train else "inference"
     what = what or f"{_command(cfg)} {kind}"
-    key = (kind, head, b, input_views, clip, str(device), micro, limit, cfg.workers)
-    try:
-        plans = _PLANS.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: plan every time
-        plans = {}
-    if key in plans:
-        return plans[key]
     if micro != "auto":
         log.info("%s: batch %d: %s (--micro-batch %d)", what, b, memory.split_text(math.ceil(b / min(micro, b)), b),
                  micro)
-        plans[key] = min(micro, b)
-        return plans[key]
-    per_input = input_bytes_per_clip(clip, device, input_views)
+        return min(micro, b)
+    per_input = memory.input_bytes_per_clip(clip, device, views=input_views)
     try:
         estimates = _ESTIMATES.setdefault(model, {})
-    except TypeError:
+    except TypeError:  # not weak-referenceable: probe every time
         estimates = {}
     probe_key = (kind, head, clip, str(device))
     if probe_key not in estimates:
@@ -349,7 +324,7 @@ def plan_micro_batch(cfg, model, clips_per_batch, train=False, head=False, optim
         estimates[probe_key] = probe_estimate(model, clip, device, train, head, optimizer,
                                               getattr(cfg, "momentum", 0.9), per_input)
     estimate = dataclasses.replace(estimates[probe_key], per_input_clip=per_input)
-    budget = memory.budget_bytes(device, limit)
+    budget = memory.budget_bytes(device, _budget_limit(cfg))
     reserve = memory.worker_reserve(cfg.workers, b * math.prod(clip)) if device.type == "cpu" else 0
     shape = "x".join(map(str, clip))
     try:
@@ -359,10 +334,7 @@ def plan_micro_batch(cfg, model, clips_per_batch, train=False, head=False, optim
         hints = _fitting_options(cfg, estimate, memory.usable_bytes(budget, reserve), b,
                                  max(1, b // max(cfg.batch_size, 1)))
         raise memory.MemoryPlanError(f"{e}; to fit, try {hints}") from None
-    log.info("%s: batch %d needs ~%s, %s available: %s (~%s; %s + %s per clip)", what, b, memory.gib(plan.needed),
-             memory.gib(plan.budget), memory.split_text(plan.micro_batches, b), memory.gib(plan.peak),
-             memory.gib(estimate.fixed), memory.gib(estimate.per_clip))
-    plans[key] = plan.micro_batch
+    log.info("%s", memory.plan_line(plan, estimate, f"{what}: batch {b}", b))
     return plan.micro_batch
 
 

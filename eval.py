@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from videomoco.flags import Parser  # one-line errors, `_` / `-` spellings
+
 # authors' flag(s) -> our finetune flag; None: accepted and ignored
 FLAGS = [
     (["-a", "--arch"], "--arch", str), (["--num_class"], "--num-classes", int), (["-j", "--workers"], "--workers", int),
@@ -33,7 +35,7 @@ SWITCHES = [(["--warmup"], "--warmup"), (["--cos"], "--cos"), (["-e", "--evaluat
 
 def translate(argv):
     """The authors' eval.py arguments -> `videomoco finetune` arguments."""
-    parser = argparse.ArgumentParser(description="the authors' eval.py flags, run by `videomoco finetune`")
+    parser = Parser(prog="eval.py", description="the authors' eval.py flags, run by `videomoco finetune`")
     parser.add_argument("data", metavar="DIR")
     parser.add_argument("--dataset", default="ucf101", choices=["ucf101", "hmdb51"], help="(ours) split-file layout")
     parser.add_argument("--split", default="1", help="(ours) official split; eval.py always uses fold 1")

@@ -25,6 +25,7 @@ def pytest_collection_modifyitems(config, items):
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHVISION_FIXTURES = REPO.parent / "shared" / "fixtures" / "torchvision_video_resnet"
+OFFICIAL_SPLITS = REPO.parent / "shared" / "fixtures" / "official_splits"
 
 
 def moving_square_frames(num_frames=32, size=64, seed=0):
@@ -58,3 +59,11 @@ def torchvision_fixtures():
     if not TORCHVISION_FIXTURES.is_dir():
         pytest.skip(f"reference fixtures not found at {TORCHVISION_FIXTURES}")
     return TORCHVISION_FIXTURES
+
+
+@pytest.fixture
+def official():
+    """The real UCF101 / HMDB51 split files and Kinetics-400 CSVs (shared/fixtures/official_splits)."""
+    if not OFFICIAL_SPLITS.is_dir():
+        pytest.skip(f"official split files not found at {OFFICIAL_SPLITS}")
+    return OFFICIAL_SPLITS

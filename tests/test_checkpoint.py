@@ -1,7 +1,12 @@
 """Atomic save, safe load, rotation, RNG state and the authors' checkpoint format."""
 
 import json
+import os
 import random
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,7 +189,103 @@ def test_corrupt_files_name_the_real_problem(tmp_path):
     torch.save({"state_dict": {}, "obj": np.arange(3)}, tmp_path / "pickled.pth")
     for name, reason in [("random.pth.tar", "not a PyTorch checkpoint"),
                          ("truncated.pth.tar", "truncated or corrupt file"),
-                         ("pickled.pth", "refused by weights_only=True: ")]:
+                         ("pickled.pth", "refused to load: the file contains Python objects")]:
         with pytest.raises(CheckpointError, match=reason) as e:
             ck.load_checkpoint(tmp_path / name)
         assert "\n" not in str(e.value) and "PyTorch 2.6" not in str(e.value)
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    # regression: a newer epoch checkpoint in --ckp_dir (a rollback) made retention delete the one just saved
+    for e in (1, 5):
+        (tmp_path / ck.checkpoint_name(e)).write_bytes(b"x")
+    ck.rotate_checkpoints(tmp_path, keep_last=1, protect=tmp_path / ck.checkpoint_name(1))
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [ck.checkpoint_name(1), ck.checkpoint_name(5)]
+    (tmp_path / ck.checkpoint_name(1, step=3)).write_bytes(b"x")  # mid-epoch, older than epoch 5
+    ck.rotate_checkpoints(tmp_path, keep_last=1, protect=tmp_path / ck.checkpoint_name(1, step=3))
+    assert (tmp_path / ck.checkpoint_name(1, step=3)).exists() and not (tmp_path / ck.checkpoint_name(1)).exists()
+
+
+def test_newer_checkpoints_are_set_aside_not_deleted(tmp_path):
+    names = [ck.checkpoint_name(1), ck.checkpoint_name(2), ck.checkpoint_name(2, step=5), ck.checkpoint_name(3)]
+    for name in names:
+        (tmp_path / name).write_bytes(name.encode())
+    assert ck.set_aside_newer(tmp_path, (3, 6, False)) == (None, 0)  # resumed from the newest: none is newer
+    folder, n = ck.set_aside_newer(tmp_path, (2, 4, False))  # rolled back to the end of epoch 2 (step 4)
+    assert n == 2 and folder.parent == tmp_path and folder.name.startswith("superseded-")
+    assert sorted(p.name for p in folder.iterdir()) == names[2:]
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == names[:2]
+    again, n = ck.set_aside_newer(tmp_path)  # a fresh run: all of them, into another folder
+    assert n == 2 and again != folder and sorted(p.name for p in again.iterdir()) == names[:2]
+    assert ck.list_checkpoints(tmp_path) == [] and len(list(folder.iterdir())) == 2
+    (tmp_path / names[2]).write_bytes(b"x")
+    assert ck.set_aside_newer(tmp_path, (2, 5, True)) == (None, 0)  # the mid-epoch file a run resumed from
+
+
+def test_nonfinite_weights_are_named_and_skipped_by_latest(tmp_path, caplog):
+    good = {"state_dict": {"a": torch.ones(2), "queue_ptr": torch.zeros(1, dtype=torch.long)},
+            "generator": {"w": torch.ones(3)}}
+    assert ck.nonfinite_tensors(good) == []
+    bad = {"state_dict": {"a": torch.tensor([1.0, float("nan")]), "b": torch.ones(1)},
+           "generator": {"w": torch.tensor([float("inf")])}}
+    assert ck.nonfinite_tensors(bad) == ["a", "generator.w"]
+    ck.save_checkpoint(good, tmp_path / ck.checkpoint_name(1))
+    ck.save_checkpoint(bad, tmp_path / ck.checkpoint_name(2))
+    path, _ = ck.latest_checkpoint(tmp_path)
+    assert path.name == ck.checkpoint_name(1)
+    assert any("2 tensors of its weights are NaN/Inf, e.g. a" in r.getMessage() for r in caplog.records)
+
+
+def test_temp_files_of_killed_writes_are_removed(tmp_path, monkeypatch):
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append(Path(a).name), real_replace(a, b)))
+    ck.save_checkpoint({"state_dict": {}}, tmp_path / ck.checkpoint_name(1))
+    assert replaced[0].startswith(f".{ck.checkpoint_name(1)}.{os.getpid()}.")  # the writer's pid in the name
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [f".checkpoint_0002.pth.tar.{dead}.abc_123.tmp", f".checkpoint_0002.pth.tar.{os.getpid()}.x1.tmp",
+             ".checkpoint_0003.pth.tar.k2j4_8z9.tmp"]  # a dead writer, this process (not writing), an old name
+    live = [f".checkpoint_0004.pth.tar.{os.getppid()}.q9.tmp", ".other.tmp"]  # a live writer, not ours
+    for name in stale + live:
+        (tmp_path / name).write_bytes(b"x")
+    assert ck.remove_stale_temp_files(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + [ck.checkpoint_name(1)])
+
+
+def test_deflate_bomb_is_refused_before_torch_load(tmp_path, monkeypatch):
+    from videomoco.eval.export import read_checkpoint
+
+    torch.save({"state_dict": {"w": torch.zeros(4)}}, tmp_path / "c.pth")
+    bomb = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(tmp_path / "c.pth") as src, zipfile.ZipFile(bomb, "w") as dst:
+        for info in src.infolist():
+            if info.filename.endswith("data/0"):  # 100 MB of zeros, deflated to ~0.1 MB
+                entry = zipfile.ZipInfo(info.filename)
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                with dst.open(entry, "w") as f:
+                    for _ in range(100):
+                        f.write(bytes(10**6))
+            else:
+                dst.writestr(info, src.read(info))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    with pytest.raises(CheckpointError, match=r"would inflate to 100.0 MB from 0.1 MB on disk \(compression ratio "
+                                              r"\d+:1\); refused"):
+        ck.load_checkpoint(bomb)
+    with pytest.raises(ValueError, match="would inflate to"):  # `videomoco export` and the evaluations read alike
+        read_checkpoint(bomb)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ("echo pwned",)
+
+
+def test_refused_code_names_the_global_and_never_advises_weights_only_false(tmp_path, capfd):
+    # regression: torch's generic sentence said re-running with weights_only=False "will likely succeed"
+    torch.save({"state_dict": {}, "x": RunsCode()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as e:
+        ck.load_checkpoint(tmp_path / "evil.pth")
+    msg = str(e.value)
+    assert "refused to load: the file contains Python objects (e.g. GLOBAL posix.system) that could run code" in msg
+    assert "will likely succeed" not in msg and "\n" not in msg and "pwned" not in capfd.readouterr().out

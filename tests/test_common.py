@@ -1,8 +1,11 @@
 """`videomoco.eval.common`: the checks and the one-line errors every evaluation command shares."""
 
+import logging
+
 import pytest
 
 from videomoco.cli import main as cli
+from videomoco.eval import common
 
 from eval_data import pretrain_checkpoint, tiny_args, ucf101_root
 
@@ -44,10 +47,22 @@ def test_checkpoint_of_another_arch_is_one_line(tmp_path, root, capsys):
     assert "r3d_18 encoder, not mc3_18" in error(capsys)
 
 
-@pytest.mark.parametrize("flag, value", [("--frames", "0"), ("--crop", "0"), ("--batch-size", "0"), ("--workers", "-1")])
+@pytest.mark.parametrize("flag, value", [("-fpc", "0"), ("-cs", "0"), ("-b", "0"), ("-j", "-1")])
 def test_bad_values_fail_before_any_video_is_read(tmp_path, root, capsys, flag, value):
     # regression: --frames 0 put a healthy video into quarantine.csv ("training-time decode error")
     assert cli(["finetune", str(root), *tiny_args(tmp_path / "o"), flag, value]) == 2
-    assert error(capsys).startswith(f"videomoco finetune: error: {flag} must be >= ")
+    assert error(capsys).startswith(f"videomoco finetune: error: argument {flag}")
     quarantine = root / "index" / "quarantine.csv"
     assert not quarantine.exists() or len(quarantine.read_text().splitlines()) <= 1
+
+
+def test_open_split_logs_each_subset_once(tmp_path, make_video, caplog):
+    # regression: finetune never reported its train-set size
+    root = ucf101_root(tmp_path, make_video, classes=("A", "B"), train=2, test=1)
+    cfg = common.EvalConfig(data=str(root), dataset="ucf101", device="cpu")
+    with caplog.at_level(logging.INFO, logger="videomoco.eval.common"):
+        for _ in range(2):
+            common.open_split(cfg, "train")
+            common.open_split(cfg, "test")
+    lines = [r.getMessage() for r in caplog.records if "videos," in r.getMessage()]
+    assert lines == [f"{root} train: 4 videos, 2 classes (split 1)", f"{root} test: 2 videos, 2 classes (split 1)"]

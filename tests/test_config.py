@@ -2,16 +2,18 @@
 
 import argparse
 import dataclasses
+import re
 
 import pytest
 import yaml
 
-from videomoco.engine.config import (ConfigError, PretrainConfig, add_arguments, config_from_args, error_line,
-                                     save_config)
+from videomoco.engine.config import (ConfigError, PretrainConfig, add_arguments, check_paths, config_from_args,
+                                     error_line, save_config)
+from videomoco.flags import Parser
 
 
 def parse(argv):
-    return config_from_args(add_arguments(argparse.ArgumentParser()).parse_args(argv))
+    return config_from_args(add_arguments(Parser()).parse_args(argv))
 
 
 def test_authors_defaults():
@@ -100,23 +102,83 @@ def test_error_line_unwraps_dataloader_worker_errors():
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["-cs", "0"], "--crop_size must be >= 1"), (["--frame_stride", "0"], "--frame_stride must be >= 1"),
-    (["--width", "0"], "--width must be >= 1"), (["-j", "-1"], "--workers must be >= 0"),
-    (["--moco-k", "3", "-b", "4"], "--moco-k 3 must be at least the batch size 4"),
-    (["-t", "1.5"], "--temporal_decay must be in"), (["--lr", "-1"], "--lr and --g_lr must be >= 0"),
+    (["-cs", "0"], "-cs/--crop_size/--crop: must be an integer >= 1, got '0'"),
+    (["--frame_stride", "0"], "--frame_stride: must be an integer >= 1"),
+    (["--width", "0"], "--width: must be an integer >= 1"), (["-j", "-1"], "--workers: must be an integer >= 0"),
+    (["-t", "1.5"], "--temporal_decay: must be a finite number in \\(0, 1\\]"),
+    (["--lr", "-1"], "--lr/--learning-rate: must be a finite number >= 0"),
+    (["--lr", "nan"], "must be a finite number >= 0, got 'nan'"), (["--wd", "inf"], "got 'inf'"),
+    (["--save_every", "0"], "--save_every: must be an integer >= 1"), (["--epochs", "1.5"], "must be an integer"),
+    (["--world_size", "0"], "--world_size: must be -1 or an integer >= 1"),
 ])
-def test_values_that_would_fail_in_workers_are_config_errors(flags, match):
+def test_bad_numbers_are_one_line_parse_errors(capsys, flags, match):
     # regression: -cs 0 / --frame_stride 0 failed in the data workers and quarantined healthy videos;
-    # --moco-k < batch, --width 0, -t 1.5, --lr -1 ended in tracebacks
-    with pytest.raises(ConfigError, match=match):
+    # --lr nan trained and saved NaN weights; --save_every 0 failed after a full epoch
+    with pytest.raises(SystemExit) as e:
         parse(["d", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert re.search(match, err), err
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"lr": float("nan")}, "--lr must be a finite number >= 0, got nan"),
+    ({"moco_k": 3, "batch_size": 4}, "--moco-k 3 must be at least the batch size 4"),
+    ({"start_epoch": 5, "epochs": 1}, "--start_epoch 5 leaves nothing to train with --epochs 1"),
+    ({"dist_url": "junk://x"}, "--dist_url must be tcp://HOST:PORT"), ({"device": "gpu0"}, "--device must be"),
+    ({"schedule": [10, -1]}, "--schedule must be an integer >= 0, got -1"),
+])
+def test_config_values_are_checked_like_flags(tmp_path, values, match):
+    # config files and Python callers get the flags' checks, and the checks between values
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": "d", **values}))
+    with pytest.raises(ConfigError, match=match):
+        parse(["--config", str(path)])
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cfg = parse([str(tmp_path), "--ckp_dir", str(tmp_path / "file")])
+    with pytest.raises(ConfigError, match="--ckp_dir .*file is a file, not a directory"):
+        check_paths(cfg)
+    cfg = parse([str(tmp_path), "--log_dir", str(tmp_path / "file" / "sub")])
+    with pytest.raises(ConfigError, match="--log_dir .*file is a file, not a directory"):
+        check_paths(cfg)
+    with pytest.raises(ConfigError, match="--resume .*nope.pth.tar: no such file"):
+        check_paths(parse([str(tmp_path), "--resume", str(tmp_path / "nope.pth.tar")]))
+    with pytest.raises(ConfigError, match="DATA .*missing does not exist"):
+        check_paths(parse([str(tmp_path / "missing")]))
+    assert check_paths(parse([str(tmp_path), "--ckp_dir", str(tmp_path / "a" / "b")]))
+
+
+def test_non_utf8_yaml_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"data: d\nlr: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="cannot read config .*utf-8"):
+        parse(["--config", str(path)])
 
 
 def test_augmentation_strength_flags():
     cfg = parse(["d"])
-    assert (cfg.aug_flip, cfg.aug_jitter, cfg.aug_hue, cfg.aug_grayscale, cfg.aug_scale_min) == (0.5, 0.4, 0.1, 0.2, 0.2)
+    strengths = lambda cfg: (cfg.aug_flip, cfg.aug_jitter, cfg.aug_hue, cfg.aug_grayscale, cfg.aug_scale_min)  # noqa
+    assert strengths(cfg) == (0.5, 0.4, 0.1, 0.2, 0.2)
     cfg = parse(["d", "--aug_flip", "0", "--aug_jitter", "0", "--aug_hue", "0.5", "--aug_grayscale", "0.5",
                  "--aug_scale_min", "0.6"])
-    assert (cfg.aug_flip, cfg.aug_jitter, cfg.aug_hue, cfg.aug_grayscale, cfg.aug_scale_min) == (0.0, 0.0, 0.5, 0.5, 0.6)
-    with pytest.raises(ConfigError, match="--aug_hue"):
+    assert strengths(cfg) == (0.0, 0.0, 0.5, 0.5, 0.6)
+    with pytest.raises(SystemExit):
         parse(["d", "--aug_hue", "0.7"])
+
+
+@pytest.mark.parametrize("flag", ["--ckp_dir", "--log_dir"])
+def test_pretrain_refuses_an_output_path_that_is_a_file_before_any_work(tmp_path, capsys, flag):
+    # regression: a --ckp_dir / --log_dir naming a file failed with FileExistsError after a full epoch
+    from videomoco import cli
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "taken").write_text("x")
+    others = {"--ckp_dir": tmp_path / "ckp", "--log_dir": tmp_path / "log"}
+    others[flag] = tmp_path / "taken"
+    code = cli.main(["pretrain", str(tmp_path / "data"), *(str(x) for kv in others.items() for x in kv)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"videomoco pretrain: error: {flag} {tmp_path / 'taken'} is a file, not a directory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "taken"]  # no index, no log, no checkpoint

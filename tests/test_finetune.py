@@ -86,7 +86,8 @@ def test_finetune_end_to_end(tmp_path, make_video, caplog, capsys):
 def test_split_out_of_range(tmp_path, make_video, capsys):
     root = ucf101_root(tmp_path, make_video, classes=("A", "B"), train=1, test=1)
     assert cli(["finetune", str(root), "--dataset", "ucf101", "--split", "4", *tiny_args(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == "videomoco finetune: error: --split must be 1, 2 or 3 for ucf101, got 4\n"
+    assert capsys.readouterr().err == ("videomoco finetune: error: argument --split: must be an integer in [1, 3], "
+                                       "got '4' (see --help)\n")
 
 
 def test_resume_without_pretrained_reads_arch_and_width_from_the_checkpoint(tmp_path, make_video):

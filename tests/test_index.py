@@ -2,7 +2,13 @@
 
 import csv
 import json
+import logging
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -11,7 +17,7 @@ from test_decode import audio_only
 
 from videomoco import cli
 from videomoco.data import index as index_mod
-from videomoco.data.index import VideoIndex, build_index, open_index
+from videomoco.data.index import VideoIndex, VideoRecord, build_index, open_index, pretrain_subset
 
 GOOD = [("train/run/a.mp4", "h264"), ("train/run/b.avi", "mpeg4"), ("train/walk/c.webm", "vp8"),
         ("val/walk/d.webm", "vp9"), ("val/run/e.mkv", "vp9"), ("val/walk/f.avi", "mjpeg")]
@@ -141,3 +147,155 @@ def test_index_benchmark_quick_run(capsys):
     assert bench_index.main(["--quick"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert row["videos"] == 20 and row["videos_per_s"] > 0 and "cpu" in row["machine"]
+
+
+def test_load_refuses_rows_outside_the_root(tmp_path, make_video):
+    make_video("clips/a.mp4", num_frames=4, size=32)
+    index = build_index(tmp_path / "clips", workers=1, progress=False)
+    csv_path = tmp_path / "clips/index/index.csv"
+    rows = read_csv(csv_path)
+    rows += [dict(rows[0], path="../../etc/x"), dict(rows[0], path="/abs/y.mp4")]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ValueError) as err:
+        VideoIndex.load(csv_path)
+    assert str(err.value) == f"{csv_path}: 2 rows point outside the dataset root {index.root}, e.g. '../../etc/x'"
+    assert len(VideoIndex.load(csv_path, allow_outside=True)) == 3
+
+
+def test_open_index_never_rebuilds_an_index_of_another_layout(tmp_path, make_video):
+    make_video("hmdb/wave/w_0.avi", num_frames=4, size=32, codec="mpeg4")
+    make_video("hmdb/wave/w_1.avi", num_frames=4, size=32, codec="mpeg4")
+    root = tmp_path / "hmdb"
+    (root / "testTrainMulti_7030_splits").mkdir()
+    (root / "testTrainMulti_7030_splits/wave_test_split1.txt").write_text("w_0.avi 1 \nw_1.avi 2 \n")
+    assert open_index(root, workers=1).layout == "hmdb51"
+    before = (root / "index/index.csv").read_bytes(), (root / "index/meta.json").read_bytes()
+    for data in (root, root / "index"):
+        with pytest.raises(ValueError) as err:
+            open_index(data, layout="kinetics", asked="--dataset folder")
+        assert str(err.value) == (f"{root}/index is indexed as hmdb51; --dataset folder needs kinetics: use the "
+                                  "matching --dataset, or index again with "
+                                  f"`videomoco index {root} --layout kinetics --out OTHER_DIR`")
+    assert ((root / "index/index.csv").read_bytes(), (root / "index/meta.json").read_bytes()) == before
+    assert open_index(root).layout == open_index(root, layout="hmdb51").layout == "hmdb51"
+
+
+def test_unusable_names_and_links_are_quarantined_not_fatal(tmp_path, make_video, capsys, caplog):
+    make_video("data/a/x.mp4", num_frames=4, size=32)
+    make_video("data/b/y.mp4", num_frames=4, size=32)
+    make_video("outside/z.mp4", num_frames=4, size=32)
+    root = tmp_path / "data"
+    os.symlink("..", root / "a/loop")
+    os.symlink(tmp_path / "outside", root / "ext")
+    os.symlink(tmp_path / "outside/z.mp4", root / "b/link.mp4")
+    os.symlink(tmp_path / "gone.mp4", root / "b/gone.mp4")
+    fd = os.open(os.fsencode(root / "b") + b"/bad\xff.mp4", os.O_CREAT | os.O_WRONLY)
+    os.write(fd, (root / "a/x.mp4").read_bytes())
+    os.close(fd)
+    (root / "index").mkdir()
+    dead, alive = root / "index/.index.csv.999999999.tmp", root / f"index/.meta.json.{os.getppid()}.tmp"
+    dead.write_text("left by a killed run")
+    alive.write_text("another run, still writing")
+    with caplog.at_level(logging.WARNING, logger="videomoco.data.index"):
+        assert cli.main(["index", str(root), "--workers", "1", "--no-progress"]) == 0
+    assert f"skipped 1 directory symlinks that point outside {root} (use --follow-symlinks)" in caplog.text
+    assert capsys.readouterr().out.startswith("indexed 2 videos, quarantined 3: see ")
+    (root / "index/index.csv").read_bytes().decode("utf-8")  # valid UTF-8
+    assert [r["path"] for r in read_csv(root / "index/index.csv")] == ["a/x.mp4", "b/y.mp4"]
+    reasons = {r["path"]: r["reason"] for r in read_csv(root / "index/quarantine.csv")}
+    assert reasons == {"b/bad\\xff.mp4": "file name is not valid UTF-8", "b/gone.mp4": "dangling symlink",
+                       "b/link.mp4": "symlink points outside the dataset root"}
+    assert not dead.exists() and alive.exists()
+    assert len(open_index(root)) == 2
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    with pytest.raises(UnicodeEncodeError):
+        index_mod._atomic_write(tmp_path / "index.csv", "bad\udcff.mp4\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_kinetics_labels_do_not_depend_on_what_is_downloaded(tmp_path, make_video, official):
+    make_video("k400/val/--07WQ2iBlw_000001_000011.mp4", num_frames=4, size=32)
+    make_video("k400/val/0wR5jVB-WPk_000417_000427.mp4", num_frames=4, size=32)
+    csvs = [str(official / "kinetics-400_val.csv"), str(official / "kinetics-400_test.csv")]
+    index = build_index(tmp_path / "k400", annotations=csvs, workers=1, progress=False)
+    labels = {r.class_name: r.label for r in index.records}
+    assert len(index.classes) == 400 and labels == {"javelin throw": 166, "abseiling": 0}
+    assert labels["javelin throw"] == sorted(index.classes).index("javelin throw")
+
+
+def _index(layout, columns):
+    records = [VideoRecord(path=f"v{i}.mp4", label=0, **c) for i, c in enumerate(columns)]
+    return VideoIndex("/data", layout, ["a"], records)
+
+
+def test_pretrain_subset():
+    kinetics = _index("kinetics", [{"subset": "train"}, {"subset": "train"}, {"subset": "val"}, {"subset": "test"}])
+    train, line = pretrain_subset(kinetics)
+    assert [r.path for r in train.records] == ["v0.mp4", "v1.mp4"] and line == "kinetics train: 2 of 4 videos"
+    assert len(pretrain_subset(kinetics, "all")[0]) == 4
+    ucf = _index("ucf101", [{"split1": "train"}, {"split1": "test"}, {"split1": "unused"}])
+    assert [r.path for r in pretrain_subset(ucf, "test")[0].records] == ["v1.mp4"]
+    assert pretrain_subset(ucf)[1] == "ucf101 train of split 1: 1 of 3 videos"
+    assert len(pretrain_subset(ucf, "all")[0]) == 3
+    with pytest.raises(ValueError, match=r"has no 'val' videos of split 1; it has test 1, train 1, unused 1 \("):
+        pretrain_subset(ucf, "val")
+    folder = _index("folder", [{}, {}])
+    assert pretrain_subset(folder, "train") == (folder, "no subsets in a folder layout: all 2 videos")
+    assert len(pretrain_subset(_index("kinetics", []))[0]) == 0
+
+
+def _children(pid):
+    """Live processes whose parent is `pid` (from /proc; zombies count as gone)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (OSError, ValueError):
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if entry.isdigit() and int(ppid) == pid and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _alive(pids):
+    alive = []
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(pid)
+        except OSError:
+            pass
+    return alive
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_index_workers_die_with_their_parent(tmp_path):
+    for i in range(4):
+        (tmp_path / f"{i}.mp4").write_bytes(b"x")
+    script = ("import sys, time\nfrom videomoco import cli\nfrom videomoco.data import decode\n"
+              "decode.probe = lambda path: time.sleep(60)\n"  # workers busy until their parent is killed
+              f"cli.main(['index', {str(tmp_path)!r}, '--workers', '2', '--no-progress'])\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(workers) < 2 and time.monotonic() < deadline and parent.poll() is None:
+            time.sleep(0.05)
+            workers = _children(parent.pid)
+        assert len(workers) == 2, "the index never started its workers"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while _alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(workers) == []
+    finally:
+        parent.kill()
+        for pid in _alive(workers):
+            os.kill(pid, signal.SIGKILL)

@@ -1,11 +1,14 @@
-"""Layouts and split files in the official formats (UCF101, HMDB51, Kinetics), written here."""
+"""Layouts and split files in the official formats (UCF101, HMDB51, Kinetics): written here, and the
+real files of shared/fixtures/official_splits unpacked the ways the official archives unpack."""
+
+import os
+import shutil
 
 import pytest
 
-from videomoco.data.layouts import SplitFileError, detect_layout, find_videos, scan_layout
+from videomoco.data.layouts import SplitFileError, detect_layout, find_videos, scan_layout, scan_tree
 
 UCF_CLASSES = ["ApplyEyeMakeup", "Archery", "HandstandPushups"]
-
 
 def touch(root, *names):
     for name in names:
@@ -100,7 +103,7 @@ def test_kinetics_csv_annotations(tmp_path):
                            "zumba,notOnDisk123,0,10,train,0"], crlf=False)
     assert detect_layout(tmp_path) == "folder" and detect_layout(tmp_path, annotations=[csv_path]) == "kinetics"
     layout = scan_layout(tmp_path, annotations=csv_path)
-    assert layout.classes == ["javelin throw", "tying knot (not on a tie)"]
+    assert layout.classes == ["javelin throw", "tying knot (not on a tie)", "zumba"]  # all the CSV's labels
     assert layout.videos["videos/-0H3ZNR8EXo_000104_000114.mp4"] == {"class_name": "tying knot (not on a tie)", "subset": "val"}
     assert layout.missing == 1
     write_lines(csv_path, ["label,youtube_id,time_start,time_end,split", "zumba,abc,one,10,train"])
@@ -128,3 +131,76 @@ def test_cli_reports_a_bad_split_file_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("videomoco index: ") and err.endswith('classInd.txt:2: expected "2 <ClassName>", got "two Archery"')
     assert "\n" not in err
+
+
+def test_scan_tree_stays_inside_the_root_and_walks_each_directory_once(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    touch(root, "a/x.mp4", "b/y.mp4")
+    touch(outside, "z.mp4")
+    os.symlink("..", root / "a/loop")  # a loop: 2 videos, not hundreds of rows
+    os.symlink(root / "a", root / "again")  # the same directory twice
+    os.symlink(outside, root / "ext")  # a directory out of the root
+    os.symlink(outside / "z.mp4", root / "b/link.mp4")
+    os.symlink(root / "a/x.mp4", root / "b/alias.mp4")  # inside: followed
+    os.symlink(tmp_path / "gone.mp4", root / "b/gone.mp4")
+    os.close(os.open(os.fsencode(root / "b") + b"/bad\xff.mp4", os.O_CREAT | os.O_WRONLY))
+    tree = scan_tree(root)
+    assert tree.videos == ["a/x.mp4", "b/alias.mp4", "b/y.mp4"]
+    assert tree.problems == {"b/bad\\xff.mp4": "file name is not valid UTF-8", "b/gone.mp4": "dangling symlink",
+                             "b/link.mp4": "symlink points outside the dataset root"}
+    assert tree.outside == 1
+    followed = scan_tree(root, follow_symlinks=True)
+    assert "ext/z.mp4" in followed.videos and "b/link.mp4" in followed.videos and followed.outside == 0
+
+
+def _place(root, names):
+    touch(root, *names)
+    return names
+
+
+UCF_NAMES = ["ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi", "HandstandPushups/v_HandStandPushups_g08_c01.avi",
+             "YoYo/v_YoYo_g01_c01.avi"]
+
+
+@pytest.mark.parametrize("videos,splits", [("", ""), ("UCF-101/", ""), ("UCF101/UCF-101/", "UCF101/")])
+def test_ucf101_as_unpacked_from_the_official_archives(tmp_path, official, videos, splits):
+    shutil.copytree(official / "ucfTrainTestlist", tmp_path / splits / "ucfTrainTestlist")
+    _place(tmp_path, [videos + name for name in UCF_NAMES])
+    assert detect_layout(tmp_path) == "ucf101"
+    layout = scan_layout(tmp_path)
+    assert len(layout.classes) == 101 and layout.missing == 13320 - 3
+    entries = {v[len(videos):]: e for v, e in layout.videos.items()}
+    assert [entries[n]["class_name"] for n in UCF_NAMES] == ["ApplyEyeMakeup", "HandstandPushups", "YoYo"]
+    assert [entries[n]["split1"] for n in UCF_NAMES] == ["train", "train", "test"]
+
+
+@pytest.mark.parametrize("videos,splits", [("", ""), ("hmdb51_org/", ""), ("hmdb51_org/", "hmdb51_org/")])
+def test_hmdb51_as_unpacked_from_the_official_archives(tmp_path, official, videos, splits):
+    shutil.copytree(official / "testTrainMulti_7030_splits", tmp_path / splits / "testTrainMulti_7030_splits")
+    names = ["brush_hair/April_09_brush_hair_u_nm_np1_ba_goo_0.avi",
+             "wave/20060723sfjffbartsinger_wave_f_cm_np1_ba_med_0.avi"]
+    _place(tmp_path, [videos + name for name in names])
+    layout = scan_layout(tmp_path)
+    assert layout.name == "hmdb51" and len(layout.classes) == 51 and layout.missing == 6766 - 2
+    assert [layout.videos[videos + n]["class_name"] for n in names] == ["brush_hair", "wave"]
+    assert [layout.videos[videos + n]["split1"] for n in names] == ["train", "test"]
+
+
+def test_split_files_that_name_no_video_on_disk_say_what_was_expected(tmp_path, official):
+    shutil.copytree(official / "ucfTrainTestlist", tmp_path / "ucfTrainTestlist")
+    _place(tmp_path, ["all/v_ApplyEyeMakeup_g08_c01.avi", "all/v_YoYo_g01_c01.avi"])  # no class folders
+    with pytest.raises(SplitFileError) as err:
+        scan_layout(tmp_path)
+    line = str(err.value)
+    assert "\n" not in line and "the split files name 13,320 videos, none found under" in line
+    assert f"expected {tmp_path}/<Class>/v_<Class>_gXX_cXX.avi (the UCF-101 folder" in line
+    assert f"found e.g. {tmp_path}/all/v_ApplyEyeMakeup_g08_c01.avi" in line
+
+
+def test_kinetics_classes_are_the_csv_labels_not_what_is_on_disk(tmp_path, official):
+    touch(tmp_path, "val/--07WQ2iBlw_000001_000011.mp4", "val/0wR5jVB-WPk_000417_000427.mp4")
+    csvs = [official / "kinetics-400_val.csv", official / "kinetics-400_test.csv"]  # test.csv has no labels
+    layout = scan_layout(tmp_path, annotations=csvs)
+    assert len(layout.classes) == 400 and layout.classes == sorted(layout.classes)
+    assert layout.classes.index("javelin throw") == 166
+    assert layout.videos["val/--07WQ2iBlw_000001_000011.mp4"] == {"class_name": "javelin throw", "subset": "val"}

@@ -477,3 +477,44 @@ def test_logged_step_time_includes_the_flush_sync(monkeypatch):
     metrics = loop._flush(run, {"loss_d": torch.tensor(2.0)}, 2, 0, times)
     assert metrics["step_time"] >= (0.1 + 0.05) / 2 and metrics["clips_per_s"] <= 8 / 0.15
     assert logged["clips_per_s"] == metrics["clips_per_s"]
+
+
+def test_a_rollback_or_a_fresh_run_keeps_its_checkpoints_and_sets_older_runs_aside(videos, reference, tmp_path,
+                                                                                 caplog):
+    # regression: a newer checkpoint in --ckp_dir made retention delete the one just written
+    import shutil
+
+    shutil.copytree(reference / "ckp", tmp_path / "ckp")  # checkpoint_0001, checkpoint_0002
+    first = tmp_path / "ckp" / ck.checkpoint_name(1)
+    assert cli_run(videos, tmp_path, "--epochs", "2", "--resume", str(first), "--max_steps", "3") == 0
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "ckp")] == [first.name, ck.checkpoint_name(1, step=3)]
+    (aside,) = (tmp_path / "ckp").glob("superseded-*")
+    assert [p.name for p in aside.iterdir()] == [ck.checkpoint_name(2)]  # moved, not deleted
+    assert any(f"holds 1 checkpoints newer than this run's start (epoch 1, step 2): moved to {aside}/" in r.getMessage()
+               for r in caplog.records)
+    assert ck.latest_checkpoint(tmp_path / "ckp")[0].name == ck.checkpoint_name(1, step=3)  # --resume auto
+    assert cli_run(videos, tmp_path, "--epochs", "1", "--max_steps", "1") == 0  # a fresh run into the same dir
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "ckp")] == [ck.checkpoint_name(0, step=1)]
+    assert len(list((tmp_path / "ckp").glob("superseded-*/checkpoint_*"))) == 3
+
+
+def test_nonfinite_weights_are_never_saved(videos, tmp_path, monkeypatch, caplog):
+    # regression: `--lr nan --max_steps 1` saved 62 NaN tensors (the loss, computed before the update, is finite)
+    from videomoco.method import AdversarialTrainer
+
+    real_step, calls = AdversarialTrainer.step, []
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:  # the epoch's last step: its loss is finite, the weights it leaves are not
+            with torch.no_grad():
+                self.model.encoder_q.fc.weight.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(AdversarialTrainer, "step", step)
+    assert cli_run(videos, tmp_path, "--epochs", "1", "--micro_batch", "4") == 1  # 4: no probe steps
+    assert ck.list_checkpoints(tmp_path / "ckp") == []
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["1 tensors of the weights are NaN/Inf at step 2 (epoch 1), e.g. encoder_q.fc.weight: not saved; "
+                      "last good checkpoint: none"]

@@ -53,4 +53,4 @@ def test_table_is_mean_and_std_over_splits_and_seeds(tmp_path, monkeypatch):
 def test_suite_rejects_bad_split(tmp_path, capsys):
     assert cli(["evaluate", "--ucf101", str(tmp_path), "--splits", "0", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("videomoco evaluate: error: ") and "splits must be 1, 2 or 3" in err and err.count("\n") == 1
+    assert err.startswith("videomoco evaluate: error: ") and "--splits: must be an integer in [1, 3]" in err and err.count("\n") == 1

@@ -159,8 +159,9 @@ def test_synth_command(tmp_path, capsys):
                      "--frames", "4", "--size", "32", "--workers", "2"]) == 0
     assert len(list(out.glob("*/*/*.mp4"))) == 2 * len(MOTIONS)
     assert f"{len(MOTIONS)} classes" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="even --size"):
-        cli_main(["synth", str(out), "--size", "33"])
+    capsys.readouterr()
+    assert cli_main(["synth", str(out), "--size", "33"]) == 2  # regression: exited 1 without the error prefix
+    assert capsys.readouterr().err == "videomoco synth: error: --size must be even (H.264 4:2:0), got 33\n"
 
 
 def test_dots_cover_the_frame_evenly_whatever_the_motion():

@@ -1,5 +1,6 @@
 """Transcoding a small UCF101-style mix: H.264 outputs, short keyframe interval, split files kept, resumable."""
 
+import logging
 import os
 
 import av
@@ -78,3 +79,25 @@ def test_transcode_resumes(ucf_mix, tmp_path, monkeypatch):
 def test_transcode_refuses_dst_inside_src(ucf_mix):
     with pytest.raises(ValueError, match="must not be inside"):
         run(TranscodeConfig(str(ucf_mix), str(ucf_mix / "out"), progress=False))
+
+
+def test_transcode_reads_nothing_outside_src(tmp_path, make_video, caplog):
+    make_video("src/a/x.mp4", num_frames=4, size=32)
+    make_video("outside/z.mp4", num_frames=4, size=32)
+    src, outside, dst = tmp_path / "src", tmp_path / "outside", tmp_path / "dst"
+    (outside / "secret.txt").write_text("not for DST")
+    os.symlink(outside, src / "ext")  # a directory out of SRC
+    os.symlink(outside / "z.mp4", src / "a/link.mp4")  # a video out of SRC
+    os.symlink(outside / "secret.txt", src / "notes.txt")  # a non-video file out of SRC
+    os.symlink(src / "a/x.mp4", src / "a/alias.mp4")  # inside SRC: followed
+    os.symlink("..", src / "a/loop")  # walked once
+    cfg = TranscodeConfig(str(src), str(dst), short_side=32, workers=1, progress=False)
+    with caplog.at_level(logging.WARNING, logger="videomoco.data.transcode"):
+        result = run(cfg)
+    assert f"skipped 2 symlinks that point outside {src} (use --follow-symlinks)" in caplog.text
+    assert sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.is_file()) == [
+        "a/alias.mp4", "a/x.mp4", "transcode_failures.csv"]
+    assert (result["done"], result["failed"]) == (2, 0)
+    followed = run(TranscodeConfig(str(src), str(dst), short_side=32, workers=1, progress=False, follow_symlinks=True))
+    assert followed["done"] == 2 and (dst / "ext/z.mp4").is_file() and (dst / "a/link.mp4").is_file()
+    assert not (dst / "notes.txt").exists() and not (dst / "ext/secret.txt").exists()  # never copied through a link

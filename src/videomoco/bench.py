@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from videomoco.flags import fail
+
 
 class BenchmarkNotFound(RuntimeError):
     """No benchmarks/ checkout, or no benchmark of that name in it."""
@@ -68,5 +70,4 @@ def main(args):
     try:
         return run(BenchConfig(args.name, list(args.args)))["returncode"]
     except BenchmarkNotFound as e:
-        print(f"videomoco bench: {e}", file=sys.stderr)
-        return 2
+        return fail("bench", e)

@@ -5,11 +5,11 @@ Each subcommand lives next to the code it drives, in a module that exposes
 only when their subcommand runs, so `videomoco --help` stays fast.
 """
 
-import argparse
 import importlib
 import sys
 
 from videomoco import __version__
+from videomoco.flags import Parser
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -31,7 +31,7 @@ COMMANDS = {
 
 
 def build_parser(command=None):
-    parser = argparse.ArgumentParser(prog="videomoco", description=__doc__.splitlines()[0])
+    parser = Parser(prog="videomoco", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"videomoco {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
@@ -46,7 +46,10 @@ def main(argv=None):
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
-    args = build_parser(command).parse_args(argv)
+    try:
+        args = build_parser(command).parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line, 2), --help or --version (0): a code, as from a command
+        return e.code
     if args.command is None:
         build_parser().print_help()
         return 1

@@ -1,12 +1,18 @@
 """The dataset index: every video probed once, broken ones quarantined with a reason.
 
     videomoco index ROOT [--out DIR] [--layout auto|kinetics|ucf101|hmdb51|folder]
-                         [--split-dir DIR] [--annotations CSV] [--workers N]
+                         [--split-dir DIR] [--annotations CSV] [--workers N] [--follow-symlinks]
 
 writes `DIR/index.csv` (one row per usable video: path relative to ROOT, label, class,
 splits, metadata, size, mtime), `DIR/quarantine.csv` (path, reason) and `DIR/meta.json`
 (root, layout, classes, counts). Re-running probes only new or changed files (by size
-and mtime). Training and evaluation call `open_index`, which never re-probes an index.
+and mtime). Training and evaluation call `open_index`, which never re-probes an index and
+never rebuilds one of another layout.
+
+Everything stays inside ROOT: symlinks out of it are not followed (a video link is quarantined,
+a directory link skipped and counted) unless `--follow-symlinks`, and `VideoIndex.load` refuses
+rows whose path leads out of the root. File names that are not UTF-8 are quarantined (index.csv
+is UTF-8), shown with their undecodable bytes as `\\xff`.
 """
 
 import csv
@@ -15,8 +21,9 @@ import io
 import json
 import logging
 import os
+import re
 import sys
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -24,6 +31,8 @@ from tqdm import tqdm
 
 from videomoco.data import decode
 from videomoco.data.layouts import LAYOUTS, SplitFileError, scan_layout
+from videomoco.data.workers import process_pool
+from videomoco.flags import COUNT, SHARED, fail
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +118,7 @@ class VideoIndex:
         except OSError:
             key = ["", ""]
         if self.dir is not None:
-            with open(os.path.join(self.dir, "quarantine.csv"), "a", newline="") as f:
+            with open(os.path.join(self.dir, "quarantine.csv"), "a", newline="", encoding="utf-8") as f:
                 f.write(_csv_line([path, reason, *key]))  # one write: safe to append from several workers
 
     def save(self, out):
@@ -125,19 +134,32 @@ class VideoIndex:
         return out
 
     @classmethod
-    def load(cls, location):
-        """Read an index directory or its index.csv (meta.json must sit next to it)."""
+    def load(cls, location, allow_outside=False):
+        """Read an index directory or its index.csv (meta.json must sit next to it).
+
+        Rows whose path is absolute or leads out of the root (`../x`) are refused unless `allow_outside`.
+        """
         location = Path(location)
         out = location.parent if location.suffix == ".csv" else location
         if not (out / "index.csv").is_file() or not (out / "meta.json").is_file():
             raise FileNotFoundError(f"no index at {out} (need index.csv and meta.json): run `videomoco index ROOT`")
-        meta = json.loads((out / "meta.json").read_text())
-        with open(out / "index.csv", newline="") as f:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        with open(out / "index.csv", newline="", encoding="utf-8") as f:
             records = [_record_from_row(row) for row in csv.DictReader(f)]
+        outside = [r.path for r in records if not _inside_root(meta["root"], r.path)]
+        if outside and not allow_outside:
+            raise ValueError(f"{out / 'index.csv'}: {len(outside)} rows point outside the dataset root {meta['root']}, "
+                             f"e.g. {outside[0]!r}")
         quarantine = [tuple(q[:2]) for q in _read_quarantine(out)]
         broken = {q[0] for q in quarantine}  # includes videos quarantined at training time
         records = [r for r in records if r.path not in broken]
         return cls(meta["root"], meta["layout"], meta["classes"], records, quarantine, str(out), meta)
+
+
+def _inside_root(root, path):
+    """A relative path that stays inside `root` (checked on the text, as a path in index.csv is joined)."""
+    root = os.path.normpath(root)
+    return not os.path.isabs(path) and os.path.commonpath([root, os.path.normpath(os.path.join(root, path))]) == root
 
 
 def _csv_line(values):
@@ -147,9 +169,31 @@ def _csv_line(values):
 
 
 def _atomic_write(path, text):
+    """Write a temporary file next to `path`, then rename it; the temporary file never outlives a failure."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_tmp(out):
+    """Temporary files left by an index build that was killed (`.index.csv.<pid>.tmp` of a dead pid)."""
+    for tmp in Path(out).glob(".*.tmp"):
+        match = re.fullmatch(r"\.(?:index\.csv|quarantine\.csv|meta\.json)\.(\d+)\.tmp", tmp.name)
+        if match and not _alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _write_csv(path, header, rows):
@@ -161,7 +205,7 @@ def _read_quarantine(out):
     path = Path(out) / "quarantine.csv"
     if not path.is_file():
         return []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))[1:]
     return [row + [""] * (4 - len(row)) for row in rows if row]
 
@@ -191,14 +235,17 @@ def _probe_all(paths, workers, progress):
     if workers <= 1 or len(paths) < 2:
         return [_probe_one(p) for p in tqdm(paths, **bar)]
     chunk = max(1, min(64, len(paths) // (workers * 8)))
-    with ProcessPoolExecutor(workers) as pool:
+    with process_pool(workers) as pool:
         return list(tqdm(pool.map(_probe_one, paths, chunksize=chunk), **bar))
 
 
-def build_index(root, out=None, layout="auto", split_dir=None, annotations=None, workers=None, progress=True):
+def build_index(root, out=None, layout="auto", split_dir=None, annotations=None, workers=None, progress=True,
+                follow_symlinks=False):
     """Scan `root`, probe new or changed videos, write the index into `out` -> VideoIndex.
 
-    Rows and quarantine entries of files whose size and mtime did not change are reused.
+    Rows and quarantine entries of files whose size and mtime did not change are reused. Video files
+    that cannot be used whatever their content (a name that is not UTF-8, a dangling symlink, a symlink
+    out of `root` without `follow_symlinks`) are quarantined with that reason, unprobed.
     """
     root = Path(root).resolve()
     if isinstance(annotations, (str, os.PathLike)):
@@ -207,14 +254,17 @@ def build_index(root, out=None, layout="auto", split_dir=None, annotations=None,
     if not root.is_dir():
         raise NotADirectoryError(f"dataset root {root} is not a directory")
     out = Path(out) if out else default_out(root)
-    scan = scan_layout(root, layout, split_dir, annotations, exclude=[out])
+    scan = scan_layout(root, layout, split_dir, annotations, exclude=[out], follow_symlinks=follow_symlinks)
+    if scan.outside:
+        log.warning("skipped %d directory symlinks that point outside %s (use --follow-symlinks)", scan.outside, root)
     previous, old_quarantine = {}, {}
     if (out / "index.csv").is_file() and (out / "meta.json").is_file():
-        with open(out / "index.csv", newline="") as f:
+        with open(out / "index.csv", newline="", encoding="utf-8") as f:
             previous = {row["path"]: _record_from_row(row) for row in csv.DictReader(f)}
         old_quarantine = {q[0]: q for q in _read_quarantine(out) if q[2]}
     label_of = {name: i for i, name in enumerate(scan.classes)}
-    records, quarantine, to_probe = [], [], []
+    records, to_probe = [], []
+    quarantine = [[rel, reason, "", ""] for rel, reason in scan.problems.items()]
     for rel, entry in scan.videos.items():
         stat = os.stat(root / rel)
         key = (stat.st_size, stat.st_mtime)
@@ -241,6 +291,7 @@ def build_index(root, out=None, layout="auto", split_dir=None, annotations=None,
               "reused": len(scan.videos) - len(to_probe), "missing": scan.missing}
     meta = {"counts": counts, "split_dir": str(split_dir or ""), "annotations": annotations}
     index = VideoIndex(str(root), scan.name, scan.classes, records, [tuple(q) for q in quarantine], None, meta)
+    _remove_stale_tmp(out)
     index.save(out)
     return index
 
@@ -258,25 +309,50 @@ def summary(index):
     return line
 
 
-def open_index(data, layout="auto", workers=None):
+def open_index(data, layout="auto", workers=None, asked=None):
     """An index from an index directory, its index.csv, or a dataset root.
 
     A root is indexed into `default_out(root)` the first time; afterwards that index is
-    loaded as is (run `videomoco index ROOT` to pick up new files).
+    loaded as is (run `videomoco index ROOT` to pick up new files). An index of another layout
+    than `layout` ("auto": any) is never rebuilt: a one-line ValueError says what to do, naming
+    `asked` (what asked for the layout, e.g. "--dataset folder").
     """
     data = Path(data)
     if data.suffix == ".csv" or (data / "index.csv").is_file():
-        return VideoIndex.load(data)
-    if not data.is_dir():
+        index = VideoIndex.load(data)
+    elif not data.is_dir():
         raise FileNotFoundError(f"{data} is neither an index (index.csv) nor a dataset directory")
-    out = default_out(data)
-    if (out / "index.csv").is_file():
-        index = VideoIndex.load(out)
-        if layout in ("auto", index.layout):
-            return index
-    index = build_index(data, out, layout=layout, workers=workers)
-    log.info(summary(index))
+    elif (default_out(data) / "index.csv").is_file():
+        index = VideoIndex.load(default_out(data))
+    else:
+        index = build_index(data, default_out(data), layout=layout, workers=workers)
+        log.info(summary(index))
+    if layout not in ("auto", index.layout):
+        what = f"; {asked} needs {layout}: use the matching {asked.split()[0]}" if asked else f", not {layout}"
+        raise ValueError(f"{index.dir} is indexed as {index.layout}{what}, or index again with "
+                         f"`videomoco index {index.root} --layout {layout} --out OTHER_DIR`")
     return index
+
+
+def pretrain_subset(index, subset="train"):
+    """The videos to pretrain on and a one-line description for the log -> (VideoIndex, str).
+
+    kinetics: the `subset` column (train/val/test); ucf101/hmdb51: fold `subset` (train/test) of split 1;
+    "all": every video, those in no split included; a folder layout has no subsets: all its videos.
+    """
+    total = len(index)
+    if index.layout == "folder":
+        return index.select(None), f"no subsets in a folder layout: all {total:,} videos"
+    if subset == "all":
+        return index.select(None), f"{index.layout}, all subsets: {total:,} videos"
+    column, where = ("subset", "") if index.layout == "kinetics" else ("split1", " of split 1")
+    selected = replace(index, records=[r for r in index.records if getattr(r, column) == subset])
+    if total and not selected.records:
+        counts = Counter(getattr(r, column) or "none" for r in index.records)
+        have = ", ".join(f"{name} {n:,}" for name, n in sorted(counts.items()))
+        raise ValueError(f"{index.root} ({index.layout}) has no {subset!r} videos{where}; it has {have} "
+                         "(choose one of those, or 'all')")
+    return selected, f"{index.layout} {subset}{where}: {len(selected):,} of {total:,} videos"
 
 
 @dataclass
@@ -288,11 +364,13 @@ class IndexConfig:
     annotations: list = field(default_factory=list)
     workers: int | None = None
     progress: bool = True
+    follow_symlinks: bool = False
 
 
 def run(cfg):
     """Build the index -> {"index_dir", "videos", "quarantined", "missing", "summary"}."""
-    index = build_index(cfg.root, cfg.out, cfg.layout, cfg.split_dir, cfg.annotations or None, cfg.workers, cfg.progress)
+    index = build_index(cfg.root, cfg.out, cfg.layout, cfg.split_dir, cfg.annotations or None, cfg.workers, cfg.progress,
+                        cfg.follow_symlinks)
     counts = index.meta["counts"]
     return {"index_dir": index.dir, "videos": counts["videos"], "quarantined": counts["quarantined"],
             "missing": counts["missing"], "summary": summary(index)}
@@ -304,15 +382,16 @@ def add_arguments(parser):
     parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
     parser.add_argument("--split-dir", default=None, help="UCF101 ucfTrainTestlist/ or HMDB51 testTrainMulti_7030_splits/")
     parser.add_argument("--annotations", action="append", default=[], help="Kinetics CSV (repeatable)")
-    parser.add_argument("--workers", type=int, default=None, help="probing processes (default: all cores)")
+    parser.add_argument(*SHARED["workers"], type=COUNT, default=None, help="probing processes (default or 0: all cores)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--follow-symlinks", action="store_true", help="also follow symlinks that point outside ROOT")
 
 
 def main(args):
-    cfg = IndexConfig(args.root, args.out, args.layout, args.split_dir, args.annotations, args.workers, args.progress)
+    cfg = IndexConfig(args.root, args.out, args.layout, args.split_dir, args.annotations, args.workers, args.progress,
+                      args.follow_symlinks)
     try:
         print(run(cfg)["summary"])
     except (SplitFileError, OSError) as err:  # bad split file, missing root: one line, no traceback
-        print(f"videomoco index: {err}", file=sys.stderr)
-        return 2
+        return fail("index", err)
     return 0

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from videomoco.data.encode import write_video
+from videomoco.flags import COUNT, CRF, POSITIVE_INT, SEED, SHARED, Number, fail
 
 log = logging.getLogger(__name__)
 
@@ -271,27 +272,29 @@ def run(cfg):
 def add_arguments(parser):
     d = SynthConfig()
     parser.add_argument("out", help="output root; videos go to OUT/{train,val}/<class>/<id>.mp4")
-    parser.add_argument("--train-per-class", type=int, default=d.train_per_class)
-    parser.add_argument("--val-per-class", type=int, default=d.val_per_class)
-    parser.add_argument("--frames", type=int, default=d.frames)
-    parser.add_argument("--size", type=int, default=d.size, help="frame side in pixels")
-    parser.add_argument("--fps", type=int, default=d.fps)
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--train-per-class", type=POSITIVE_INT, default=d.train_per_class)
+    parser.add_argument("--val-per-class", type=COUNT, default=d.val_per_class)
+    parser.add_argument(*SHARED["frames"], type=Number(int, 2), default=d.frames)
+    parser.add_argument("--size", type=Number(int, 16), default=d.size, help="frame side in pixels (even)")
+    parser.add_argument("--fps", type=POSITIVE_INT, default=d.fps)
+    parser.add_argument(*SHARED["seed"], type=SEED, default=d.seed)
     parser.add_argument("--scene", choices=SCENES, default=d.scene,
                         help="dots: random-dot motion, nothing static tells videos apart; object: one moving object")
     parser.add_argument("--appearance-classes", action="store_true",
                         help="object scene: classes are <shape>-<motion>, so both appearance and motion are needed")
-    parser.add_argument("--workers", type=int, default=d.workers, help="processes (0: one per core)")
-    parser.add_argument("--gop", type=int, default=d.gop, help="keyframe interval")
-    parser.add_argument("--crf", type=int, default=d.crf, help="H.264 quality (lower is better)")
+    parser.add_argument(*SHARED["workers"], type=COUNT, default=d.workers, help="processes (0: one per core)")
+    parser.add_argument("--gop", type=POSITIVE_INT, default=d.gop, help="keyframe interval")
+    parser.add_argument("--crf", type=CRF, default=d.crf, help="H.264 quality, 0-51 (lower is better)")
 
 
 def main(args):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.frames < 2 or args.size < 16 or args.size % 2:
-        raise SystemExit(f"synth: need --frames >= 2 and an even --size >= 16, got {args.frames}, {args.size}")
+    if args.size % 2:
+        return fail("synth", f"--size must be even (H.264 4:2:0), got {args.size}")
     if args.appearance_classes and args.scene != "object":
-        raise SystemExit("synth: --appearance-classes needs --scene object")
+        return fail("synth", "--appearance-classes needs --scene object")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        return fail("synth", f"OUT {args.out} is a file, not a directory")
     cfg = SynthConfig(**{k: getattr(args, k) for k in asdict(SynthConfig()) if hasattr(args, k)})
     result = run(cfg)
     print(f"{result['root']}: {len(result['classes'])} classes, {'reused' if result['reused'] else 'written'}"

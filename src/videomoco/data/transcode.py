@@ -1,6 +1,6 @@
 """Re-encode a dataset once for fast random access during training.
 
-    videomoco transcode SRC DST [--short-side 128] [--gop 16] [--crf 23] [--workers N]
+    videomoco transcode SRC DST [--short-side 128] [--gop 16] [--crf 23] [--workers N] [--follow-symlinks]
 
 Every video under SRC becomes DST/<same relative path>.mp4: H.264 at the given short
 side with a keyframe every `gop` frames, so a clip seek decodes at most `gop` extra frames.
@@ -9,12 +9,18 @@ copied alongside, so `videomoco index DST` sees the same layout (split files tha
 `.avi` match the `.mp4` copies). Resumable: outputs that exist, decode and are newer
 than their source are skipped; each output is written under a temporary name, then renamed.
 Broken inputs are listed in DST/transcode_failures.csv and counted, never fatal.
+
+Nothing outside SRC is read unless `--follow-symlinks`: a symlink (to a video or a directory)
+is followed when it points inside SRC, each directory once, and one that points outside is
+skipped and counted ("skipped 2 symlinks that point outside SRC (use --follow-symlinks)").
+Non-video files are copied only when they are plain files: never through a symlink, with or
+without the flag (a link `notes.txt -> /etc/passwd` must not land in DST).
 """
 
+import logging
 import os
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +29,11 @@ from tqdm import tqdm
 
 from videomoco.data.decode import _AV_ERRORS, VideoError, _open, probe
 from videomoco.data.index import _write_csv, default_out
-from videomoco.data.layouts import VIDEO_EXTENSIONS, find_videos
+from videomoco.data.layouts import OUTSIDE_ROOT, VIDEO_EXTENSIONS, scan_tree
+from videomoco.data.workers import process_pool
+from videomoco.flags import COUNT, CRF, POSITIVE_INT, SHARED, fail
+
+log = logging.getLogger(__name__)
 
 
 def _even(x):
@@ -91,20 +101,25 @@ def _job(args):
 
 
 def _copy_other_files(src, dst, exclude):
-    """Copy non-video files (split lists, annotations) that are missing or older in DST."""
-    copied = 0
-    for folder, dirs, files in os.walk(src, followlinks=True):
+    """Copy the plain non-video files (split lists, annotations) that are missing or older in DST
+    -> (copied, symlinks not followed)."""
+    copied = links = 0
+    for folder, dirs, files in os.walk(src):  # never into a linked directory
         dirs[:] = [d for d in dirs if not d.startswith(".") and (Path(folder) / d).resolve() not in exclude]
+        links += sum((Path(folder) / d).is_symlink() for d in dirs)
         for name in files:
             if name.startswith(".") or name.lower().endswith(VIDEO_EXTENSIONS):
                 continue
             source = Path(folder) / name
+            if source.is_symlink():
+                links += 1
+                continue
             target = dst / source.relative_to(src)
             if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)
                 copied += 1
-    return copied
+    return copied, links
 
 
 @dataclass
@@ -116,6 +131,7 @@ class TranscodeConfig:
     crf: int = 23
     workers: int | None = None
     progress: bool = True
+    follow_symlinks: bool = False
 
 
 def run(cfg):
@@ -126,22 +142,28 @@ def run(cfg):
     if dst == src or src in dst.parents:
         raise ValueError(f"destination {dst} must not be inside the source {src}")
     exclude = {default_out(src).resolve(), dst}
-    videos = find_videos(src, exclude=exclude)
+    tree = scan_tree(src, exclude=exclude, follow_symlinks=cfg.follow_symlinks)
+    videos, outside = tree.videos, tree.outside + sum(r == OUTSIDE_ROOT for r in tree.problems.values())
+    if outside:
+        log.warning("skipped %d symlinks that point outside %s (use --follow-symlinks)", outside, src)
     outputs = {}
     for rel in videos:
         outputs.setdefault(str(Path(rel).with_suffix(".mp4")), rel)  # a.avi and a.mp4 would collide: keep one
     jobs = [(str(src / rel), str(dst / out), rel, cfg.short_side, cfg.gop, cfg.crf) for out, rel in outputs.items()]
     collisions = [(rel, "skipped: another video has the same name with another extension")
                   for rel in videos if rel not in set(outputs.values())]
+    collisions += [(rel, reason) for rel, reason in tree.problems.items() if reason != OUTSIDE_ROOT]
     workers = cfg.workers or os.cpu_count() or 1
     bar = dict(total=len(jobs), desc="transcoding", unit="video", disable=not cfg.progress, file=sys.stderr)
     if workers <= 1:
         results = [_job(job) for job in tqdm(jobs, **bar)]
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:
             results = list(tqdm(pool.map(_job, jobs, chunksize=1), **bar))
     dst.mkdir(parents=True, exist_ok=True)
-    copied = _copy_other_files(src, dst, exclude)
+    copied, links = _copy_other_files(src, dst, exclude)
+    if links:
+        log.warning("copied no non-video file through %d symlinks (only plain files under %s are copied)", links, src)
     failures = sorted([(rel, reason) for status, rel, reason in results if status == "failed"] + collisions)
     _write_csv(dst / "transcode_failures.csv", ("path", "reason"), failures)
     counts = {s: sum(r[0] == s for r in results) for s in ("done", "skipped")}
@@ -154,18 +176,19 @@ def run(cfg):
 def add_arguments(parser):
     parser.add_argument("src", help="dataset root to read")
     parser.add_argument("dst", help="where to write the re-encoded dataset (same relative layout)")
-    parser.add_argument("--short-side", type=int, default=128, help="short side in pixels (0: keep)")
-    parser.add_argument("--gop", type=int, default=16, help="keyframe interval in frames")
-    parser.add_argument("--crf", type=int, default=23, help="x264 quality (lower is better)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--short-side", type=COUNT, default=128, help="short side in pixels (0: keep)")
+    parser.add_argument("--gop", type=POSITIVE_INT, default=16, help="keyframe interval in frames")
+    parser.add_argument("--crf", type=CRF, default=23, help="x264 quality, 0-51 (lower is better)")
+    parser.add_argument(*SHARED["workers"], type=COUNT, default=None, help="processes (default or 0: all cores)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--follow-symlinks", action="store_true", help="also transcode videos linked from outside SRC")
 
 
 def main(args):
-    cfg = TranscodeConfig(args.src, args.dst, args.short_side or None, args.gop, args.crf, args.workers, args.progress)
+    cfg = TranscodeConfig(args.src, args.dst, args.short_side or None, args.gop, args.crf, args.workers, args.progress,
+                          args.follow_symlinks)
     try:
         print(run(cfg)["summary"])
     except (ValueError, OSError) as err:  # missing source, destination inside it: one line, no traceback
-        print(f"videomoco transcode: {err}", file=sys.stderr)
-        return 2
+        return fail("transcode", err)
     return 0

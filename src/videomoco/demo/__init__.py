@@ -22,6 +22,9 @@ import torch
 from videomoco.data import synthetic
 from videomoco.demo import report
 from videomoco.demo.evaluate import KNN_K, evaluate, time_baselines
+from videomoco.engine.config import DEVICE
+from videomoco.flags import COUNT, POSITIVE_INT, SEED, SHARED, fail
+from videomoco.models import list_encoders
 
 @dataclass(frozen=True)
 class Budget:
@@ -235,15 +238,20 @@ def add_arguments(parser):
     parser.add_argument("--quick", action="store_true", help="a tiny run of every phase (about a minute)")
     parser.add_argument("--ablation", action="store_true",
                         help=f"also MoCo / + decay / + generator / both, {len(ABLATION_SEEDS)} seeds each")
-    parser.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--arch", default=d.arch, help="encoder from the registry (`videomoco models`)")
-    parser.add_argument("--width", type=int, default=d.width, help="encoder base width")
-    parser.add_argument("--workers", type=int, default=d.workers, help="processes for rendering and data loading")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument(*SHARED["device"], default=d.device, help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(*SHARED["arch"], default=d.arch, choices=list_encoders(), help="encoder from the registry")
+    parser.add_argument(*SHARED["width"], type=POSITIVE_INT, default=d.width, help="encoder base width")
+    parser.add_argument(*SHARED["workers"], type=COUNT, default=d.workers,
+                        help="processes for rendering and data loading")
+    parser.add_argument(*SHARED["seed"], type=SEED, default=d.seed)
 
 
 def main(args):
     cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    if not DEVICE.fullmatch(cfg.device):
+        return fail("demo", f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if resolve_device(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        return fail("demo", f"--device {cfg.device} asked for but CUDA is not available")
     try:
         run(cfg)
     except DemoError as e:

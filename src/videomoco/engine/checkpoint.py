@@ -5,6 +5,8 @@ Names (in `--ckp_dir`):
   The authors name theirs after the 0-based index of the last epoch (their `checkpoint_0099` holds epoch 100).
 - `checkpoint_{E:04d}_step{S:08d}.pth.tar`: mid-epoch (E epochs done, global step S), from
   `--save_every_steps` or a SIGTERM/SIGINT; only the newest is kept.
+- `superseded-<time>/`: the checkpoints newer than where a run started (a rollback, or a fresh run), set aside.
+- `.checkpoint_*.pth.tar.<pid>.<random>.tmp`: a write in progress (or killed: the next run removes it).
 """
 
 import logging
@@ -12,6 +14,7 @@ import os
 import random
 import re
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint_(\d{4,})(?:_step(\d+))?\.pth\.tar$")
+_TEMP = re.compile(r"^\.checkpoint_.*\.pth\.tar\.(?:(\d+)\.)?\w+\.tmp$")  # older temp names have no pid
 
 
 class CheckpointError(RuntimeError):
@@ -46,11 +50,12 @@ def list_checkpoints(ckp_dir):
 def save_checkpoint(state, path):
     """Write `state` to `path` atomically: temp file in the same dir, fsync, `os.replace`, fsync the dir.
 
-    A crash or a full disk mid-write leaves any previous file at `path` intact and no temp file behind.
+    A crash or a full disk mid-write leaves any previous file at `path` intact and no temp file behind
+    (a kill -9 leaves one, named with the writer's pid, for `remove_stale_temp_files`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -81,40 +86,152 @@ def load_error_reason(path, err):
     if not head.startswith((b"PK", b"\x80")):  # neither torch's zip format nor a legacy pickle
         return "not a PyTorch checkpoint (corrupt file?)"
     text = str(err)
-    if "WeightsUnpickler error:" in text:  # an object weights_only=True refuses, e.g. a custom class
-        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
-        return f"refused by weights_only=True: {rest.splitlines()[0].split('. ')[0]}"
+    if text.startswith("Weights only load failed"):  # torch advises weights_only=False: never for an unknown file
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"Python objects (e.g. GLOBAL {found.group(1)})" if found else "Python objects"
+        return (f"refused to load: the file contains {what} that could run code; only tensors and plain types are "
+                "loaded (weights_only=True). Do not load it with weights_only=False unless you trust its source.")
     return (text.strip().splitlines() or [type(err).__name__])[0]
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with `weights_only=True` -> dict; `CheckpointError` if unreadable."""
+def _size(n):
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def check_inflation(path):
+    """Refuse (`CheckpointError`) a zip whose entries inflate far beyond its size on disk, before reading any.
+
+    torch stores its entries uncompressed, so a real checkpoint inflates to about its file size, where a
+    deflate bomb of 2 MB takes GBs of memory. The sizes come from the zip's directory, which bounds what torch
+    reads, so the bound below also bounds the memory of any compressed entry.
+    """
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with zipfile.ZipFile(path) as z:
+            total = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError):  # not a zip (a legacy pickle), truncated, missing: torch.load says which
+        return
+    size = os.path.getsize(path)
+    if total > 2 * size + 64 * 2**20:
+        raise CheckpointError(f"checkpoint {path} would inflate to {_size(total)} from {_size(size)} on disk "
+                              f"(compression ratio {total / max(size, 1):.0f}:1); refused")
+
+
+def safe_load(path, map_location="cpu"):
+    """`torch.load(path, weights_only=True)` after `check_inflation`: how every user-given file is read.
+    `CheckpointError` (one line) if it is missing, unreadable or refused."""
+    try:
+        check_inflation(path)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except IsADirectoryError:
         raise CheckpointError(f"checkpoint {path} is a directory, not a file") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # a truncated zip, a pickle of custom classes, ...
         raise CheckpointError(f"cannot read checkpoint {path}: {load_error_reason(path, e)}") from None
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a VideoMoCo checkpoint (ours or the authors') with `safe_load` -> dict; `CheckpointError` if unreadable."""
+    ckpt = safe_load(path, map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a VideoMoCo checkpoint (no 'state_dict')")
     return ckpt
 
 
+def nonfinite_tensors(ckpt):
+    """Names of the floating tensors with a NaN or Inf in `ckpt["state_dict"]` and `ckpt["generator"]`
+    (prefixed `generator.`): the weights of a diverged run."""
+    named = [(prefix + k, v) for prefix, part in (("", "state_dict"), ("generator.", "generator"))
+             if isinstance(ckpt.get(part), dict) for k, v in ckpt[part].items()
+             if torch.is_tensor(v) and v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []  # one host sync
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
 def latest_checkpoint(ckp_dir, map_location="cpu"):
-    """(path, checkpoint) of the newest readable checkpoint in `ckp_dir`, skipping corrupt ones; or (None, None)."""
+    """(path, checkpoint) of the newest good checkpoint in `ckp_dir`, skipping (with a warning) unreadable
+    ones and those with non-finite weights; or (None, None)."""
     for path in reversed(list_checkpoints(ckp_dir)):
         try:
-            return path, load_checkpoint(path, map_location)
+            ckpt = load_checkpoint(path, map_location)
         except CheckpointError as e:
             log.warning("skipping %s", e)
+            continue
+        bad = nonfinite_tensors(ckpt)
+        if not bad:
+            return path, ckpt
+        log.warning("skipping checkpoint %s: %d tensors of its weights are NaN/Inf, e.g. %s", path, len(bad), bad[0])
     return None, None
 
 
-def rotate_checkpoints(ckp_dir, keep_last=20, keep_every=0):
+def set_aside_newer(ckp_dir, start=None):
+    """Move the checkpoints newer than a run's start into `ckp_dir/superseded-<time>/` (never deleted), so that
+    `--resume auto` (which reads only the top level) continues this run and rotation spares its files.
+
+    `start`: (epoch, step, mid_epoch) of the checkpoint the run started from; None for a fresh run (all are
+    newer). Returns (folder or None, how many were moved).
+    """
+    if start is not None:
+        epoch, step, mid_epoch = start
+        start = (epoch, bool(mid_epoch), step if mid_epoch else 0)  # as `_order` sorts names
+    newer = [p for p in list_checkpoints(ckp_dir) if start is None or _order(p) > start]
+    if not newer:
+        return None, 0
+    base = Path(ckp_dir) / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder, n = base, 1
+    while folder.exists():  # two runs started within a second
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    folder.mkdir()
+    for p in newer:
+        os.replace(p, folder / p.name)
+    return folder, len(newer)
+
+
+def remove_stale_temp_files(ckp_dir):
+    """Delete the temp files of killed checkpoint writes: their writer's pid is gone (or is this process,
+    which is not writing). Returns how many."""
+    removed = 0
+    for p in Path(ckp_dir).glob(".checkpoint_*.tmp"):
+        m = _TEMP.match(p.name)
+        if m and (m.group(1) is None or not _writing(int(m.group(1)))):
+            p.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _writing(pid):
+    """Whether process `pid`, not this one, is alive (so may still be writing its temp file)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def prepare_ckp_dir(ckp_dir, start=None, start_epoch=0):
+    """Before a run's first save: remove killed writes' temp files and `set_aside_newer` (a fresh run starts
+    at `start_epoch`, step 0), logging each."""
+    removed = remove_stale_temp_files(ckp_dir)
+    if removed:
+        log.info("removed %d temp files of killed checkpoint writes from %s", removed, ckp_dir)
+    folder, n = set_aside_newer(ckp_dir, start)
+    if n:
+        epoch, step = start[:2] if start else (start_epoch, 0)
+        log.info("--ckp_dir %s holds %d checkpoints newer than this run's start (epoch %d, step %d): moved to %s/ "
+                 "so that --resume auto continues this run", ckp_dir, n, epoch, step, folder)
+
+
+def rotate_checkpoints(ckp_dir, keep_last=20, keep_every=0, protect=None):
     """Delete old checkpoints: keep the newest `keep_last` epoch checkpoints, every `keep_every`-th
-    epoch, and only the newest mid-epoch checkpoint if it is newer than the newest epoch checkpoint."""
+    epoch, only the newest mid-epoch checkpoint if it is newer than the newest epoch checkpoint, and
+    always `protect` (the checkpoint just written)."""
     paths = list_checkpoints(ckp_dir)
     epochs = [p for p in paths if _NAME.match(p.name).group(2) is None]
     steps = [p for p in paths if _NAME.match(p.name).group(2) is not None]
@@ -122,6 +239,7 @@ def rotate_checkpoints(ckp_dir, keep_last=20, keep_every=0):
     keep |= {p for p in epochs if keep_every > 0 and int(_NAME.match(p.name).group(1)) % keep_every == 0}
     if steps and (not epochs or _order(steps[-1]) > _order(epochs[-1])):
         keep.add(steps[-1])
+    keep |= {p for p in paths if protect is not None and p.name == Path(protect).name}
     for p in paths:
         if p not in keep:
             p.unlink(missing_ok=True)

@@ -6,10 +6,15 @@ Defaults live only in the dataclass. The argparse flags default to "not given", 
 
 import argparse
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
+from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, RATIO, SEED,
+                             SHARED, Number)
 ARCHS = ("r3d_18", "mc3_18", "r2plus1d_18", "c3d")
 
 
@@ -102,6 +107,7 @@ class PretrainConfig:
     frame_stride: int = 1
     width: int = 64
     views: str = "same"  # the authors': two crops of one clip
+    subset: str = "train"  # the authors read DATA/train
     config: str = ""
     max_steps: int = 0  # 0: no limit
     save_every: int = 10
@@ -115,57 +121,60 @@ class PretrainConfig:
     memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
 
 
-# (flags, dest, help, extra argparse kwargs); order = order in --help
+# (flags, dest, help, extra argparse kwargs); order = order in --help. Every number is a `Number`, which
+# parses it and checks it against its meaning; `_check` applies the same checks to config files.
 _FLAGS = [
-    (("-a", "--arch"), "arch", "encoder architecture", {"choices": ARCHS}),
-    (("-j", "--workers"), "workers", "data loading workers (total per node)", {"type": int}),
-    (("--epochs",), "epochs", "number of total epochs to run", {"type": int}),
-    (("--start_epoch",), "start_epoch", "manual epoch number (useful on restarts)", {"type": int}),
-    (("-b", "--batch_size"), "batch_size", "total batch size over all processes", {"type": int}),
-    (("-t", "--temporal_decay"), "temporal_decay", "temporal decay of queue keys", {"type": float}),
-    (("-cs", "--crop_size"), "crop_size", "crop size of the clips", {"type": int}),
-    (("-fpc", "--frame_per_clip"), "frame_per_clip", "frames per clip", {"type": int}),
-    (("-sbc", "--step_between_clips"), "step_between_clips", "frames between clip starts", {"type": int}),
-    (("--lr", "--learning-rate"), "lr", "initial learning rate", {"type": float}),
-    (("--lr_decay", "--learning-rate_decay"), "lr_decay", "learning rate decay factor", {"type": float}),
+    (SHARED["arch"], "arch", "encoder architecture", {"choices": ARCHS}),
+    (SHARED["workers"], "workers", "data loading workers (total per node)", {"type": COUNT}),
+    (SHARED["epochs"], "epochs", "number of total epochs to run", {"type": POSITIVE_INT}),
+    (("--start_epoch",), "start_epoch", "manual epoch number (useful on restarts)", {"type": COUNT}),
+    (SHARED["batch_size"], "batch_size", "total batch size over all processes", {"type": POSITIVE_INT}),
+    (("-t", "--temporal_decay"), "temporal_decay", "temporal decay of queue keys", {"type": FACTOR}),
+    (SHARED["crop"], "crop_size", "crop size of the clips", {"type": POSITIVE_INT}),
+    (SHARED["frames"], "frame_per_clip", "frames per clip", {"type": POSITIVE_INT}),
+    (("-sbc", "--step_between_clips"), "step_between_clips", "frames between clip starts", {"type": POSITIVE_INT}),
+    (SHARED["lr"], "lr", "initial learning rate", {"type": NON_NEGATIVE}),
+    (SHARED["lr_decay"], "lr_decay", "learning rate decay factor", {"type": FACTOR}),
     (("--warmup",), "warmup", "linear warm-up over the first --schedule milestone", {"action": "store_true"}),
-    (("--wp_lr", "--warmup_learning-rate"), "wp_lr", "initial warm-up learning rate", {"type": float}),
-    (("--schedule",), "schedule", "epochs at which the lr drops by --lr_decay", {"type": int, "nargs": "*"}),
-    (("--momentum",), "momentum", "SGD momentum", {"type": float}),
-    (("--wd", "--weight_decay"), "weight_decay", "weight decay", {"type": float}),
-    (("-p", "--print_freq"), "print_freq", "log every N steps (the only host syncs)", {"type": int}),
+    (SHARED["wp_lr"], "wp_lr", "initial warm-up learning rate", {"type": NON_NEGATIVE}),
+    (("--schedule",), "schedule", "epochs at which the lr drops by --lr_decay", {"type": COUNT, "nargs": "*"}),
+    (SHARED["momentum"], "momentum", "SGD momentum", {"type": MOMENTUM}),
+    (SHARED["weight_decay"], "weight_decay", "weight decay", {"type": NON_NEGATIVE}),
+    (("-p", "--print_freq"), "print_freq", "log every N steps (the only host syncs)", {"type": POSITIVE_INT}),
     (("--log_dir",), "log_dir", "TensorBoard, metrics.jsonl and config.yaml", {}),
     (("--ckp_dir",), "ckp_dir", "checkpoint directory", {}),
     (("--resume",), "resume", "checkpoint to resume from (ours or the authors'); 'auto' = newest in --ckp_dir", {}),
     (("--resumeG",), "resumeG", "the authors' generator checkpoint (not loadable: different architecture)", {}),
-    (("--world_size",), "world_size", "number of nodes (with --multiprocessing_distributed)", {"type": int}),
-    (("--rank",), "rank", "node rank (with --multiprocessing_distributed)", {"type": int}),
-    (("--dist_url",), "dist_url", "url to set up distributed training", {}),
-    (("--dist_backend",), "dist_backend", "distributed backend (gloo is used on CPU)", {}),
-    (("--seed",), "seed", "seed (drawn at random and recorded when not given)", {"type": int}),
-    (("--gpu",), "gpu", "GPU id to use (single process)", {"type": int}),
+    (("--world_size",), "world_size", "number of nodes (with --multiprocessing_distributed)",
+     {"type": Number(int, 1, special=(-1,))}),
+    (("--rank",), "rank", "node rank (with --multiprocessing_distributed)", {"type": Number(int, 0, special=(-1,))}),
+    (("--dist_url",), "dist_url", "url to set up distributed training (tcp://HOST:PORT, env://, file://PATH)", {}),
+    (("--dist_backend",), "dist_backend", "distributed backend (gloo is used on CPU)",
+     {"choices": ("nccl", "gloo", "mpi")}),
+    (SHARED["seed"], "seed", "seed (drawn at random and recorded when not given)", {"type": SEED}),
+    (("--gpu",), "gpu", "GPU id to use (single process)", {"type": COUNT}),
     (("--multiprocessing_distributed",), "multiprocessing_distributed", "one process per GPU via mp.spawn",
      {"action": "store_true"}),
-    (("--moco-dim", "--moco_dim"), "moco_dim", "feature dimension", {"type": int}),
-    (("--moco-k", "--moco_k"), "moco_k", "queue size (negative keys)", {"type": int}),
-    (("--moco-m", "--moco_m"), "moco_m", "momentum of the key encoder", {"type": float}),
-    (("--moco-t", "--moco_t"), "moco_t", "softmax temperature", {"type": float}),
+    (("--moco-dim", "--moco_dim"), "moco_dim", "feature dimension", {"type": POSITIVE_INT}),
+    (("--moco-k", "--moco_k"), "moco_k", "queue size (negative keys)", {"type": POSITIVE_INT}),
+    (("--moco-m", "--moco_m"), "moco_m", "momentum of the key encoder", {"type": PROBABILITY}),
+    (("--moco-t", "--moco_t"), "moco_t", "softmax temperature", {"type": POSITIVE}),
     (("--mlp",), "mlp", "MLP projection head", {"action": "store_true"}),
     (("--mlp_bn",), "mlp_bn", "MLP projection head with BatchNorm (MoCo v3 style): keeps the embeddings from "
      "collapsing on small or homogeneous data", {"action": "store_true"}),
     (("--aug_plus",), "aug_plus", "MoCo v2 augmentation (colour jitter, grayscale, blur)", {"action": "store_true"}),
     (("--cos",), "cos", "cosine lr schedule", {"action": "store_true"}),
-    (("--aug_flip",), "aug_flip", "probability of a horizontal flip", {"type": float}),
-    (("--aug_jitter",), "aug_jitter", "brightness / contrast / saturation jitter amount", {"type": float}),
-    (("--aug_hue",), "aug_hue", "hue jitter amount (fraction of a turn, at most 0.5)", {"type": float}),
-    (("--aug_grayscale",), "aug_grayscale", "probability of grayscale", {"type": float}),
-    (("--aug_scale_min",), "aug_scale_min", "smallest crop area (fraction of the frame)", {"type": float}),
-    (("--adv_start_epoch",), "adv_start_epoch", "first epoch with the adversarial generator", {"type": int}),
-    (("--drop_ratio",), "drop_ratio", "fraction of frames the generator drops", {"type": float}),
+    (("--aug_flip",), "aug_flip", "probability of a horizontal flip", {"type": PROBABILITY}),
+    (("--aug_jitter",), "aug_jitter", "brightness / contrast / saturation jitter amount", {"type": PROBABILITY}),
+    (("--aug_hue",), "aug_hue", "hue jitter amount (fraction of a turn, at most 0.5)", {"type": Number(float, 0, 0.5)}),
+    (("--aug_grayscale",), "aug_grayscale", "probability of grayscale", {"type": PROBABILITY}),
+    (("--aug_scale_min",), "aug_scale_min", "smallest crop area (fraction of the frame)", {"type": FACTOR}),
+    (("--adv_start_epoch",), "adv_start_epoch", "first epoch with the adversarial generator", {"type": COUNT}),
+    (("--drop_ratio",), "drop_ratio", "fraction of frames the generator drops", {"type": RATIO}),
     (("--fill",), "fill", "what replaces dropped frames", {"choices": ("mean", "zero", "hold")}),
     (("--g_loss",), "g_loss", "generator objective", {"choices": ("feature_l1", "contrastive")}),
-    (("--g_loss_weight",), "g_loss_weight", "weight of the generator loss", {"type": float}),
-    (("--g_lr",), "g_lr", "generator learning rate (default: --lr)", {"type": float}),
+    (("--g_loss_weight",), "g_loss_weight", "weight of the generator loss", {"type": NON_NEGATIVE}),
+    (("--g_lr",), "g_lr", "generator learning rate (default: --lr)", {"type": NON_NEGATIVE}),
     (("--real_query_loss",), "real_query_loss", "also train on the un-dropped query", {"action": "store_true"}),
     (("--precision",), "precision", "autocast dtype; auto: bf16 on a CUDA GPU with native bf16, else fp32",
      {"choices": ("auto", "fp32", "bf16", "fp16")}),
@@ -173,16 +182,18 @@ _FLAGS = [
     (("--compile",), "compile", "torch.compile the encoders", {"action": "store_true"}),
     (("--grad_checkpointing",), "grad_checkpointing",
      "activation checkpointing per residual block: less memory, ~33%% more FLOPs", {"action": "store_true"}),
-    (("--frame_stride",), "frame_stride", "take every N-th frame", {"type": int}),
-    (("--width",), "width", "encoder base width (64 = torchvision)", {"type": int}),
+    (SHARED["frame_stride"], "frame_stride", "take every N-th frame", {"type": POSITIVE_INT}),
+    (SHARED["width"], "width", "encoder base width (64 = torchvision)", {"type": POSITIVE_INT}),
     (("--views",), "views", "query and key from the same clip or two clips", {"choices": ("same", "distinct")}),
-    (("--max_steps",), "max_steps", "stop after N steps in total (0: no limit)", {"type": int}),
-    (("--save_every",), "save_every", "checkpoint every N epochs", {"type": int}),
-    (("--save_every_steps",), "save_every_steps", "also checkpoint every N steps (0: off)", {"type": int}),
-    (("--keep_last",), "keep_last", "keep the newest N epoch checkpoints", {"type": int}),
-    (("--keep_every",), "keep_every", "also keep every M-th epoch checkpoint (0: off)", {"type": int}),
-    (("--image_every",), "image_every", "log a dropped-frames image every N epochs (0: off)", {"type": int}),
-    (("--device",), "device", "auto, cpu, cuda or cuda:N", {}),
+    (("--subset",), "subset", "videos to pretrain on: the train subset (Kinetics train/, UCF101/HMDB51 split-1 "
+     "train list), val, test or all", {"choices": ("train", "val", "test", "all")}),
+    (("--max_steps",), "max_steps", "stop after N steps in total (0: no limit)", {"type": COUNT}),
+    (("--save_every",), "save_every", "checkpoint every N epochs", {"type": POSITIVE_INT}),
+    (("--save_every_steps",), "save_every_steps", "also checkpoint every N steps (0: off)", {"type": COUNT}),
+    (("--keep_last",), "keep_last", "keep the newest N epoch checkpoints", {"type": POSITIVE_INT}),
+    (("--keep_every",), "keep_every", "also keep every M-th epoch checkpoint (0: off)", {"type": COUNT}),
+    (("--image_every",), "image_every", "log a dropped-frames image every N epochs (0: off)", {"type": COUNT}),
+    (SHARED["device"], "device", "auto, cpu, cuda or cuda:N", {}),
     (("--micro_batch",), "micro_batch", "clips per micro-batch in each process (gradients accumulated, the "
      "semantics of a run on more GPUs); auto: the largest that fits this device's memory", {"type": micro_batch_arg}),
     (("--memory_budget",), "memory_budget", "memory the planner may assume this process can use in all, e.g. 16GB "
@@ -206,37 +217,38 @@ def add_arguments(parser):
     return parser
 
 
+def _long_flag(flags):
+    return next(f for f in flags if f.startswith("--"))
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+DIST_URL = re.compile(r"(tcp://\S+:\d+|env://|file://\S+)")
+
+
 def _check(cfg):
-    choices = {dest: kw["choices"] for _, dest, _, kw in _FLAGS if "choices" in kw}
-    for dest, allowed in choices.items():
-        if getattr(cfg, dest) not in allowed:
-            raise ConfigError(f"{dest}={getattr(cfg, dest)!r} is not one of {', '.join(allowed)}")
+    """Every value against its meaning (the flags' own `Number` / choices checks, which config files and
+    Python callers skip), then the checks between values; `ConfigError` with one line."""
+    for flags, dest, _, kwargs in _FLAGS:
+        value = getattr(cfg, dest)
+        if "choices" in kwargs and value not in kwargs["choices"]:
+            raise ConfigError(f"{dest}={value!r} is not one of {', '.join(kwargs['choices'])}")
+        number = kwargs.get("type")
+        if isinstance(number, Number) and value is not None:
+            for item in value if kwargs.get("nargs") else [value]:
+                try:
+                    number.check(item, _long_flag(flags))
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
     if not cfg.data:
         raise ConfigError("DATA is required (a positional argument or `data:` in --config)")
-    if cfg.batch_size < 1 or cfg.epochs < 1 or cfg.frame_per_clip < 1 or cfg.print_freq < 1:
-        raise ConfigError("--batch_size, --epochs, --frame_per_clip and --print_freq must be >= 1")
-    # checked here, not where they are used: a bad clip size fails in the data workers, which would
-    # quarantine healthy videos as "training-time decode errors"
-    for flag, value in (("--crop_size", cfg.crop_size), ("--frame_stride", cfg.frame_stride), ("--width", cfg.width),
-                        ("--moco-dim", cfg.moco_dim)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
-    if cfg.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {cfg.workers}")
     if cfg.moco_k < cfg.batch_size:  # every step enqueues the keys of the whole (global) batch
         raise ConfigError(f"--moco-k {cfg.moco_k} must be at least the batch size {cfg.batch_size}")
-    if not 0.0 < cfg.temporal_decay <= 1.0:
-        raise ConfigError(f"--temporal_decay must be in (0, 1], got {cfg.temporal_decay}")
-    if not 0.0 <= cfg.moco_m <= 1.0 or cfg.moco_t <= 0.0:
-        raise ConfigError(f"need --moco-m in [0, 1] and --moco-t > 0, got {cfg.moco_m} and {cfg.moco_t}")
-    if cfg.lr < 0.0 or (cfg.g_lr or 0.0) < 0.0:
-        raise ConfigError(f"--lr and --g_lr must be >= 0, got {cfg.lr} and {cfg.g_lr}")
-    for flag, value, high in (("--aug_flip", cfg.aug_flip, 1.0), ("--aug_jitter", cfg.aug_jitter, 1.0), ("--aug_hue", cfg.aug_hue, 0.5),
-                              ("--aug_grayscale", cfg.aug_grayscale, 1.0), ("--aug_scale_min", cfg.aug_scale_min, 1.0)):
-        if not 0.0 <= value <= high:
-            raise ConfigError(f"{flag} must be in [0, {high}], got {value}")
-    if not 0.0 <= cfg.drop_ratio < 1.0:
-        raise ConfigError(f"--drop_ratio must be in [0, 1), got {cfg.drop_ratio}")
+    if cfg.start_epoch >= cfg.epochs:
+        raise ConfigError(f"--start_epoch {cfg.start_epoch} leaves nothing to train with --epochs {cfg.epochs}")
+    if not DEVICE.fullmatch(str(cfg.device)):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if not DIST_URL.fullmatch(str(cfg.dist_url)):
+        raise ConfigError(f"--dist_url must be tcp://HOST:PORT, env:// or file://PATH, got {cfg.dist_url!r}")
     try:
         cfg.micro_batch = micro_batch_arg(cfg.micro_batch)
     except argparse.ArgumentTypeError as e:
@@ -251,12 +263,42 @@ def _check(cfg):
     return cfg
 
 
+def check_output_dir(flag, path):
+    """One-line `ConfigError` unless `path` is a directory this process can create or write into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a directory")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {parent} is not writable")
+
+
+def check_paths(cfg):
+    """What must exist and be writable before any work: DATA, --resume, --log_dir and --ckp_dir."""
+    if not Path(cfg.data).exists():
+        raise ConfigError(f"DATA {cfg.data} does not exist")
+    if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
+        raise ConfigError(f"--resume {cfg.resume}: no such file")
+    check_output_dir("--log_dir", cfg.log_dir)
+    check_output_dir("--ckp_dir", cfg.ckp_dir)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {cfg.device} asked for but CUDA is not available")
+    return cfg
+
+
 def load_yaml(path):
     """Read a config file into a dict (one-line `ConfigError` on a bad file or unknown key)."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config {path} must be a mapping of flag names to values")
@@ -282,6 +324,7 @@ def _coerce(path, dest, value):
     convert = kwargs.get("type")
     if convert is None:
         return value
+    convert = convert.kind if isinstance(convert, Number) else convert  # the range is checked by _check
     items = value if kwargs.get("nargs") and isinstance(value, list) else [value]
     # no silent bool -> 1, 1.5 -> 1 or [8] -> error later
     if any(isinstance(v, (list, dict, bool)) or convert is int and isinstance(v, float) for v in items):

@@ -20,7 +20,7 @@ from videomoco.data.datasets import DataFailureError, set_epoch
 from videomoco.engine import checkpoint as ck
 from videomoco.engine import distributed as du
 from videomoco.engine import memory
-from videomoco.engine.config import ConfigError, PretrainConfig, config_from_args, error_line, save_config
+from videomoco.engine.config import ConfigError, PretrainConfig, check_paths, config_from_args, error_line, save_config
 from videomoco.engine.config import add_arguments as _add_config_arguments
 from videomoco.engine.logger import MetricLogger, environment, setup_logging
 from videomoco.engine.loop import StopFlag, TrainingDiverged, train_one_epoch
@@ -122,6 +122,8 @@ class Run:
         self.stop = StopFlag()
         self.epoch, self.step, self.batch_in_epoch = cfg.start_epoch, 0, 0
         self.last_checkpoint, self.saved_step = None, None
+        self.start = None  # (epoch, step, mid_epoch) of the checkpoint resumed from; None: a fresh run
+        self.ckp_dir_prepared = False  # the first save sets aside newer checkpoints (checkpoint.prepare_ckp_dir)
         self.ckp_dir = Path(cfg.ckp_dir)
         self.logger = MetricLogger(cfg.log_dir, enabled=du.is_main_process())
 
@@ -142,12 +144,22 @@ class Run:
         }
 
     def save(self, epoch, mid_epoch=False):
-        """Checkpoint after `epoch` epochs (+ `batch_in_epoch` batches when `mid_epoch`); rank 0 writes."""
+        """Checkpoint after `epoch` epochs (+ `batch_in_epoch` batches when `mid_epoch`); rank 0 writes.
+
+        Raises `TrainingDiverged` instead of writing non-finite weights (every rank: they hold the same)."""
         du.sync_buffers(self.model)  # BN statistics of rank 0 everywhere (what the file will hold)
+        bad = ck.nonfinite_tensors({"state_dict": self.model.state_dict(), "generator": self.generator.state_dict()})
+        if bad:
+            raise TrainingDiverged(f"{len(bad)} tensors of the weights are NaN/Inf at step {self.step} "
+                                   f"(epoch {epoch}), e.g. {bad[0]}: not saved; "
+                                   f"last good checkpoint: {self.last_checkpoint or 'none'}")
         if du.is_main_process():
+            if not self.ckp_dir_prepared:
+                self.ckp_dir_prepared = True
+                ck.prepare_ckp_dir(self.ckp_dir, self.start, self.cfg.start_epoch)
             name = ck.checkpoint_name(epoch, self.step if mid_epoch else None)
             self.last_checkpoint = ck.save_checkpoint(self.state(epoch, mid_epoch), self.ckp_dir / name)
-            ck.rotate_checkpoints(self.ckp_dir, self.cfg.keep_last, self.cfg.keep_every)
+            ck.rotate_checkpoints(self.ckp_dir, self.cfg.keep_last, self.cfg.keep_every, protect=self.last_checkpoint)
             log.info("saved %s", self.last_checkpoint)
         self.saved_step = self.step
         du.barrier()
@@ -169,6 +181,7 @@ class Run:
         if ck.is_official(ckpt):
             log.info("loaded the authors' checkpoint %s (epoch %d): weights and queue only, fresh optimiser",
                      path, self.epoch)
+            self.start = (self.epoch, 0, False)
             return
         self.generator.load_state_dict(ckpt["generator"])
         load_optimizer_state(self.opt_d, ckpt["optimizer"])
@@ -181,6 +194,7 @@ class Run:
                                       "position": self.batch_in_epoch * self.per_process_batch})
         ck.set_rng_state(ckpt["rng"])  # torch is also reseeded every step (loop.step_seed)
         self.last_checkpoint = Path(path)
+        self.start = (self.epoch, self.step, self.batch_in_epoch > 0)
         log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
 
 
@@ -205,10 +219,13 @@ def _resolve_seed(cfg, info):
 
 def _build_data(run, cfg, info, workers):
     from videomoco.data.datasets import PretrainDataset, build_loader
-    from videomoco.data.index import open_index
+    from videomoco.data.index import open_index, pretrain_subset
 
     try:
-        dataset = PretrainDataset(open_index(cfg.data), frames_per_clip=cfg.frame_per_clip,
+        index, which = pretrain_subset(open_index(cfg.data), cfg.subset)
+        if du.is_main_process():
+            log.info("pretraining on %s", which)
+        dataset = PretrainDataset(index, frames_per_clip=cfg.frame_per_clip,
                                   frame_stride=cfg.frame_stride, crop_size=cfg.crop_size, views=cfg.views,
                                   scale=(cfg.aug_scale_min, 1.0), seed=cfg.seed)
         run.loader = build_loader(dataset, run.per_process_batch, workers, shuffle=True, drop_last=True,
@@ -373,6 +390,7 @@ def _train(cfg, info):
 def run(cfg: PretrainConfig) -> dict:
     """Pretrain with `cfg` (the Python entry point). Returns rank 0's summary (status, epoch, step,
     checkpoint path, exit_code); only status and exit_code from a parent that spawned its workers."""
+    check_paths(cfg)  # before any process starts: a bad path must not cost an epoch
     _deterministic_environment(cfg)  # spawned workers inherit it
     return du.launch(_worker, cfg)
 

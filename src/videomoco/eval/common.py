@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import re
 import sys
 import weakref
 from dataclasses import dataclass
@@ -34,11 +35,14 @@ from videomoco.engine import memory
 from videomoco.engine.config import error_line, micro_batch_arg
 from videomoco.eval.export import load_encoder
 from videomoco.eval.features import extract_features
+from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARED,
+                             Number)
 from videomoco.models import build_encoder
 
 log = logging.getLogger(__name__)
 
 DATASETS = ("ucf101", "hmdb51", "folder")
+SPLIT = Number(int, 1, 3)
 
 
 @dataclass
@@ -65,38 +69,55 @@ class EvalConfig:
     out: str = "runs/eval"
 
 
+# field -> what its flag takes (and `check_config` enforces on any config); lists: every item
+RANGES = {
+    "split": SPLIT, "splits": SPLIT, "width": COUNT, "frames": POSITIVE_INT, "frame_stride": POSITIVE_INT,
+    "crop": POSITIVE_INT, "num_clips": POSITIVE_INT, "batch_size": POSITIVE_INT, "chunk_size": POSITIVE_INT,
+    "workers": COUNT, "seed": SEED, "seeds": SEED, "epochs": POSITIVE_INT, "finetune_epochs": COUNT,
+    "lr": NON_NEGATIVE, "finetune_lr": NON_NEGATIVE, "lr_decay": FACTOR, "wp_lr": NON_NEGATIVE,
+    "momentum": MOMENTUM, "weight_decay": NON_NEGATIVE, "schedule": COUNT, "num_classes": COUNT,
+    "eval_every": COUNT, "classifier_batch_size": POSITIVE_INT, "ks": POSITIVE_INT, "temperature": POSITIVE,
+    "ratios": RATIO,
+}
+
+
+def add_flag(parser, cfg_cls, name, help=None, **kwargs):
+    """Add the flag of field `name`: its names (`flags.SHARED`, so every command spells a setting as pretrain
+    does, else --name-with-dashes), default (from `cfg_cls`) and type (`RANGES`)."""
+    if name in RANGES and "action" not in kwargs:
+        kwargs.setdefault("type", RANGES[name])
+    names = SHARED.get(name, (f"--{name.replace('_', '-')}",))
+    parser.add_argument(*names, dest=name, default=getattr(cfg_cls(), name), help=help, **kwargs)
+
+
 def add_common_arguments(parser, cfg_cls=EvalConfig, data=True):
     """The shared flags, with defaults from `cfg_cls` (so a command can change a default in its dataclass)."""
-    d = cfg_cls()
     if data:
         parser.add_argument("data", help="dataset root or index directory")
-        parser.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="split-file layout")
-        parser.add_argument("--split", type=int, default=d.split, help="official split 1, 2 or 3")
-    parser.add_argument("--pretrained", default=d.pretrained, help="checkpoint (ours, the authors', exported, torchvision)")
-    parser.add_argument("--arch", default=d.arch, help="encoder; default: read from the checkpoint")
-    parser.add_argument("--width", type=int, default=d.width, help="encoder width; default: from the checkpoint")
-    parser.add_argument("--frames", type=int, default=d.frames, help="frames per clip")
-    parser.add_argument("--frame-stride", type=int, default=d.frame_stride)
-    parser.add_argument("--crop", type=int, default=d.crop, help="crop size in pixels")
-    parser.add_argument("--num-clips", type=int, default=d.num_clips, help="clips per video at test time")
-    parser.add_argument("--num-crops", type=int, choices=[1, 3], default=d.num_crops, help="spatial crops per clip")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--workers", type=int, default=d.workers, help="data loading workers")
-    parser.add_argument("--device", default=d.device)
-    parser.add_argument("--seed", type=int, default=d.seed)
+        add_flag(parser, cfg_cls, "dataset", "split-file layout", choices=DATASETS)
+        add_flag(parser, cfg_cls, "split", "official split 1, 2 or 3")
+    add_flag(parser, cfg_cls, "pretrained", "checkpoint (ours, the authors', exported, torchvision)")
+    add_flag(parser, cfg_cls, "arch", "encoder; default: read from the checkpoint")
+    add_flag(parser, cfg_cls, "width", "encoder width; default: from the checkpoint")
+    add_flag(parser, cfg_cls, "frames", "frames per clip")
+    add_flag(parser, cfg_cls, "frame_stride", "take every N-th frame")
+    add_flag(parser, cfg_cls, "crop", "crop size in pixels")
+    add_flag(parser, cfg_cls, "num_clips", "clips per video at test time")
+    add_flag(parser, cfg_cls, "num_crops", "spatial crops per clip", type=int, choices=[1, 3])
+    add_flag(parser, cfg_cls, "batch_size", "videos (test: clips) per batch")
+    add_flag(parser, cfg_cls, "workers", "data loading workers")
+    add_flag(parser, cfg_cls, "device", "cpu, cuda or cuda:N")
+    add_flag(parser, cfg_cls, "seed")
     add_memory_arguments(parser, cfg_cls)
-    parser.add_argument("--out", default=d.out, help="output directory (metrics.json, summary.md, ...)")
+    add_flag(parser, cfg_cls, "out", "output directory (metrics.json, summary.md, ...)")
 
 
 def add_memory_arguments(parser, cfg_cls=EvalConfig):
     """`--micro-batch` and `--memory-budget` (checked by `check_config`, so a bad value is one line)."""
-    d = cfg_cls()
-    parser.add_argument("--micro-batch", "--micro_batch", dest="micro_batch", default=d.micro_batch,
-                        help="clips per forward (fine-tuning: per micro-batch, gradients accumulated); auto: the "
-                             "most that fit this device's memory, measured before the first batch")
-    parser.add_argument("--memory-budget", "--memory_budget", dest="memory_budget", default=d.memory_budget,
-                        help="memory the planner may assume this process can use in all, e.g. 16GB "
-                             "(default: what it holds + what the device has free)")
+    add_flag(parser, cfg_cls, "micro_batch", "clips per forward (fine-tuning: per micro-batch, gradients accumulated); "
+             "auto: the most that fit this device's memory, measured before the first batch", type=micro_batch_arg)
+    add_flag(parser, cfg_cls, "memory_budget", "memory the planner may assume this process can use in all, e.g. "
+             "16GB (default: what it holds + what the device has free)")
 
 
 def config_from_args(cfg_cls, args):
@@ -115,12 +136,16 @@ def check_config(cfg):
     """One-line `ValueError` for values no run can use (caught before a worker or the index sees them)."""
     if hasattr(cfg, "split"):
         check_split(cfg)
-    for name in ("frames", "frame_stride", "crop", "num_clips", "batch_size", "chunk_size", "epochs"):
-        if getattr(cfg, name, 1) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if getattr(cfg, "workers", 0) < 0:
-        raise ValueError(f"--workers must be >= 0, got {cfg.workers}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in RANGES and value is not None:
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                RANGES[f.name].check(item, f"--{f.name.replace('_', '-')}")
+    if getattr(cfg, "num_crops", 1) not in (1, 3):
+        raise ValueError(f"--num-crops must be 1 or 3, got {cfg.num_crops}")
     device = str(getattr(cfg, "device", "cpu"))
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for but CUDA is not available")
     if hasattr(cfg, "micro_batch"):
@@ -191,9 +216,7 @@ def open_split(cfg, subset):
     """
     check_config(cfg)
     layout = {"ucf101": "ucf101", "hmdb51": "hmdb51", "folder": "kinetics"}[cfg.dataset]
-    index = open_index(cfg.data, layout=layout)
-    if index.layout != layout:
-        raise ValueError(f"{cfg.data} is indexed as {index.layout}, not {cfg.dataset}")
+    index = open_index(cfg.data, layout=layout, asked=f"--dataset {cfg.dataset}")
     missing = index.meta.get("counts", {}).get("missing", 0)
     if missing:
         log.warning("%s: split files name %d videos that are not on disk (skipped)", cfg.data, missing)
@@ -205,7 +228,20 @@ def open_split(cfg, subset):
                          "DATA/test/ or DATA/val/)")
     if not selected.records:
         raise ValueError(f"{cfg.data}: no {subset} videos for split {cfg.split}")
+    _log_split(cfg, subset, selected)
     return selected
+
+
+_LOGGED_SPLITS = set()  # (data, subset, split) already reported: every command opens its splits more than once
+
+
+def _log_split(cfg, subset, selected):
+    """Log the size of a subset once per process, so every command reports its train and test sets."""
+    key = (str(cfg.data), subset, cfg.split)
+    if key not in _LOGGED_SPLITS:
+        _LOGGED_SPLITS.add(key)
+        classes = len({r.label for r in selected.records})
+        log.info("%s %s: %d videos, %d classes (split %d)", cfg.data, subset, len(selected), classes, cfg.split)
 
 
 def labeled_dataset(cfg, subset, mode="test"):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from videomoco.engine.checkpoint import load_error_reason
+from videomoco.engine.checkpoint import CheckpointError, safe_load
 from videomoco.method.moco import mlp_head
 from videomoco.models import build_encoder, list_encoders
 
@@ -40,9 +40,9 @@ def read_checkpoint(path):
         with safe_open(str(path), framework="pt") as f:
             return {"state_dict": {k: f.get_tensor(k) for k in f.keys()}, **(f.metadata() or {})}
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, a pickle of custom classes, not a checkpoint at all
-        raise ValueError(f"cannot read checkpoint {path}: {load_error_reason(path, err)}") from None
+        return safe_load(path)  # weights_only=True, deflate bombs refused
+    except CheckpointError as err:  # truncated zip, a pickle of custom classes, not a checkpoint at all
+        raise ValueError(str(err)) from None
 
 
 def encoder_state(path):

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,21 +55,21 @@ class ExtractConfig:
 
 
 def add_arguments(parser):
-    d = ExtractConfig()
+    flag = partial(common.add_flag, parser, ExtractConfig)
     parser.add_argument("data", help="folder of videos, dataset root or index directory")
-    parser.add_argument("--pretrained", required=True, help="checkpoint (any format load_encoder reads)")
-    parser.add_argument("--out", required=True, help="output prefix FEATS: FEATS.npy, FEATS.csv, FEATS.json")
-    parser.add_argument("--layout", default=d.layout, choices=["auto", "kinetics", "ucf101", "hmdb51", "folder"])
-    parser.add_argument("--arch", default=d.arch)
-    parser.add_argument("--width", type=int, default=d.width)
-    parser.add_argument("--frames", type=int, default=d.frames)
-    parser.add_argument("--frame-stride", type=int, default=d.frame_stride)
-    parser.add_argument("--crop", type=int, default=d.crop)
-    parser.add_argument("--num-clips", type=int, default=d.num_clips, help="clips averaged per video")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="videos per batch")
-    parser.add_argument("--chunk-size", type=int, default=d.chunk_size, help="videos per resumable chunk")
-    parser.add_argument("--workers", type=int, default=d.workers)
-    parser.add_argument("--device", default=d.device)
+    flag("pretrained", "checkpoint (any format load_encoder reads)", required=True)
+    flag("out", "output prefix FEATS: FEATS.npy, FEATS.csv, FEATS.json", required=True)
+    flag("layout", "dataset layout of DATA", choices=["auto", "kinetics", "ucf101", "hmdb51", "folder"])
+    flag("arch", "encoder; default: read from the checkpoint")
+    flag("width", "encoder width; default: from the checkpoint")
+    flag("frames", "frames per clip")
+    flag("frame_stride", "take every N-th frame")
+    flag("crop", "centre crop size in pixels")
+    flag("num_clips", "clips averaged per video")
+    flag("batch_size", "videos per batch")
+    flag("chunk_size", "videos per resumable chunk")
+    flag("workers", "data loading workers")
+    flag("device", "cpu, cuda or cuda:N")
     common.add_memory_arguments(parser, ExtractConfig)
 
 

@@ -19,6 +19,7 @@ the batch's mean loss, while BN normalises each micro-batch on its own.
 
 import logging
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,22 +59,22 @@ class FinetuneConfig(common.EvalConfig):
 
 def add_arguments(parser):
     common.add_common_arguments(parser, FinetuneConfig)
-    d = FinetuneConfig()
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
-    parser.add_argument("--lr-decay", type=float, default=d.lr_decay, help="factor at each --schedule milestone")
-    parser.add_argument("--schedule", type=int, nargs="*", default=d.schedule, help="epochs where the LR drops")
-    parser.add_argument("--cos", action="store_true", help="cosine LR schedule instead of steps")
-    parser.add_argument("--warmup", action="store_true", help="linear warm-up from --wp-lr to --lr until schedule[0]")
-    parser.add_argument("--wp-lr", type=float, default=d.wp_lr)
-    parser.add_argument("--momentum", type=float, default=d.momentum)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--num-classes", type=int, default=0, help="expected class count (checked against the dataset)")
-    parser.add_argument("--eval-every", type=int, default=d.eval_every, help="also evaluate every N epochs")
-    parser.add_argument("--resume", default="", help="continue from a fine-tuning checkpoint.pth")
-    parser.add_argument("--evaluate", action="store_true", help="only evaluate the --pretrained / --resume model")
-    parser.add_argument("--grad-checkpointing", "--grad_checkpointing", action="store_true",
-                        help="activation checkpointing of the encoder's blocks: less memory, more compute")
+    flag = partial(common.add_flag, parser, FinetuneConfig)
+    flag("epochs", "fine-tuning epochs")
+    flag("lr", "SGD learning rate")
+    flag("lr_decay", "factor at each --schedule milestone")
+    flag("schedule", "epochs where the LR drops", nargs="*")
+    flag("cos", "cosine LR schedule instead of steps", action="store_true")
+    flag("warmup", "linear warm-up from --wp_lr to --lr until schedule[0]", action="store_true")
+    flag("wp_lr", "initial warm-up learning rate")
+    flag("momentum", "SGD momentum")
+    flag("weight_decay", "weight decay")
+    flag("num_classes", "expected class count, checked against the dataset (0: from the dataset)")
+    flag("eval_every", "also evaluate every N epochs (0: only at the end)")
+    flag("resume", "continue from a fine-tuning checkpoint.pth")
+    flag("evaluate", "only evaluate the --pretrained / --resume model", action="store_true")
+    flag("grad_checkpointing", "activation checkpointing of the encoder's blocks: less memory, more compute",
+         action="store_true")
 
 
 def flip(x, generator=None):

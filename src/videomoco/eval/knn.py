@@ -67,8 +67,8 @@ class KnnConfig(common.EvalConfig):
 
 def add_arguments(parser):
     common.add_common_arguments(parser, KnnConfig)
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 20], help="k values for kNN (default 1 20)")
-    parser.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T)")
+    common.add_flag(parser, KnnConfig, "ks", "k values for kNN", nargs="+")
+    common.add_flag(parser, KnnConfig, "temperature", "vote weight exp(sim / T)")
 
 
 def video_features(cfg, encoder, subset, clip_fn=None):

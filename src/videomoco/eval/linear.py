@@ -11,6 +11,7 @@ in seconds. After training we check that no encoder weight or BN statistic chang
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,14 @@ class LinearConfig(common.EvalConfig):
 
 def add_arguments(parser):
     common.add_common_arguments(parser, LinearConfig)
-    parser.add_argument("--epochs", type=int, default=100, help="classifier epochs over the cached features")
-    parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the classifier")
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--classifier-batch-size", type=int, default=1024)
+    flag = partial(common.add_flag, parser, LinearConfig)
+    flag("epochs", "classifier epochs over the cached features")
+    flag("lr", "Adam learning rate of the classifier")
+    flag("weight_decay", "weight decay of the classifier")
+    flag("classifier_batch_size", "features per classifier step")
     parser.add_argument("--no-l2-normalize", dest="l2_normalize", action="store_false",
                         help="train on raw features instead of L2-normalised ones")
-    parser.add_argument("--cache-dir", default="", help="feature cache directory (default: --out)")
+    flag("cache_dir", "feature cache directory (default: --out)")
 
 
 def snapshot(model):

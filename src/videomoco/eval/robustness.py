@@ -13,6 +13,7 @@ Writes `metrics.json`, `summary.md` (a markdown table) and `robustness.png`.
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,11 +41,11 @@ class RobustnessConfig(common.EvalConfig):
 
 def add_arguments(parser):
     common.add_common_arguments(parser, RobustnessConfig)
-    d = RobustnessConfig()
-    parser.add_argument("--ratios", type=float, nargs="+", default=d.ratios, help="fractions of frames dropped")
-    parser.add_argument("--fill", choices=["mean", "zero", "hold"], default=d.fill, help="what replaces a dropped frame")
-    parser.add_argument("--generator", default="", help="pretraining checkpoint whose trained generator drops frames")
-    parser.add_argument("--ks", type=int, nargs="+", default=d.ks, help="k values for kNN")
+    flag = partial(common.add_flag, parser, RobustnessConfig)
+    flag("ratios", "fractions of frames dropped", nargs="+")
+    flag("fill", "what replaces a dropped frame", choices=["mean", "zero", "hold"])
+    flag("generator", "pretraining checkpoint whose trained generator drops frames")
+    flag("ks", "k values for kNN", nargs="+")
 
 
 def load_generator(path, fill="mean"):

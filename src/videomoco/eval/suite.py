@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,15 +50,15 @@ class SuiteConfig(common.EvalConfig):
 
 def add_arguments(parser):
     common.add_common_arguments(parser, SuiteConfig, data=False)
-    d = SuiteConfig()
-    parser.add_argument("--suite", choices=sorted(PRESETS), default=d.suite, help="paper schedules or a quick smoke test")
-    parser.add_argument("--ucf101", default="", help="UCF101 root (with ucfTrainTestlist/) or its index")
-    parser.add_argument("--hmdb51", default="", help="HMDB51 root (with testTrainMulti_7030_splits/) or its index")
-    parser.add_argument("--splits", type=int, nargs="+", default=d.splits, help="official splits (1 = authors' parity)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=d.seeds)
-    parser.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=d.protocols)
-    parser.add_argument("--finetune-epochs", type=int, default=0, help="override the suite's fine-tuning epochs")
-    parser.add_argument("--finetune-lr", type=float, default=d.finetune_lr)
+    flag = partial(common.add_flag, parser, SuiteConfig)
+    flag("suite", "paper schedules or a quick smoke test", choices=sorted(PRESETS))
+    flag("ucf101", "UCF101 root (with ucfTrainTestlist/) or its index")
+    flag("hmdb51", "HMDB51 root (with testTrainMulti_7030_splits/) or its index")
+    flag("splits", "official splits (1 = authors' parity)", nargs="+")
+    flag("seeds", "seeds of the fine-tuning and linear runs", nargs="+")
+    flag("protocols", "protocols to run", nargs="+", choices=list(PROTOCOLS))
+    flag("finetune_epochs", "override the suite's fine-tuning epochs (0: the preset's)")
+    flag("finetune_lr", "fine-tuning learning rate")
 
 
 def protocol_config(cfg, protocol, dataset, root, split, seed):

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from videomoco.flags import POSITIVE_INT
+
 _ENCODERS = {}
 
 CLIP_SHAPE = (3, 16, 112, 112)  # (C, T, H, W) of the clip the FLOPs are reported for
@@ -108,8 +110,8 @@ def format_table(rows):
 
 
 def add_arguments(parser):
-    parser.add_argument("--width", type=int, default=64, help="base channels (64 = the published networks)")
-    parser.add_argument("--num-classes", type=int, default=400, help="outputs of the fc head")
+    parser.add_argument("--width", type=POSITIVE_INT, default=64, help="base channels (64 = the published networks)")
+    parser.add_argument("--num-classes", type=POSITIVE_INT, default=400, help="outputs of the fc head")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -64,5 +64,5 @@ def test_open_split_logs_each_subset_once(tmp_path, make_video, caplog):
         for _ in range(2):
             common.open_split(cfg, "train")
             common.open_split(cfg, "test")
-    lines = [r.getMessage() for r in caplog.records if "videos," in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if r.name == "videomoco.eval.common" and "videos," in r.getMessage()]
     assert lines == [f"{root} train: 4 videos, 2 classes (split 1)", f"{root} test: 2 videos, 2 classes (split 1)"]

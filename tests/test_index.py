@@ -245,7 +245,7 @@ def test_pretrain_subset():
     with pytest.raises(ValueError, match=r"has no 'val' videos of split 1; it has test 1, train 1, unused 1 \("):
         pretrain_subset(ucf, "val")
     folder = _index("folder", [{}, {}])
-    assert pretrain_subset(folder, "train") == (folder, "no subsets in a folder layout: all 2 videos")
+    assert pretrain_subset(folder, "train") == (folder, "all 2 videos (a folder layout has no subsets)")
     assert len(pretrain_subset(_index("kinetics", []))[0]) == 0
 
 

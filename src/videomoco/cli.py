@@ -9,6 +9,7 @@ import importlib
 import sys
 
 from videomoco import __version__
+from videomoco.engine.logger import setup_logging
 from videomoco.flags import Parser
 
 # name -> (module, one-line help)
@@ -53,6 +54,7 @@ def main(argv=None):
     if args.command is None:
         build_parser().print_help()
         return 1
+    setup_logging()  # the commands' INFO lines (what was planned, read, skipped) on stderr
     module = importlib.import_module(COMMANDS[args.command][0])
     return module.main(args) or 0
 

@@ -342,7 +342,7 @@ def pretrain_subset(index, subset="train"):
     """
     total = len(index)
     if index.layout == "folder":
-        return index.select(None), f"no subsets in a folder layout: all {total:,} videos"
+        return index.select(None), f"all {total:,} videos (a folder layout has no subsets)"
     if subset == "all":
         return index.select(None), f"{index.layout}, all subsets: {total:,} videos"
     column, where = ("subset", "") if index.layout == "kinetics" else ("split1", " of split 1")

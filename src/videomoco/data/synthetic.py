@@ -288,7 +288,6 @@ def add_arguments(parser):
 
 
 def main(args):
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.size % 2:
         return fail("synth", f"--size must be even (H.264 4:2:0), got {args.size}")
     if args.appearance_classes and args.scene != "object":

@@ -7,8 +7,6 @@ import platform
 import sys
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +36,8 @@ def setup_logging(rank=0):
 
 def environment():
     """torch / CUDA / cuDNN / Python versions and the device names, as a dict of strings."""
+    import torch  # here, not at the top: every command (`videomoco index` too) sets up logging from this module
+
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -55,6 +55,8 @@ def drop_strip(clip, keep_mask, border=2, mean=None, std=None):
     keep_mask: `(T,)` bool/0-1, True where the generator kept the frame.
     Returns `(3, H + 2*border, T * (W + 2*border))` uint8 (TensorBoard's CHW; `.permute(1, 2, 0)` for a PNG).
     """
+    import torch
+
     clip = clip.detach().cpu()
     if clip.dtype != torch.uint8:
         clip = clip.float()

@@ -152,6 +152,9 @@ def check_config(cfg):
         cfg.micro_batch = _micro_batch(cfg)
     if getattr(cfg, "memory_budget", ""):
         _budget_limit(cfg)
+    data = getattr(cfg, "data", "")
+    if data and not Path(data).exists():  # values first, then paths; both before the model is built and measured
+        raise FileNotFoundError(f"{data} is neither an index (index.csv) nor a dataset directory")
     return cfg
 
 
@@ -241,7 +244,8 @@ def _log_split(cfg, subset, selected):
     if key not in _LOGGED_SPLITS:
         _LOGGED_SPLITS.add(key)
         classes = len({r.label for r in selected.records})
-        log.info("%s %s: %d videos, %d classes (split %d)", cfg.data, subset, len(selected), classes, cfg.split)
+        split = f" (split {cfg.split})" if cfg.dataset in ("ucf101", "hmdb51") else ""
+        log.info("%s %s: %d videos, %d classes%s", cfg.data, subset, len(selected), classes, split)
 
 
 def labeled_dataset(cfg, subset, mode="test"):
@@ -260,9 +264,9 @@ def extract(cfg, encoder, subset, head=False, clip_fn=None, micro_batch=None):
     """Clip-level features (or logits with `head=True`) of a subset, in test mode (no augmentation).
 
     micro_batch: clips per forward; None: `plan_micro_batch` (measured once per encoder and settings)."""
+    loader = make_loader(cfg, labeled_dataset(cfg, subset, mode="test"))  # a bad split fails before the probe
     if micro_batch is None:
         micro_batch = plan_micro_batch(cfg, encoder, cfg.batch_size, head=head)
-    loader = make_loader(cfg, labeled_dataset(cfg, subset, mode="test"))
     return extract_features(encoder, loader, cfg.device, head=head, clip_fn=clip_fn, progress=True,
                             micro_batch=micro_batch)
 

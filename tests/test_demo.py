@@ -50,3 +50,38 @@ def test_time_baseline_transforms_remove_order_and_motion():
     assert not torch.equal(shuffled, x)  # ... in another order
     single = single_frame(x)
     assert torch.equal(single, x[:, :, 3:4].expand_as(x))
+
+
+def test_ablation_shares_the_first_epochs_of_each_decay_and_pairs_the_seeds(tmp_path, monkeypatch):
+    import videomoco.demo as demo
+    from videomoco.demo.report import ablation_lines
+
+    budget, calls = BUDGETS["quick"], []
+
+    def fake_pretrain(cfg, budget, data, out, decay, adversarial, seed, resume="", max_steps=0):
+        calls.append((out.name, decay, adversarial, seed, resume, max_steps))
+        return f"{out.name}.pth"
+
+    def fake_evaluate(ecfg, ratios, generator_ckpt=""):
+        bonus = 5.0 * ("VideoMoCo" in ecfg.pretrained)  # one variant better on every seed
+        return {"knn_top1_k20": 40.0 + ecfg.seed + bonus, "linear_top1": 20.0 + ecfg.seed, "robustness": [
+            {"dropper": "random", "ratio": r, "cosine": 0.9, "knn_top1_k20": 30.0 + ecfg.seed} for r in ratios]}
+
+    monkeypatch.setattr(demo, "pretrain", fake_pretrain)
+    monkeypatch.setattr(demo, "evaluate", fake_evaluate)
+    # 30 train videos, batch 10: 3 steps per epoch
+    result = demo.ablation(demo.DemoConfig(), budget, "data", "index_train", 30, tmp_path, "cpu", 0.5)
+    variants = demo.ablation_variants(budget)
+    assert list(result["runs"]) == list(variants) and result["seeds"] == list(demo.ABLATION_SEEDS)
+    assert all(len(runs) == len(demo.ABLATION_SEEDS) for runs in result["runs"].values())
+    decays = {decay for decay, _ in variants.values()}
+    starts = [c for c in calls if c[5]]
+    assert len(starts) == len(decays) * len(demo.ABLATION_SEEDS)  # one shared start per decay and seed
+    assert all(c[5] == 3 * budget.adv_start_epoch and not c[2] for c in starts)  # no generator before it starts
+    for name, (decay, adversarial) in variants.items():  # every variant resumes its decay's start, same seed
+        for seed in demo.ABLATION_SEEDS:
+            branch = next(c for c in calls if not c[5] and c[1] == decay and c[2] == adversarial and c[3] == seed)
+            assert branch[4] == f"t{decay:g}_seed{seed}_start.pth"
+    text = "\n".join(ablation_lines(result))
+    assert "| VideoMoCo | +5.0 ± 0.0 (p 0.00) |" in text  # the same +5 on every seed: resolved
+    assert "| + generator | +0.0 ± 0.0 (p 1.00) |" in text

@@ -5,7 +5,8 @@
       MoCo, VideoMoCo and supervised -> do the classes need time? -> report.md + PNGs in --out
 
 `--quick` shrinks everything (used by the tests, about a minute); `--ablation` adds MoCo, + temporal
-decay, + generator and both, over 3 seeds. Every phase prints its elapsed time.
+decay, + generator, both, and a strong decay, over 5 seeds, compared with MoCo seed by seed (a paired
+t-test, `demo.stats`). Every phase prints its elapsed time.
 """
 
 import dataclasses
@@ -16,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from videomoco.data import synthetic
@@ -67,10 +67,17 @@ BUDGETS = {
     "quick": Budget(train_per_class=5, test_per_class=2, video_frames=12, size=32, clip_frames=4, batch_size=10,
                     epochs=2, adv_start_epoch=1, queue=40, supervised_epochs=1, num_clips=1, ratios=(0.0, 0.5)),
 }
-ABLATION = {  # name -> (temporal decay on, generator on)
-    "MoCo": (False, False), "+ temporal decay": (True, False), "+ generator": (False, True), "VideoMoCo": (True, True),
-}
-ABLATION_SEEDS = (0, 1, 2)
+ABLATION_SEEDS = (0, 1, 2, 3, 4)
+# t with which the queue's ages (0 to K/B - 1 = 3 steps in the demo) reach about 1/(1 - t): a decay that can matter
+STRONG_DECAY = 0.7
+ABLATION_METRICS = ("kNN top-1", "linear top-1", "kNN, {ratio:.0%} dropped", "cosine, {ratio:.0%} dropped")
+
+
+def ablation_variants(budget):
+    """name -> (temporal decay t of the queue, generator on); t = 1: no decay. The first is the baseline."""
+    t = budget.temporal_decay
+    return {"MoCo": (1.0, False), "+ temporal decay": (t, False), "+ generator": (1.0, True), "VideoMoCo": (t, True),
+            f"+ strong decay (t = {STRONG_DECAY})": (STRONG_DECAY, False)}
 
 
 class DemoError(RuntimeError):
@@ -110,8 +117,10 @@ def resolve_device(device):
     return device
 
 
-def pretrain(cfg, budget, data, out, decay, adversarial, seed):
-    """One pretraining run (the `videomoco pretrain` entry point) -> its final checkpoint path."""
+def pretrain(cfg, budget, data, out, temporal_decay, adversarial, seed, resume="", max_steps=0):
+    """One pretraining run (the `videomoco pretrain` entry point) -> its final checkpoint path.
+
+    resume: a checkpoint to continue (the ablation's shared first epochs); max_steps: stop there."""
     from videomoco.engine.config import PretrainConfig
     from videomoco.engine.pretrain import run as run_pretrain
 
@@ -120,14 +129,15 @@ def pretrain(cfg, budget, data, out, decay, adversarial, seed):
         batch_size=budget.batch_size, crop_size=budget.crop, frame_per_clip=budget.clip_frames,
         frame_stride=budget.frame_stride, lr=budget.lr, cos=True, schedule=[], moco_k=budget.queue,
         moco_m=budget.key_momentum, moco_t=budget.temperature, mlp_bn=budget.mlp_bn,
-        temporal_decay=budget.temporal_decay if decay else 1.0,
+        temporal_decay=temporal_decay, resume=resume, max_steps=max_steps,
         adv_start_epoch=budget.adv_start_epoch if adversarial else budget.epochs, views=budget.views,
         aug_jitter=budget.aug_jitter, aug_hue=budget.aug_hue, aug_grayscale=budget.aug_grayscale, aug_scale_min=budget.aug_scale_min,
         print_freq=5, log_dir=str(out / "logs"), ckp_dir=str(out / "checkpoints"), save_every=budget.epochs,
         keep_last=1, image_every=1, device=cfg.device, seed=seed)
     shutil.rmtree(out, ignore_errors=True)  # a rerun starts clean: no old checkpoints, no appended logs
     result = run_pretrain(pcfg)
-    if result.get("status") != "done" or not result.get("checkpoint"):  # diverged, or stopped by a signal
+    expected = "max_steps" if max_steps else "done"
+    if result.get("status") != expected or not result.get("checkpoint"):  # diverged, or stopped by a signal
         raise DemoError(f"pretraining in {out} {result.get('status', 'failed')}: {result.get('error', 'no checkpoint')}")
     return str(result["checkpoint"])
 
@@ -154,20 +164,27 @@ def supervised(cfg, budget, data, out, device):
     return str(out / "checkpoint.pth")
 
 
-def ablation(cfg, budget, data, train_index, out, device, ratio):
-    """Each ABLATION variant over ABLATION_SEEDS -> {variant: [kNN, linear, kNN at `ratio` dropped] as 'mean ± std'}."""
-    table = {}
-    for name, (decay, adversarial) in ABLATION.items():
-        runs = []
-        for seed in ABLATION_SEEDS:
-            run_dir = out / "ablation" / f"{name.strip('+ ').replace(' ', '_')}_seed{seed}"
-            ckpt = pretrain(cfg, budget, train_index, run_dir, decay, adversarial, seed)
+def ablation(cfg, budget, data, train_index, num_train, out, device, ratio):
+    """Every `ablation_variants` x ABLATION_SEEDS -> {"metrics", "seeds", "runs": {variant: [[metric, ...] per seed]}}.
+
+    The variants of one decay are the same run for their first `adv_start_epoch` epochs (the generator is not
+    on yet), so that run is made once per seed and resumed by each: the comparison is paired, and cheaper."""
+    variants = ablation_variants(budget)
+    shared_steps = num_train // budget.batch_size * budget.adv_start_epoch  # the loader drops the last partial batch
+    runs = {name: [] for name in variants}
+    for seed in ABLATION_SEEDS:
+        start = {}
+        for name, (decay, adversarial) in variants.items():
+            if decay not in start:
+                start[decay] = pretrain(cfg, budget, train_index, out / "ablation" / f"t{decay:g}_seed{seed}_start",
+                                        decay, False, seed, max_steps=shared_steps)
+            run_dir = out / "ablation" / f"{name.strip('+ ').split(' (')[0].replace(' ', '_')}_seed{seed}"
+            ckpt = pretrain(cfg, budget, train_index, run_dir, decay, adversarial, seed, resume=start[decay])
             m = evaluate(eval_config(cfg, budget, data, device, ckpt, seed), [0.0, ratio])
-            dropped = next(r for r in m["robustness"] if r["ratio"] == ratio)
-            runs.append([m[f"knn_top1_k{KNN_K}"], m["linear_top1"], dropped[f"knn_top1_k{KNN_K}"]])
-        runs = np.array(runs)
-        table[name] = [f"{mu:.1f} ± {sd:.1f}" for mu, sd in zip(runs.mean(0), runs.std(0))]
-    return table
+            dropped = next(r for r in m["robustness"] if r["ratio"] == ratio and r["dropper"] == "random")
+            runs[name].append([m[f"knn_top1_k{KNN_K}"], m["linear_top1"], dropped[f"knn_top1_k{KNN_K}"],
+                               dropped["cosine"]])
+    return {"metrics": [m.format(ratio=ratio) for m in ABLATION_METRICS], "seeds": list(ABLATION_SEEDS), "runs": runs}
 
 
 def run(cfg):
@@ -192,8 +209,8 @@ def run(cfg):
     checkpoints = {}
     for name, adversarial in (("MoCo", False), ("VideoMoCo", True)):
         with timer(f"pretrain {name}"):
-            checkpoints[name] = pretrain(cfg, budget, train_index, out / name.lower(), adversarial, adversarial,
-                                         cfg.seed)
+            decay = budget.temporal_decay if adversarial else 1.0
+            checkpoints[name] = pretrain(cfg, budget, train_index, out / name.lower(), decay, adversarial, cfg.seed)
     with timer("train the supervised reference"):
         checkpoints["supervised"] = supervised(cfg, budget, data, out / "supervised", device)
 
@@ -206,10 +223,10 @@ def run(cfg):
     with timer("time baselines"):
         ecfg = eval_config(cfg, budget, data, device, checkpoints["supervised"], cfg.seed)
         baselines = time_baselines(ecfg, results["supervised"][f"knn_top1_k{KNN_K}"])
-    ablation_table = None
+    ablation_runs = None
     if cfg.ablation:
         with timer("ablation"):
-            ablation_table = ablation(cfg, budget, data, train_index, out, device, ratio)
+            ablation_runs = ablation(cfg, budget, data, train_index, len(index.select("train")), out, device, ratio)
 
     with timer("plots"):
         report.training_curves({n: out / n.lower() / "logs" for n in ("MoCo", "VideoMoCo")}, out / "training_curves.png")
@@ -223,7 +240,7 @@ def run(cfg):
         "num_train": len(index.select("train")), "num_test": len(index.select("val")),
         "arch": cfg.arch, "width": cfg.width, "device": device, "budget": asdict(budget),
         "checkpoints": checkpoints, "results": results, "baselines": baselines, "baseline_model": "supervised",
-        "report_ratio": ratio, "ablation": ablation_table, "ablation_seeds": list(ABLATION_SEEDS),
+        "report_ratio": ratio, "ablation": ablation_runs,
         "seconds": timer.seconds,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -237,7 +254,8 @@ def add_arguments(parser):
     parser.add_argument("--out", default=d.out, help="output directory (data, checkpoints, report.md, PNGs)")
     parser.add_argument("--quick", action="store_true", help="a tiny run of every phase (about a minute)")
     parser.add_argument("--ablation", action="store_true",
-                        help=f"also MoCo / + decay / + generator / both, {len(ABLATION_SEEDS)} seeds each")
+                        help=f"also MoCo / + decay / + generator / both / a strong decay, {len(ABLATION_SEEDS)} seeds "
+                             "each, compared with MoCo seed by seed")
     parser.add_argument(*SHARED["device"], default=d.device, help="auto, cpu, cuda or cuda:N")
     parser.add_argument(*SHARED["arch"], default=d.arch, choices=list_encoders(), help="encoder from the registry")
     parser.add_argument(*SHARED["width"], type=POSITIVE_INT, default=d.width, help="encoder base width")

@@ -8,6 +8,7 @@ import torch
 from matplotlib.figure import Figure
 
 from videomoco.data.augment import normalize
+from videomoco.demo.stats import paired_test
 from videomoco.engine.logger import drop_strip
 from videomoco.eval.robustness import load_generator
 from videomoco.method.generator import drop_frames
@@ -101,6 +102,41 @@ def _table(header, rows):
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def robustness_lines(results, a="MoCo", b="VideoMoCo"):
+    """Whether `b`'s features are more stable under random frame drops than `a`'s, ratio by ratio (one run)."""
+    rows = {name: {r["ratio"]: r for r in m["robustness"] if r["dropper"] == "random"} for name, m in results.items()}
+    lines = [f"{b} against {a}, one run each (the ablation below gives the spread over seeds):", ""]
+    cells = []
+    for ratio in sorted(rows[a]):
+        if ratio == 0.0:
+            continue
+        ra, rb = rows[a][ratio], rows[b][ratio]
+        cos, knn = rb["cosine"] - ra["cosine"], rb["knn_top1_k20"] - ra["knn_top1_k20"]
+        cells.append([f"{ratio:.0%}", f"{ra['cosine']:.3f} / {rb['cosine']:.3f} ({cos:+.3f})",
+                      f"{ra['knn_top1_k20']:.1f} / {rb['knn_top1_k20']:.1f} ({knn:+.1f})",
+                      "more stable" if cos > 0 and knn > 0 else "less stable" if cos < 0 and knn < 0 else "mixed"])
+    return lines + _table(["frames dropped", f"cosine {a} / {b}", f"kNN {a} / {b}", b], cells)
+
+
+def ablation_lines(ablation):
+    """The ablation's tables: mean ± std over seeds, and each variant minus the first (MoCo) seed by seed."""
+    names, metrics, seeds = list(ablation["runs"]), ablation["metrics"], ablation["seeds"]
+    runs = {name: np.asarray(values, dtype=float) for name, values in ablation["runs"].items()}  # (seeds, metrics)
+    digits = [1, 1, 1, 3]
+    lines = ["## Ablation", "", f"Seeds {', '.join(map(str, seeds))} for every variant, mean ± std:", ""]
+    lines += _table(["variant", *metrics], [[name, *(f"{mu:.{d}f} ± {sd:.{d}f}" for mu, sd, d in
+                                                      zip(r.mean(0), r.std(0, ddof=1) if len(r) > 1 else 0 * r[0], digits))]
+                                            for name, r in runs.items()])
+    base = names[0]
+    lines += ["", f"Each variant minus {base}, seed by seed: mean difference ± std (p of a paired t-test, "
+              f"{len(seeds) - 1} degrees of freedom; p < 0.05 is a difference this many seeds resolve):", ""]
+    rows = []
+    for name in names[1:]:
+        tests = [paired_test(runs[name][:, j], runs[base][:, j]) for j in range(len(metrics))]
+        rows.append([name, *(f"{t['diff']:+.{d}f} ± {t['std']:.{d}f} (p {t['p']:.2f})" for t, d in zip(tests, digits))])
+    return lines + _table(["variant", *metrics], rows)
+
+
 def write_report(out, summary):
     """`report.md` from the demo's summary dict (see `videomoco.demo.run`)."""
     results, budget, ratio = summary["results"], summary["budget"], summary["report_ratio"]
@@ -116,7 +152,7 @@ def write_report(out, summary):
     rows = []
     for name, m in results.items():
         drop = {(r["dropper"], r["ratio"]): r for r in m["robustness"]}
-        clean, dropped = drop.get(("random", 0.0)), drop.get(("random", ratio))
+        dropped = drop.get(("random", ratio))
         rows.append([name, f"{m['knn_top1_k20']:.1f}", f"{m['knn_top1_k1']:.1f}", f"{m['linear_top1']:.1f}",
                      f"{dropped['knn_top1_k20']:.1f}" if dropped else "-",
                      f"{dropped['cosine']:.3f}" if dropped else "-"])
@@ -129,12 +165,10 @@ def write_report(out, summary):
     lines += _table(["input", "top-1 (%)"], [[k, f"{v:.1f}"] for k, v in summary["baselines"].items()])
     lines += ["", "## Pretraining", "", "![training curves](training_curves.png)", "",
               "![dropped frames](dropped_frames.png)", "",
-              "## Robustness to dropped frames", "", "![robustness](robustness.png)", ""]
+              "## Robustness to dropped frames", "", "![robustness](robustness.png)", "",
+              *robustness_lines(results), ""]
     if summary.get("ablation"):
-        lines += ["## Ablation", "", f"{len(summary['ablation_seeds'])} seeds each, mean ± std.", ""]
-        lines += _table(["variant", "kNN top-1", "linear top-1", f"kNN, {ratio:.0%} dropped"],
-                        [[name, *cells] for name, cells in summary["ablation"].items()])
-        lines.append("")
+        lines += ablation_lines(summary["ablation"]) + [""]
     lines += ["## Time", ""]
     lines += _table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
     lines += ["", f"Total: {sum(summary['seconds'].values()):.0f} s.", ""]

@@ -24,7 +24,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 # PyAV raises FFmpegError subclasses, some of which are also OSError / ValueError.
-_AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
 
 
 class VideoError(Exception):
@@ -69,7 +69,7 @@ def decoder_threads(threads=None):
     return threads
 
 
-def _open(path, thread_type="AUTO", threads=0):
+def open_video(path, thread_type="AUTO", threads=0):
     """Open a container and its first video stream, or raise VideoError.
 
     `threads` is the decoder's thread count (0: FFmpeg's default); one thread turns threading off.
@@ -82,7 +82,7 @@ def _open(path, thread_type="AUTO", threads=0):
         raise VideoError(path, "empty file")
     try:
         container = av.open(str(path))
-    except _AV_ERRORS as err:
+    except AV_ERRORS as err:
         raise VideoError(path, f"cannot open: {_reason(err)}") from None
     if not container.streams.video:
         container.close()
@@ -105,7 +105,7 @@ def probe(path):
     pointing past the end of the file catches truncated mp4/avi. Containers without a frame
     count (webm/mkv) get `frames = round(duration * fps)`.
     """
-    container, stream = _open(path, thread_type="SLICE")  # frame threads only delay a single frame
+    container, stream = open_video(path, thread_type="SLICE")  # frame threads only delay a single frame
     with container:
         fps = _fps(stream)
         if stream.duration:
@@ -122,7 +122,7 @@ def probe(path):
             raise VideoError(path, f"truncated: data should end at byte {end:,}, file has {stat.st_size:,}")
         try:
             first = next(container.decode(stream), None)
-        except _AV_ERRORS as err:
+        except AV_ERRORS as err:
             raise VideoError(path, f"decode error: {_reason(err)}") from None
         if first is None:
             raise VideoError(path, "decode error: no frame decoded")
@@ -225,7 +225,7 @@ def read_clips(path, starts, num_frames, frame_stride=1, short_side=None, fps=No
         raise ValueError(f"need num_frames >= 1, frame_stride >= 1 and starts >= 0, got {got}")
     threads = decoder_threads(threads)
     convert = _Converter(short_side, threads)
-    container, stream = _open(path, threads=threads)
+    container, stream = open_video(path, threads=threads)
     with container:
         src_fps = _fps(stream)
         clips = [_frame_indices(s, num_frames, frame_stride, fps, src_fps) for s in starts]
@@ -244,7 +244,7 @@ def read_clips(path, starts, num_frames, frame_stride=1, short_side=None, fps=No
                 container.seek(0, stream=stream, backward=True)
                 more, _ = _collect(container, stream, wrapped, convert)
                 got.update(more)
-        except _AV_ERRORS as err:
+        except AV_ERRORS as err:
             raise VideoError(path, f"decode error: {_reason(err)}") from None
     try:
         return [np.stack([got[i] if i in got else got[i % length] for i in clip]) for clip in clips]

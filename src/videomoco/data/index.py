@@ -126,8 +126,8 @@ class VideoIndex:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         rows = [asdict(r) for r in self.records]
-        _write_csv(out / "index.csv", RECORD_FIELDS, [[row[k] for k in RECORD_FIELDS] for row in rows])
-        _write_csv(out / "quarantine.csv", QUARANTINE_FIELDS, [list(q) + [""] * (4 - len(q)) for q in self.quarantine])
+        write_csv(out / "index.csv", RECORD_FIELDS, [[row[k] for k in RECORD_FIELDS] for row in rows])
+        write_csv(out / "quarantine.csv", QUARANTINE_FIELDS, [list(q) + [""] * (4 - len(q)) for q in self.quarantine])
         meta = dict(self.meta, root=str(self.root), layout=self.layout, classes=list(self.classes))
         _atomic_write(out / "meta.json", json.dumps(meta, indent=2) + "\n")
         self.dir = str(out)
@@ -196,7 +196,8 @@ def _alive(pid):
     return True
 
 
-def _write_csv(path, header, rows):
+def write_csv(path, header, rows):
+    """Write a CSV file of `header` and `rows` atomically (UTF-8)."""
     _atomic_write(path, "".join(_csv_line(r) for r in [header, *rows]))
 
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import av
 from tqdm import tqdm
 
-from videomoco.data.decode import _AV_ERRORS, VideoError, _open, probe
-from videomoco.data.index import _write_csv, default_out
+from videomoco.data.decode import AV_ERRORS, VideoError, open_video, probe
+from videomoco.data.index import write_csv, default_out
 from videomoco.data.layouts import OUTSIDE_ROOT, VIDEO_EXTENSIONS, scan_tree
 from videomoco.data.workers import process_pool
 from videomoco.flags import COUNT, CRF, POSITIVE_INT, SHARED, fail
@@ -45,7 +45,7 @@ def transcode_video(src, dst, short_side=128, gop=16, crf=23):
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.stem}.{os.getpid()}.tmp.mp4")  # hidden: never indexed
     dst.parent.mkdir(parents=True, exist_ok=True)
-    container, stream = _open(src)
+    container, stream = open_video(src)
     try:
         with container, av.open(str(tmp), mode="w") as out:
             rate = stream.average_rate or stream.guessed_rate or 25
@@ -68,7 +68,7 @@ def transcode_video(src, dst, short_side=128, gop=16, crf=23):
                 raise VideoError(src, "decode error: no frame decoded")
             out.mux(encoder.encode(None))
         os.replace(tmp, dst)
-    except _AV_ERRORS as err:
+    except AV_ERRORS as err:
         raise VideoError(src, f"decode error: {' '.join(str(err).split())}") from None
     finally:
         tmp.unlink(missing_ok=True)
@@ -165,7 +165,7 @@ def run(cfg):
     if links:
         log.warning("copied no non-video file through %d symlinks (only plain files under %s are copied)", links, src)
     failures = sorted([(rel, reason) for status, rel, reason in results if status == "failed"] + collisions)
-    _write_csv(dst / "transcode_failures.csv", ("path", "reason"), failures)
+    write_csv(dst / "transcode_failures.csv", ("path", "reason"), failures)
     counts = {s: sum(r[0] == s for r in results) for s in ("done", "skipped")}
     line = f"transcoded {counts['done']:,} videos ({counts['skipped']:,} up to date), failed {len(failures):,}"
     if failures:

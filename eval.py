@@ -4,9 +4,11 @@
 
 DATA is their layout (`DATA/data/<Class>/*.avi` + `DATA/anno/{classInd,trainlist01,testlist01}.txt`)
 or a UCF101 root with `ucfTrainTestlist/`. Only flags given on the command line are forwarded, so
-`videomoco finetune`'s defaults apply otherwise; they equal the authors' (16 frames, crop 112,
-10 clips, 100 epochs, milestones 60 80, momentum 0.9, no weight decay) except --lr (0.05, not their
-linear-probe 30) and the batch size (16, not 256). Distributed and logging flags are accepted and ignored.
+`videomoco finetune`'s defaults apply otherwise: 16 frames, crop 112, 10 clips, 100 epochs, milestones
+60 80, momentum 0.9, no weight decay, --lr 0.05, batch 16. Those are the defaults of the authors' first
+release of eval.py (but their lr 30, a linear-probe leftover); their current eval.py defaults to 32 frames,
+crop 224, lr 0.005, 10 epochs, milestones 6 8, weight decay 1e-4: pass them to get those. Distributed and
+logging flags are accepted and ignored.
 """
 
 import argparse

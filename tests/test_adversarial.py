@@ -4,9 +4,10 @@ import pytest
 import torch
 from test_moco import TinyEncoder, clips, simulate_queue
 
-from videomoco.method.adversarial import AdversarialConfig, AdversarialTrainer
+from videomoco.engine.config import _FLAGS, PretrainConfig
+from videomoco.method.adversarial import G_GRADS, G_LOSSES, AdversarialConfig, AdversarialTrainer
 from videomoco.method.generator import FrameDropGenerator
-from videomoco.method.losses import contrastive_loss, decayed_logits
+from videomoco.method.losses import contrastive_loss, decayed_logits, feature_l1
 from videomoco.method.moco import VideoMoCo
 
 METRICS = {"loss_d", "loss_g", "acc1", "acc5", "drop_fraction", "queue_age_mean", "queue_age_max"}
@@ -19,10 +20,10 @@ def make_players(seed=0, temporal_decay=0.99, K=24):
     return model, gen
 
 
-def make_trainer(model, gen, lr_d=0.1, lr_g=0.1, **cfg):
-    opt_d = torch.optim.SGD(model.parameters(), lr=lr_d, momentum=0.9)
-    opt_g = torch.optim.SGD(gen.parameters(), lr=lr_g)
-    return AdversarialTrainer(model, gen, opt_d, opt_g, AdversarialConfig(**cfg))
+def make_trainer(model, gen, lr_d=0.1, lr_g=0.1, momentum_d=0.9, weight_decay=0.0, scalers=None, **cfg):
+    opt_d = torch.optim.SGD(model.parameters(), lr=lr_d, momentum=momentum_d, weight_decay=weight_decay)
+    opt_g = torch.optim.SGD(gen.parameters(), lr=lr_g, weight_decay=weight_decay)
+    return AdversarialTrainer(model, gen, opt_d, opt_g, AdversarialConfig(**cfg), **(scalers or {}))
 
 
 def snapshot(module):
@@ -129,6 +130,85 @@ def test_d_update_ignores_g_loss_and_g_update_ignores_d_loss():
     assert not all(torch.equal(a, b) for a, b in zip(d_fake, d_both))
 
 
+def reference_gradients(model, gen, im_q, im_k, seed):
+    """One adversarial step's losses recomputed from scratch: (dL_G/dG, dL_D/dG, dL_D/dD), D = encoder_q."""
+    torch.manual_seed(seed)  # the trainer's shuffle-BN permutation
+    k = model.encode_keys(im_k)
+    dropped, _ = gen(im_q)
+    with torch.no_grad():
+        q_real = model.encode_query(im_q)
+    q = model.encode_query(dropped)
+    loss_d = contrastive_loss(model.contrastive_logits(q, k)[0])
+    loss_g = -100.0 * feature_l1(q, q_real)
+    params_g, params_d = list(gen.parameters()), list(model.encoder_q.parameters())
+    g_from_g = torch.autograd.grad(loss_g, params_g, retain_graph=True)
+    from_d = torch.autograd.grad(loss_d, params_g + params_d)
+    return g_from_g, from_d[:len(params_g)], from_d[len(params_g):]
+
+
+def test_g_grad_authors_also_descends_on_d_loss():
+    # plain SGD: p <- p - lr (grad + wd p). "own": G's grad is dL_G; "authors": dL_G + dL_D (their loop
+    # zeroes G's gradients before loss_g.backward() only); D's update is dL_D in both
+    lr, wd = 0.1, 0.01
+    im_q, im_k = clips(), clips(seed=1)
+    model0, gen0 = make_players()
+    g_from_g, g_from_d, d_from_d = reference_gradients(copy.deepcopy(model0), copy.deepcopy(gen0), im_q, im_k, 1)
+    assert all(g.abs().sum() > 0 for g in g_from_d)  # loss_D does reach every parameter of G
+    after = {}
+    for g_grad in G_GRADS:
+        model, gen = copy.deepcopy(model0), copy.deepcopy(gen0)
+        trainer = make_trainer(model, gen, lr_d=lr, lr_g=lr, momentum_d=0.0, weight_decay=wd, g_grad=g_grad)
+        torch.manual_seed(1)
+        trainer.step(im_q, im_k, adversarial=True)
+        after[g_grad] = snapshot(model.encoder_q), snapshot(gen)
+    for p, own, authors, dg, dd in zip(gen0.parameters(), after["own"][1], after["authors"][1], g_from_g, g_from_d):
+        torch.testing.assert_close(own, p - lr * (dg + wd * p))
+        torch.testing.assert_close(authors, p - lr * (dg + dd + wd * p))
+    for p, own, authors, dd in zip(model0.encoder_q.parameters(), after["own"][0], after["authors"][0], d_from_d):
+        assert torch.equal(own, authors)
+        torch.testing.assert_close(own, p - lr * (dd + wd * p))
+
+
+def test_g_grad_authors_keeps_g_gradient_under_g_scaler():
+    # loss_D's share of G's gradient is scaled by G's GradScaler, not D's: the scales must not matter
+    runs = []
+    for scale_d, scale_g in ((None, None), (2.0**10, 2.0**3)):
+        model, gen = make_players()
+        scalers = {}
+        if scale_d:
+            scalers = {"scaler_d": torch.amp.GradScaler("cpu", init_scale=scale_d),
+                       "scaler_g": torch.amp.GradScaler("cpu", init_scale=scale_g)}
+        trainer = make_trainer(model, gen, scalers=scalers, g_grad="authors")
+        torch.manual_seed(1)
+        trainer.step(clips(), clips(seed=1), adversarial=True)
+        runs.append((snapshot(model.encoder_q), snapshot(gen)))
+    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_query_encoder_sees_the_real_query_first():
+    # the authors' order (q_real, then the dropped query): BN running statistics after a step equal theirs
+    model, gen = make_players()
+    reference, reverse, ref_gen = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(gen)
+    im_q = clips()
+    make_trainer(model, gen).step(im_q, clips(seed=1), adversarial=True)
+    with torch.no_grad():
+        dropped, _ = ref_gen(im_q)
+        reference.encode_query(im_q), reference.encode_query(dropped)
+        reverse.encode_query(dropped), reverse.encode_query(im_q)
+    ours, theirs, swapped = (dict(m.encoder_q.named_buffers()) for m in (model, reference, reverse))
+    for name in ("body.1.running_mean", "body.1.running_var", "body.1.num_batches_tracked"):
+        torch.testing.assert_close(ours[name], theirs[name], msg=name)
+    assert not torch.allclose(swapped["body.1.running_var"], theirs["body.1.running_var"])
+
+
+def test_pretrain_flags_offer_the_trainers_choices():
+    # config.py must not import torch, so it spells the choices out: they must be the trainer's
+    choices = {dest: kwargs.get("choices") for _, dest, _, kwargs in _FLAGS}
+    assert choices["g_grad"] == G_GRADS and choices["g_loss"] == G_LOSSES
+    assert PretrainConfig().g_grad == AdversarialConfig().g_grad == "own"
+
+
 def test_contrastive_g_loss_is_minus_d_loss():
     model, gen = make_players()
     trainer = make_trainer(model, gen, g_loss="contrastive")
@@ -155,6 +235,10 @@ def test_unknown_g_loss_and_missing_generator():
     model, gen = make_players()
     with pytest.raises(ValueError, match="g_loss"):
         make_trainer(model, gen, g_loss="wasserstein")
+    with pytest.raises(ValueError, match="g_grad"):
+        make_trainer(model, gen, g_grad="both")
+    with pytest.raises(ValueError, match="cancels"):
+        make_trainer(model, gen, g_grad="authors", g_loss="contrastive")
     trainer = AdversarialTrainer(model, None, torch.optim.SGD(model.parameters(), lr=0.1), None)
     trainer.step(clips(), clips(seed=1), adversarial=False)
     with pytest.raises(ValueError, match="generator"):
@@ -177,8 +261,8 @@ def test_bf16_autocast_with_and_without_scaler(use_scaler):
     assert not same(d_before, model.encoder_q) and not same(g_before, gen)
 
 
-@pytest.mark.parametrize("adversarial", [False, True])
-def test_micro_batches_accumulate_the_whole_batch_update(adversarial):
+@pytest.mark.parametrize("adversarial, g_grad", [(False, "own"), (True, "own"), (True, "authors")])
+def test_micro_batches_accumulate_the_whole_batch_update(adversarial, g_grad):
     # with BatchNorm frozen (eval mode) nothing depends on how the batch is split, so 3 micro-batches
     # (2 + 2 + 1 clips) must give the whole batch's step: the same losses, parameters of both players,
     # queue, pointer and ages
@@ -186,7 +270,7 @@ def test_micro_batches_accumulate_the_whole_batch_update(adversarial):
     for micro_batches in (1, 3):
         model, gen = make_players()
         model.eval()
-        trainer = make_trainer(model, gen, real_query_loss=True)
+        trainer = make_trainer(model, gen, real_query_loss=True, g_grad=g_grad)
         trainer.micro_batches = micro_batches
         outs = [trainer.step(clips(b=5, seed=s), clips(b=5, seed=s + 1), adversarial=adversarial) for s in (0, 2)]
         runs.append((outs, model, gen))

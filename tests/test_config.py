@@ -127,6 +127,7 @@ def test_bad_numbers_are_one_line_parse_errors(capsys, flags, match):
     ({"start_epoch": 5, "epochs": 1}, "--start_epoch 5 leaves nothing to train with --epochs 1"),
     ({"dist_url": "junk://x"}, "--dist_url must be tcp://HOST:PORT"), ({"device": "gpu0"}, "--device must be"),
     ({"schedule": [10, -1]}, "--schedule must be an integer >= 0, got -1"),
+    ({"g_grad": "authors", "g_loss": "contrastive"}, "--g_grad authors adds D's loss to G's"),
 ])
 def test_config_values_are_checked_like_flags(tmp_path, values, match):
     # config files and Python callers get the flags' checks, and the checks between values

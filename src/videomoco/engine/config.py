@@ -98,6 +98,7 @@ class PretrainConfig:
     fill: str = "mean"
     g_loss: str = "feature_l1"
     g_loss_weight: float = 100.0
+    g_grad: str = "own"  # own: G learns from its loss only; authors: also from D's (their train loop)
     g_lr: float | None = None  # None: same as --lr (the authors use one rate for both)
     real_query_loss: bool = False
     precision: str = "auto"  # bf16 on a CUDA device with native bf16, else fp32 (pretrain.resolve_precision)
@@ -174,6 +175,8 @@ _FLAGS = [
     (("--fill",), "fill", "what replaces dropped frames", {"choices": ("mean", "zero", "hold")}),
     (("--g_loss",), "g_loss", "generator objective", {"choices": ("feature_l1", "contrastive")}),
     (("--g_loss_weight",), "g_loss_weight", "weight of the generator loss", {"type": NON_NEGATIVE}),
+    (("--g_grad",), "g_grad", "generator gradient: own (its loss only) or authors (its loss + D's loss, as "
+     "their train loop accumulates it)", {"choices": ("own", "authors")}),
     (("--g_lr",), "g_lr", "generator learning rate (default: --lr)", {"type": NON_NEGATIVE}),
     (("--real_query_loss",), "real_query_loss", "also train on the un-dropped query", {"action": "store_true"}),
     (("--precision",), "precision", "autocast dtype; auto: bf16 on a CUDA GPU with native bf16, else fp32",
@@ -243,6 +246,8 @@ def _check(cfg):
         raise ConfigError("DATA is required (a positional argument or `data:` in --config)")
     if cfg.moco_k < cfg.batch_size:  # every step enqueues the keys of the whole (global) batch
         raise ConfigError(f"--moco-k {cfg.moco_k} must be at least the batch size {cfg.batch_size}")
+    if cfg.g_grad == "authors" and cfg.g_loss == "contrastive":
+        raise ConfigError("--g_grad authors adds D's loss to G's, which cancels --g_loss contrastive (-L_D)")
     if cfg.start_epoch >= cfg.epochs:
         raise ConfigError(f"--start_epoch {cfg.start_epoch} leaves nothing to train with --epochs {cfg.epochs}")
     if not DEVICE.fullmatch(str(cfg.device)):

@@ -113,8 +113,9 @@ class Run:
         fp16 = precision == "fp16"
         self.scaler_d = torch.amp.GradScaler(dev.type) if fp16 else None
         self.scaler_g = torch.amp.GradScaler(dev.type) if fp16 else None
-        adv = AdversarialConfig(cfg.drop_ratio, cfg.fill, cfg.g_loss, cfg.g_loss_weight, cfg.real_query_loss,
-                                cfg.adv_start_epoch)
+        adv = AdversarialConfig(drop_ratio=cfg.drop_ratio, fill=cfg.fill, g_loss=cfg.g_loss,
+                                g_loss_weight=cfg.g_loss_weight, real_query_loss=cfg.real_query_loss,
+                                adv_start_epoch=cfg.adv_start_epoch, g_grad=cfg.g_grad)
         self.trainer = AdversarialTrainer(self.model, self.generator, self.opt_d, self.opt_g, adv,
                                           AMP_DTYPES[precision], self.scaler_d, self.scaler_g)
         self.augment = GpuAugment(color_jitter=(cfg.aug_jitter,) * 3 + (cfg.aug_hue,), grayscale_p=cfg.aug_grayscale,

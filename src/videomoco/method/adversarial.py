@@ -2,14 +2,16 @@
 
     keys    k = D.encode_keys(im_k)                       once per step, enqueued once at the end
     G:      dropped = G(im_q)                             top-k frames dropped and filled
-    D:      q = D.encode_query(dropped)                   (and q_real = D.encode_query(im_q))
+    D:      q_real = D.encode_query(im_q), then q = D.encode_query(dropped)   (the authors' order)
     loss_D = InfoNCE(decayed logits of q)                 (+ InfoNCE of q_real if real_query_loss)
     loss_G = -g_loss_weight * L1(q, q_real)               "feature_l1" (the authors' loss), or
            = -InfoNCE(decayed logits of q)                "contrastive"
 
 G and D are updated by their own optimisers from one shared forward pass: G's loss is
 back-propagated into G's parameters only (`backward(inputs=...)`), D's loss into D's parameters
-only, then G steps and D steps. So G's step never moves D and D's step never moves G. A batch
+only, then G steps and D steps. So G's step never moves D and D's step never moves G. With
+`g_grad="authors"` G descends on loss_G + loss_D, as in the authors' loop (their loss_d.backward()
+also reaches G, whose gradients are not zeroed in between). A batch
 can be processed in micro-batches (`micro_batches`): the gradients of each are accumulated
 before the players step, with the semantics of a run on that many times more GPUs. Before
 `adv_start_epoch` (`adversarial=False`) G is not run at all: plain MoCo with temporal decay.
@@ -28,6 +30,7 @@ from videomoco.method.losses import contrastive_loss, feature_l1, topk_accuracy
 from videomoco.method.moco import is_distributed
 
 G_LOSSES = ("feature_l1", "contrastive")
+G_GRADS = ("own", "authors")
 
 
 @dataclass
@@ -38,6 +41,7 @@ class AdversarialConfig:
     g_loss_weight: float = 100.0  # scales the feature_l1 loss of G (the authors' 100)
     real_query_loss: bool = False  # D also learns from the undropped query
     adv_start_epoch: int = 100  # epochs of plain MoCo before G starts
+    g_grad: str = "own"  # G learns from: own (loss_G) | authors (loss_G + loss_D, their train loop)
 
 
 def trainable_params(optimizer):
@@ -70,6 +74,10 @@ class AdversarialTrainer:
         self.cfg = cfg or AdversarialConfig()
         if self.cfg.g_loss not in G_LOSSES:
             raise ValueError(f"unknown g_loss {self.cfg.g_loss!r}; expected one of {', '.join(G_LOSSES)}")
+        if self.cfg.g_grad not in G_GRADS:
+            raise ValueError(f"unknown g_grad {self.cfg.g_grad!r}; expected one of {', '.join(G_GRADS)}")
+        if self.cfg.g_grad == "authors" and self.cfg.g_loss == "contrastive":
+            raise ValueError("g_grad='authors' adds loss_D to G's loss, which cancels g_loss='contrastive'")
         self.model, self.generator = model, generator
         self.opt_d, self.opt_g = opt_d, opt_g
         self.params_d = trainable_params(opt_d)
@@ -105,11 +113,11 @@ class AdversarialTrainer:
         with self._autocast(im_q.device):
             if adversarial:
                 dropped, keep = self.generator(im_q)  # (b, C, T, H, W), (b, T)
-                q = model.encode_query(dropped)  # (b, dim)
                 q_real = None
                 if cfg.real_query_loss or cfg.g_loss == "feature_l1":
                     with torch.set_grad_enabled(cfg.real_query_loss):
-                        q_real = model.encode_query(im_q)
+                        q_real = model.encode_query(im_q)  # first, as the authors: BN running stats follow
+                q = model.encode_query(dropped)  # (b, dim)
                 drop_fraction = 1.0 - keep.detach().mean()
             else:
                 q = model.encode_query(im_q)
@@ -123,8 +131,10 @@ class AdversarialTrainer:
                 loss_g = -cfg.g_loss_weight * feature_l1(q, q_real.detach())
             else:
                 loss_g = -contrastive_loss(logits)
-            # G's gradient flows back through D's graph before either player has stepped
-            self._backward(loss_g * weight, self.params_g, self.scaler_g, retain_graph=True)
+            # G's gradient flows back through D's graph before either player has stepped; one backward of
+            # the sum keeps loss_D's share of G's gradient under G's own GradScaler
+            g_objective = loss_g + loss_d if cfg.g_grad == "authors" else loss_g
+            self._backward(g_objective * weight, self.params_g, self.scaler_g, retain_graph=True)
         self._backward(loss_d * weight, self.params_d, self.scaler_d)
         acc1, acc5 = topk_accuracy(logits.detach(), ks=(1, 5))
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "acc1": acc1, "acc5": acc5,

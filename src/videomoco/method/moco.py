@@ -7,8 +7,9 @@ state-dict keys are `queue (dim, K)`, `queue_ptr (1,)`, `encoder_q.*`, `encoder_
 Queue ages. `queue_age[j]` counts the enqueues that happened after key j was written, so at the
 time logits are computed a key enqueued by the previous step has age 0, one from two steps
 ago has age 1, and so on. `enqueue` first ages every key by 1, then writes the new keys with age
-0; logits are computed before the step's enqueue. The authors count from 1 instead (their
-`count` is our age + 1), which multiplies every negative by the same extra `t` (1e-5 relative).
+0; logits are computed before the step's enqueue. The authors' `count` is our age + 1 for keys a
+step wrote but equals our age for the initial random keys, so the two differ by one uniform factor
+`t` only after the first K/B steps (docs/method.md, "Ages").
 """
 
 import copy

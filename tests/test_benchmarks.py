@@ -148,3 +148,36 @@ def test_mfu_peak_is_measured_in_the_steps_dtype():
     assert matmul_peak_dtype("fp16", "cuda") == (torch.float16, "fp16")
     assert matmul_peak_dtype("fp32", "cpu") == (torch.float32, "fp32")
     assert matmul_peak_dtype("fp32", "cuda")[1] == ("tf32" if torch.backends.cudnn.allow_tf32 else "fp32")
+
+
+def test_generator_study_quick_reports_sane_fractions(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    argv = ["bench", "generator_study", "--quick", "--out", str(tmp_path / "study"), "--record", "--results", str(results)]
+    assert cli_main(argv) == 0
+    rows = json_lines(capsys.readouterr().out)
+    (run,) = [row for row in rows if "variant" in row]
+    assert run["variant"] == "baseline" and run["random_baseline"] == pytest.approx(0.25)  # 2 of 8 frames
+    assert 0 <= run["in_window"] <= 1 and 0 <= run["init_in_window"] <= 1
+    assert sum(run["positions"]) == pytest.approx(2) and all(0 <= p <= 1 for p in run["positions"])
+    assert 0 <= run["same_drops_as_init"] <= 1 and run["score_change"] >= 0
+    for row in rows:  # the objective: feature L1 of several drop sets, and the best pair per clip
+        assert all(row[key] > 0 for key in ("l1_window", "l1_last", "l1_first", "l1_still"))
+        assert 0 <= row["oracle_in_window"] <= 1 and sum(row["oracle_positions"]) == pytest.approx(2)
+    text = results.read_text()
+    assert "### generator_study: where G drops frames" in text and "what feature L1 rewards" in text
+
+
+def test_generator_study_frame_scorer_ignores_position():
+    from benchmarks.generator_study import FrameScorer
+
+    torch.manual_seed(0)
+    clip, order = torch.randn(2, 3, 8, 32, 32), torch.randperm(8)
+    for diff in (False, True):
+        scorer = FrameScorer(diff=diff).eval()
+        with torch.no_grad():
+            scores = scorer.scores(clip)
+            if not diff:  # a frame's score is a function of that frame alone
+                assert torch.allclose(scorer.scores(clip[:, :, order]), scores[:, order], atol=1e-6)
+        assert "rnn" not in dict(scorer.named_children()) and scores.shape == (2, 8)
+        dropped, keep = scorer(clip)
+        assert keep.sum(1).tolist() == [6.0, 6.0]

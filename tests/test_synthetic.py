@@ -176,3 +176,42 @@ def test_dots_cover_the_frame_evenly_whatever_the_motion():
         assert blocks.std() / blocks.mean() < 0.15, (motion, blocks.round(3))
         coverage[motion] = dots.mean()
     assert max(coverage.values()) / min(coverage.values()) < 1.15, coverage
+
+
+def _changed_pixels(frames):
+    """(T,) pixels of frame t that differ from frame t-1 by more than 10 noise std (0 for frame 0)."""
+    diff = np.abs(np.diff(frames.astype(float), axis=0)).max(-1)  # (T-1, H, W)
+    return np.r_[0, (diff > 10 * synthetic.NOISE_STD).sum((1, 2))]
+
+
+@pytest.mark.parametrize("frames", [8, 16])
+def test_window_scene_moves_only_inside_its_window(frames):
+    starts = set()
+    for index in range(8):
+        start, length = synthetic.motion_window(0, "val", index, frames)
+        assert length == round(synthetic.WINDOW_FRACTION * frames) and 1 <= start <= frames - length
+        starts.add(start)
+        inside = np.zeros(frames, bool)
+        inside[start:start + length] = True
+        for motion in MOTIONS:  # the reversed classes keep the window where motion_window says
+            video = make_video(motion, 0, "val", index, frames=frames, size=32, scene="window")
+            changed = _changed_pixels(video)
+            assert changed[inside].min() > 50 and changed[~inside].max() == 0, (motion, index, changed)
+            still = next(t for t in range(1, frames) if not inside[t])
+            assert not np.array_equal(video[still], video[still - 1])  # a still frame has fresh noise
+        assert make_video("up", 0, "val", index, frames, 32, scene="window").tobytes() == \
+            make_video("up", 0, "val", index, frames, 32, scene="window").tobytes()
+    assert len(starts) > 2  # the window moves from video to video
+
+
+def test_window_scene_is_the_dots_scene_held_still():
+    # the same dots and noise as `dots`: frame 0 is identical, and the last frame of the window shows the
+    # dots' world `length` steps on, as frame `length` of the dots video does, up to that frame's noise
+    start, length = synthetic.motion_window(0, "train", 4, 8)
+    dots = make_video("up", 0, "train", 4, frames=8, size=32, scene="dots")
+    window = make_video("up", 0, "train", 4, frames=8, size=32, scene="window")
+    assert np.array_equal(dots[0], window[0])
+    assert np.array_equal(synthetic.window_times(start, length, 8), np.clip(np.arange(8) - start + 1, 0, length))
+    assert _global_shift(window[start - 1:start + length]) == (-1, 0)
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        synthetic.motion_window(0, "train", 0, 1)

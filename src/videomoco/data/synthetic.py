@@ -9,7 +9,7 @@ so a single frame carries (almost) no class information:
 (In `dots`, the motion also sets how many dots are born and where, so that every motion covers the
 frame with the same density.)
 
-Two scenes:
+Three scenes:
 
 - `dots` (default): a field of small dots with limited lifetimes (each dot lives LIFE frames, then
   reappears elsewhere), all following the class's motion: a random-dot kinematogram, the classic
@@ -20,6 +20,13 @@ Two scenes:
 - `object`: one object (box, ellipse or triangle, elongated so rotation shows) on a plain background;
   trajectories are centred on the middle frame and wrap around (a torus), so every class renders the
   same middle frame. Its shape, size, colour and position are static cues that identify a video.
+- `window`: the `dots` of the same (seed, split, index), but they move (and are reborn) only during a
+  window of W = max(1, round(WINDOW_FRACTION * T)) consecutive frames at a random start s in
+  [1, T - W] (`motion_window`, from a third random stream that sees neither the class nor the
+  appearance): frames s .. s+W-1 each differ from the frame before; every other frame repeats its
+  predecessor up to the per-frame noise. Made for the question "does the generator find the frames
+  that matter?" (benchmarks/generator_study.py): a video as long as the clip has its motion in a
+  known quarter of it. Time reversals (shrink, down) keep the window where `motion_window` says.
 
 Videos are written as real H.264 files in the Kinetics layout `OUT/{train,val}/<class>/<id>.mp4`
 so the demo goes through the same decode/index/augment path as real data.
@@ -53,7 +60,8 @@ SHAPES = ("box", "ellipse", "triangle")
 SPLITS = {"train": 0, "val": 1}
 HEADINGS = {"up": (270.0,), "down": (90.0,), "horizontal": (0.0, 180.0)}  # degrees, image coordinates (y down)
 NOISE_STD = 6.0  # per-frame background noise (grey levels): no two frames are pixel-identical
-SCENES = ("dots", "object")
+SCENES = ("dots", "object", "window")
+WINDOW_FRACTION = 0.25  # window scene: the fraction of the frames in which the dots move
 LIFE = 8  # frames a dot lives before it reappears elsewhere
 DOT_DENSITY = 0.065  # dots per pixel
 # (background, dot) RGB: a few palettes, so colour is not an identity (each is shared by many videos)
@@ -72,7 +80,7 @@ class SynthConfig:
     fps: int = 25
     seed: int = 0
     appearance_classes: bool = False  # object scene: classes become <shape>-<motion>
-    scene: str = "dots"  # dots | object
+    scene: str = "dots"  # dots | object | window
     workers: int = 0  # 0: one per CPU core
     gop: int = 8  # short keyframe interval: cheap random access to clips
     crf: int = 10  # near-lossless: coarser H.264 leaves motion-dependent artefacts that one frame can read
@@ -188,10 +196,11 @@ def dot_flow(motion, rng, size):
     return (lambda p, dt: centre + (p - centre) * np.exp(rate * dt)[:, None]), 0.0, float(size), False, visible
 
 
-def render_dots(motion, appearance_rng, motion_rng, frames, size):
+def render_dots(motion, appearance_rng, motion_rng, frames, size, times=None):
     """Frames `(T, H, W, 3)` uint8 of a random-dot kinematogram: every dot follows `motion` for LIFE
     frames (staggered phases), then reappears at a fresh random place; about DOT_DENSITY dots per pixel
-    of the frame whatever the motion."""
+    of the frame whatever the motion. `times` (T,) ints in [0, T): the time of the dots' world that
+    frame t shows (default t; the window scene holds it still outside its window); the noise is per frame."""
     background, colour = (np.array(c, dtype=np.float32) for c in PALETTES[appearance_rng.integers(len(PALETTES))])
     flow, low, high, wrap, visible = dot_flow(motion, motion_rng, size)
     n = int(round(DOT_DENSITY * size * size / visible))  # about DOT_DENSITY dots per pixel in the frame
@@ -201,8 +210,10 @@ def render_dots(motion, appearance_rng, motion_rng, frames, size):
     coords = np.arange(size, dtype=np.float32) + 0.5
     radius = size / 32
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
+    times = np.arange(frames) if times is None else np.asarray(times, dtype=np.int64)
     for t in range(frames):
-        pos = flow(births[(t + phase) // LIFE, np.arange(n)], ((t + phase) % LIFE).astype(np.float64))
+        age = times[t] + phase
+        pos = flow(births[age // LIFE, np.arange(n)], (age % LIFE).astype(np.float64))
         pos = pos[np.all((pos > -radius - 1) & (pos < size + radius + 1), axis=1) | wrap].astype(np.float32)
         dx, dy = coords[None, :] - pos[:, :1], coords[None, :] - pos[:, 1:]  # (n, W), (n, H)
         if wrap:
@@ -214,18 +225,46 @@ def render_dots(motion, appearance_rng, motion_rng, frames, size):
     return out
 
 
+def _streams(seed, split, index):
+    """The random streams of one video: appearance, motion and (window scene) the window's start."""
+    return np.random.SeedSequence([seed, SPLITS[split], index]).spawn(3)  # the first two as spawn(2) gives
+
+
+def motion_window(seed, split, index, frames):
+    """Window scene: `(start, length)` of the frames that differ from their predecessor by more than the
+    noise, start in [1, frames - length], length = max(1, round(WINDOW_FRACTION * frames)); the same for
+    every class and palette of video `index`."""
+    if frames < 2:
+        raise ValueError(f"the window scene needs at least 2 frames, got {frames}")
+    length = min(max(1, round(WINDOW_FRACTION * frames)), frames - 1)
+    start = int(np.random.default_rng(_streams(seed, split, index)[2]).integers(1, frames - length + 1))
+    return start, length
+
+
+def window_times(start, length, frames):
+    """The dots' time shown by each frame `(T,)`: still (0) before `start`, one step a frame inside the
+    window, still (`length`) after it."""
+    return np.clip(np.arange(frames) - start + 1, 0, length)
+
+
 def make_video(label, seed, split, index, frames=24, size=32, appearance_classes=False, scene="dots"):
     """Frames `(T, H, W, 3)` uint8 of video `index` of `split` with class `label` (a class name)."""
     if scene not in SCENES:
         raise ValueError(f"unknown scene {scene!r}; expected one of {', '.join(SCENES)}")
-    streams = np.random.SeedSequence([seed, SPLITS[split], index]).spawn(2)
-    if scene == "dots":
+    streams = _streams(seed, split, index)[:2]
+    if scene in ("dots", "window"):
         if appearance_classes:
             raise ValueError("appearance classes need the object scene (--scene object)")
         rngs = [np.random.default_rng(s) for s in streams]
+        times = None
+        if scene == "window":
+            start, length = motion_window(seed, split, index, frames)
+            if label in REVERSED:  # rendered forwards, then reversed: where the window must start forwards
+                start = frames - length + 1 - start
+            times = window_times(start, length, frames)
         if label in REVERSED:
-            return np.ascontiguousarray(render_dots(REVERSED[label], *rngs, frames, size)[::-1])
-        return render_dots(label, *rngs, frames, size)
+            return np.ascontiguousarray(render_dots(REVERSED[label], *rngs, frames, size, times)[::-1])
+        return render_dots(label, *rngs, frames, size, times)
     appearance = draw_appearance(np.random.default_rng(streams[0]), size, frames)
     motion = label
     if appearance_classes:
@@ -279,7 +318,8 @@ def add_arguments(parser):
     parser.add_argument("--fps", type=POSITIVE_INT, default=d.fps)
     parser.add_argument(*SHARED["seed"], type=SEED, default=d.seed)
     parser.add_argument("--scene", choices=SCENES, default=d.scene,
-                        help="dots: random-dot motion, nothing static tells videos apart; object: one moving object")
+                        help="dots: random-dot motion, nothing static tells videos apart; object: one moving object; "
+                        "window: the dots move only in a random quarter of the frames")
     parser.add_argument("--appearance-classes", action="store_true",
                         help="object scene: classes are <shape>-<motion>, so both appearance and motion are needed")
     parser.add_argument(*SHARED["workers"], type=COUNT, default=d.workers, help="processes (0: one per core)")

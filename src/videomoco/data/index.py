@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from videomoco.data import decode
 from videomoco.data.layouts import LAYOUTS, SplitFileError, scan_layout
-from videomoco.data.workers import process_pool
+from videomoco.data.workers import pid_alive, process_pool
 from videomoco.flags import COUNT, SHARED, fail
 
 log = logging.getLogger(__name__)
@@ -182,18 +182,8 @@ def _remove_stale_tmp(out):
     """Temporary files left by an index build that was killed (`.index.csv.<pid>.tmp` of a dead pid)."""
     for tmp in Path(out).glob(".*.tmp"):
         match = re.fullmatch(r"\.(?:index\.csv|quarantine\.csv|meta\.json)\.(\d+)\.tmp", tmp.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not pid_alive(int(match.group(1))):
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def write_csv(path, header, rows):

@@ -1,4 +1,4 @@
-"""Process pools whose workers die with their parent.
+"""Process pools whose workers die with their parent, and whether a process is alive.
 
 A `ProcessPoolExecutor` worker blocks on its task queue forever once the parent is gone
 (`kill -9`, OOM killer), holding memory and open files. `process_pool` gives each worker an
@@ -24,6 +24,17 @@ def die_with_parent(parent_pid):
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl: nobody will send the signal
         os._exit(1)
+
+
+def pid_alive(pid):
+    """Whether process `pid` exists (on this host): a temp file named after a dead pid is stale."""
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that it exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def process_pool(workers):

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from videomoco.data.workers import pid_alive
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint_(\d{4,})(?:_step(\d+))?\.pth\.tar$")
@@ -196,23 +198,10 @@ def remove_stale_temp_files(ckp_dir):
     removed = 0
     for p in Path(ckp_dir).glob(".checkpoint_*.tmp"):
         m = _TEMP.match(p.name)
-        if m and (m.group(1) is None or not _writing(int(m.group(1)))):
+        if m and (m.group(1) is None or int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
             p.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def _writing(pid):
-    """Whether process `pid`, not this one, is alive (so may still be writing its temp file)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that it exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        pass
-    return True
 
 
 def prepare_ckp_dir(ckp_dir, start=None, start_epoch=0):

@@ -117,10 +117,10 @@ def canonical_flags(known, args):
     return out
 
 
-def fail(command, message):
-    """Print `videomoco COMMAND: error: MESSAGE` (one line) on stderr; returns the exit code of bad input, 2."""
+def fail(command, message, code=2):
+    """Print `videomoco COMMAND: error: MESSAGE` (one line) on stderr; returns `code` (2: bad input)."""
     print(f"videomoco {command}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return 2
+    return code
 
 
 class Parser(argparse.ArgumentParser):

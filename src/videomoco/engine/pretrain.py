@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ from videomoco.engine.config import add_arguments as _add_config_arguments
 from videomoco.engine.logger import MetricLogger, environment, setup_logging
 from videomoco.engine.loop import StopFlag, TrainingDiverged, train_one_epoch
 from videomoco.engine.schedule import lr_for, schedule_state, set_lr
+from videomoco.flags import fail
 from videomoco.method.moco import own_key_fraction
 
 log = logging.getLogger(__name__)
@@ -405,6 +405,5 @@ def main(args):
         cfg = config_from_args(args)
         result = run(cfg)
     except (ConfigError, ck.CheckpointError, memory.MemoryPlanError) as e:
-        print(f"videomoco pretrain: error: {e}", file=sys.stderr)
-        return 2
+        return fail("pretrain", e)
     return result.get("exit_code", 0) if result else 0

@@ -17,7 +17,6 @@ import logging
 import math
 import random
 import re
-import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from videomoco.engine.config import error_line, micro_batch_arg
 from videomoco.eval.export import load_encoder
 from videomoco.eval.features import extract_features
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARED,
-                             Number)
+                             Number, fail)
 from videomoco.models import build_encoder
 
 log = logging.getLogger(__name__)
@@ -185,11 +184,9 @@ def cli_main(command, run, cfg):
         run(check_config(cfg))
     except USER_ERRORS as err:
         log.debug("%s failed", command, exc_info=True)
-        print(f"videomoco {command}: error: {error_line(err)}", file=sys.stderr)
-        return 2
+        return fail(command, error_line(err))
     except FloatingPointError as err:  # a diverged fine-tuning run
-        print(f"videomoco {command}: error: {err}", file=sys.stderr)
-        return 1
+        return fail(command, err, code=1)
     return 0
 
 

@@ -181,3 +181,19 @@ def test_generator_study_frame_scorer_ignores_position():
         assert "rnn" not in dict(scorer.named_children()) and scores.shape == (2, 8)
         dropped, keep = scorer(clip)
         assert keep.sum(1).tolist() == [6.0, 6.0]
+
+
+def test_comm_counts_fewer_calls_and_clip_bytes_with_the_new_schemes(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    assert cli_main(["bench", "comm", "--quick", "--record", "--results", str(results)]) == 0
+    rows = json_lines(capsys.readouterr().out)
+    cases = {(r["scheme"], r["micro_batches"]): r for r in rows if "scheme" in r and "procs" in r}
+    authors, new, new_micro = cases["authors", 1], cases["new", 1], cases["new", 2]
+    assert authors["all_reduce calls/step"] == authors["gradient tensors"]  # one per tensor
+    assert new["all_reduce calls/step"] == new_micro["all_reduce calls/step"] == 2  # a bucket per player, per step
+    assert authors["clips received / own clips"] == 1  # (N - 1) x with N = 2
+    assert 0 <= new["clips received / own clips"] <= 1 and new["MB received/step"] < authors["MB received/step"]
+    scale = {(r["GPUs"], r["scheme"]): r for r in rows if "GPUs" in r}
+    assert scale[1, "new"]["scaling efficiency"] == scale[1, "authors"]["scaling efficiency"] == 1
+    assert scale[64, "new"]["scaling efficiency"] > scale[64, "authors"]["scaling efficiency"]
+    assert "comm: the recipe's scaling" in results.read_text()

@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from videomoco.method.moco import VideoMoCo, own_key_fraction
-from videomoco.models import build_encoder
 
 
 class TinyEncoder(nn.Module):
@@ -335,3 +334,49 @@ def test_micro_batch_sizes_are_tensor_split_sizes():
 
     for batch, chunks in [(8, 2), (32, 3), (5, 5), (7, 1)]:
         assert micro_batch_sizes(batch, chunks) == [len(c) for c in torch.arange(batch).tensor_split(chunks)]
+
+
+def _shuffle_worker(rank, world, port, batch):
+    """Each rank: keys of both shuffle schemes from one permutation, for 1 and 2 micro-batches."""
+    import torch.distributed as dist
+
+    from videomoco.method.moco import concat_all_gather, exchange_clips
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same encoders on every rank
+        model = tiny_moco()
+        x = clips(b=batch, seed=10 + rank)
+        perm = torch.randperm(world * batch, generator=torch.Generator().manual_seed(5))
+        gathered = concat_all_gather(x)
+        expected = gathered[perm[rank * batch:(rank + 1) * batch]]
+        assert torch.equal(exchange_clips(x, perm, rank, world), expected)
+        channels_last = x.contiguous(memory_format=torch.channels_last_3d)  # as --channels_last feeds it
+        assert torch.equal(exchange_clips(channels_last, perm, rank, world), expected)
+        for chunks in (1, 2):
+            keys = {}
+            for scheme in ("all_gather", "all_to_all"):
+                model.shuffle_bn = scheme
+                keys[scheme] = model._encode_keys_shuffled(x, chunks, torch.Generator().manual_seed(7))
+            assert keys["all_gather"].shape == (world * batch, 8)
+            assert torch.equal(keys["all_gather"], keys["all_to_all"]), (rank, chunks)
+            with torch.no_grad():  # and both are shuffle-BN: this rank's keys differ from an unshuffled encoding
+                plain = model.encoder_k(x)
+            assert not torch.allclose(keys["all_to_all"][rank * batch:(rank + 1) * batch], plain, atol=1e-4)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,batch", [(2, 3), (4, 2)])
+def test_all_to_all_shuffle_gives_the_all_gather_keys(world, batch):
+    """Uneven splits (3 clips per rank over 2 ranks, 2 over 4): same permutation, identical keys."""
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    mp.spawn(_shuffle_worker, args=(world, free_port(), batch), nprocs=world)
+
+
+def test_unknown_shuffle_scheme_is_refused():
+    with pytest.raises(ValueError, match="shuffle_bn"):
+        tiny_moco(shuffle_bn="broadcast")

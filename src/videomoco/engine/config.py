@@ -76,6 +76,9 @@ class PretrainConfig:
     rank: int = -1
     dist_url: str = "tcp://224.66.41.62:23456"
     dist_backend: str = "nccl"
+    dist_timeout: float = 1800.0  # seconds a collective may wait for the slowest rank (torch's default)
+    shuffle_bn: str = "all_to_all"  # all_to_all: a rank receives only the key clips it encodes; all_gather: authors'
+    bucket_mb: float = 25.0  # gradient all-reduce in buckets of this size, during the backward; 0: per tensor after it
     seed: int | None = None
     gpu: int | None = None
     multiprocessing_distributed: bool = False
@@ -152,6 +155,13 @@ _FLAGS = [
     (("--dist_url",), "dist_url", "url to set up distributed training (tcp://HOST:PORT, env://, file://PATH)", {}),
     (("--dist_backend",), "dist_backend", "distributed backend (gloo is used on CPU)",
      {"choices": ("nccl", "gloo", "mpi")}),
+    (("--dist_timeout",), "dist_timeout", "seconds a collective waits for the slowest rank before the run stops "
+     "with an error naming the ranks behind", {"type": POSITIVE}),
+    (("--shuffle_bn",), "shuffle_bn", "how key clips reach the rank that encodes them for shuffle-BN: all_to_all "
+     "(each rank receives only its own) or all_gather (the authors': every rank receives all)",
+     {"choices": ("all_to_all", "all_gather")}),
+    (("--bucket_mb",), "bucket_mb", "gradient all-reduce in buckets of this many MB, launched as the backward "
+     "produces them (DDP's bucket_cap_mb); 0: one call per tensor after the backward", {"type": NON_NEGATIVE}),
     (SHARED["seed"], "seed", "seed (drawn at random and recorded when not given)", {"type": SEED}),
     (("--gpu",), "gpu", "GPU id to use (single process)", {"type": COUNT}),
     (("--multiprocessing_distributed",), "multiprocessing_distributed", "one process per GPU via mp.spawn",

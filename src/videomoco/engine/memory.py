@@ -262,13 +262,15 @@ def state_bytes(trainer):
     return tensor_bytes(tensors) + optimizer_bytes(trainer.opt_d, trainer.opt_g)
 
 
-def input_bytes_per_clip(clip, device, views=2, world_size=1):
+def input_bytes_per_clip(clip, device, views=2, world_size=1, shuffle_bn="all_to_all"):
     """What one more clip of the batch costs outside the micro-batch being computed: `views` float copies
-    on the device, their uint8 on the host (the same memory on CPU), and under DDP every rank's key clips
-    gathered. clip: (C, T, H, W)."""
+    on the device, their uint8 on the host (the same memory on CPU), and under DDP the key clips of the
+    shuffle: three copies with `all_to_all` (sent, received, reordered), every rank's with `all_gather`.
+    clip: (C, T, H, W)."""
     elems = math.prod(clip)
     host = views * elems if torch.device(device).type == "cpu" else 0
-    return views * elems * 4 + host + (4 * elems * world_size if world_size > 1 else 0)
+    shuffled = 0 if world_size == 1 else world_size if shuffle_bn == "all_gather" else 3
+    return views * elems * 4 + host + 4 * elems * shuffled
 
 
 def smallest_trainable(module):
@@ -311,6 +313,7 @@ def probe_step(trainer, clip, adversarial, device, channels_last=False, world_si
             im_q = torch.randn((m, *clip), device=device).contiguous(memory_format=fmt)
             probe.step(im_q, torch.randn_like(im_q), adversarial)
 
-        return measure_step(step, device, input_bytes_per_clip(clip, device, world_size=world_size),
+        per_clip = input_bytes_per_clip(clip, device, world_size=world_size, shuffle_bn=trainer.model.shuffle_bn)
+        return measure_step(step, device, per_clip,
                             subtract=state_bytes(probe),
                             smallest=smallest_trainable(trainer.model))

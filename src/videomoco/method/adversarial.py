@@ -16,16 +16,18 @@ can be processed in micro-batches (`micro_batches`): the gradients of each are a
 before the players step, with the semantics of a run on that many times more GPUs. Before
 `adv_start_epoch` (`adversarial=False`) G is not run at all: plain MoCo with temporal decay.
 
-Under torch.distributed the trainer averages the gradients of both players itself, so `model`
-and `generator` stay plain modules (no DDP wrapper, no `module.` prefix in the checkpoint).
+Under torch.distributed the trainer averages the gradients of both players itself
+(`videomoco.method.gradients`: buckets launched from the backward of the step's last micro-batch, or
+one call per tensor after it), so `model` and `generator` stay plain modules (no DDP wrapper, no
+`module.` prefix in the checkpoint).
 """
 
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from videomoco.method.gradients import BucketedReducer, average_gradients
 from videomoco.method.losses import contrastive_loss, feature_l1, topk_accuracy
 from videomoco.method.moco import is_distributed
 
@@ -49,28 +51,19 @@ def trainable_params(optimizer):
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
-def average_gradients(params):
-    """All-reduce mean of `.grad` over ranks (no-op in a single process)."""
-    if not is_distributed():
-        return
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-
-
 class AdversarialTrainer:
     """Runs `step(im_q, im_k, adversarial)` for a `VideoMoCo` model and a `FrameDropGenerator`.
 
     opt_d / opt_g: the optimisers of D and G (each only sees its own player's parameters).
     amp_dtype: None, torch.bfloat16 or torch.float16 for autocast; scaler_d / scaler_g: optional
     `torch.amp.GradScaler`s (fp16). `generator` and `opt_g` may be None for plain MoCo.
-    micro_batches: each batch is processed in this many micro-batches (see `step`).
+    micro_batches: each batch is processed in this many micro-batches (see `step`). bucket_mb: under
+    torch.distributed, the size of the gradient all-reduce buckets launched during the backward (0: one
+    all-reduce per tensor after it).
     """
 
     def __init__(self, model, generator, opt_d, opt_g, cfg=None, amp_dtype=None, scaler_d=None, scaler_g=None,
-                 micro_batches=1):
+                 micro_batches=1, bucket_mb=25.0):
         self.cfg = cfg or AdversarialConfig()
         if self.cfg.g_loss not in G_LOSSES:
             raise ValueError(f"unknown g_loss {self.cfg.g_loss!r}; expected one of {', '.join(G_LOSSES)}")
@@ -84,6 +77,19 @@ class AdversarialTrainer:
         self.params_g = trainable_params(opt_g) if opt_g is not None else []
         self.amp_dtype, self.scaler_d, self.scaler_g = amp_dtype, scaler_d, scaler_g
         self.micro_batches = micro_batches  # set by the memory planner before training
+        self.bucket_mb = bucket_mb
+        self.reducers = None  # {"d", "g"}: built at the first distributed step (a deepcopy before it has no hooks)
+
+    def _arm_reducers(self, adversarial):
+        """Under torch.distributed with buckets: the coming backward is the step's last, reduce as it goes."""
+        if not is_distributed() or not self.bucket_mb:
+            return
+        if self.reducers is None:
+            self.reducers = {"d": BucketedReducer(self.params_d, self.bucket_mb),
+                             "g": BucketedReducer(self.params_g, self.bucket_mb) if self.params_g else None}
+        self.reducers["d"].arm()
+        if adversarial:
+            self.reducers["g"].arm()
 
     def _autocast(self, device):
         if self.amp_dtype is None:
@@ -95,9 +101,12 @@ class AdversarialTrainer:
         scaled = scaler.scale(loss) if scaler is not None else loss
         scaled.backward(inputs=params, retain_graph=retain_graph)
 
-    @staticmethod
-    def _step(params, optimizer, scaler):
-        average_gradients(params)
+    def _step(self, player, optimizer, scaler):
+        """Average `player`'s ("d" or "g") gradients over ranks, then step its optimiser."""
+        if self.reducers is not None:
+            self.reducers[player].finish()
+        else:
+            average_gradients(self.params_d if player == "d" else self.params_g)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -152,19 +161,21 @@ class AdversarialTrainer:
         model, chunks = self.model, min(self.micro_batches, im_q.shape[0])
         if adversarial and (self.generator is None or self.opt_g is None):
             raise ValueError("an adversarial step needs a generator and its optimiser")
-        with self._autocast(im_q.device):
-            k = model.encode_keys(im_k, chunks=chunks, generator=shuffle_generator)  # (B, dim), no grad
+        with self._autocast(im_q.device):  # no grad; k (B, dim), k_all: every rank's (world * B, dim)
+            k, k_all = model.encode_keys(im_k, chunks=chunks, generator=shuffle_generator, all_ranks=True)
         self.opt_d.zero_grad(set_to_none=True)
         if adversarial:
             self.opt_g.zero_grad(set_to_none=True)
         out = {}
-        for q_j, k_j in zip(im_q.tensor_split(chunks), k.tensor_split(chunks)):
+        for j, (q_j, k_j) in enumerate(zip(im_q.tensor_split(chunks), k.tensor_split(chunks))):
+            if j == chunks - 1:  # the gradients are final in this backward: reduce them as it goes
+                self._arm_reducers(adversarial)
             weight = q_j.shape[0] / im_q.shape[0]  # the losses are means over the whole batch
             for name, value in self._micro_step(q_j, k_j, adversarial, weight).items():
                 out[name] = out.get(name, 0) + value * weight
         if adversarial:
-            self._step(self.params_g, self.opt_g, self.scaler_g)
-        self._step(self.params_d, self.opt_d, self.scaler_d)
-        model.enqueue(k)
+            self._step("g", self.opt_g, self.scaler_g)
+        self._step("d", self.opt_d, self.scaler_d)
+        model.enqueue(k_all, gathered=True)
         return out | {"queue_age_mean": model.queue_age.float().mean(),
                       "queue_age_max": model.queue_age.max().float()}

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from videomoco.method.losses import contrastive_labels, decayed_logits
 
+SHUFFLE_BN = ("all_to_all", "all_gather")  # how key clips reach the rank that encodes them (see exchange_clips)
+
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -32,6 +34,29 @@ def concat_all_gather(x):
     gathered = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, x.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
+def exchange_clips(x, perm, rank, world):
+    """The clips rank `rank` encodes under the shuffle `perm`, by one `all_to_all`: each rank sends
+    each of its clips only to the rank that encodes it (its own stay local).
+
+    x: this rank's clips (b, ...); perm: a permutation of the global batch (world * b,), the same on
+    every rank, whose positions [r b, (r + 1) b) rank r encodes. Returns x_all[perm[rank b:(rank + 1) b]]
+    (b, ...) without gathering x_all. Split sizes are uneven and computed from `perm` on every rank alike.
+    """
+    b = x.shape[0]
+    owner = torch.div(perm, b, rounding_mode="floor")  # the rank whose clip sits at each permuted position
+    sent = (owner == rank).nonzero().squeeze(1)  # permuted positions of my clips, in order: by destination
+    send_sizes = torch.bincount(torch.div(sent, b, rounding_mode="floor"), minlength=world).tolist()
+    mine = owner[rank * b : (rank + 1) * b]
+    recv_order = torch.argsort(mine, stable=True)  # my positions grouped by source, in order within each
+    recv_sizes = torch.bincount(mine, minlength=world).tolist()
+    received = x.new_empty(x.shape)  # contiguous, whatever the layout of x: the collective writes it flat
+    dist.all_to_all_single(received, x[perm[sent] - rank * b].contiguous(), recv_sizes, send_sizes)
+    out = x.new_empty(x.shape)
+    out[recv_order] = received
+    return out
 
 
 def micro_batch_sizes(batch, chunks):
@@ -83,17 +108,20 @@ class VideoMoCo(nn.Module):
     or by `encoder_fn(dim)` when given. dim: embedding size; K: queue length; m: key-encoder
     momentum; T: temperature; mlp: MoCo v2 head (mlp_bn: with BatchNorm); temporal_decay: t in
     `t**age`; shuffle_groups: BN groups for the single-process shuffle (default 2 when the batch has
-    >= 4 clips, else 1).
+    >= 4 clips, else 1); shuffle_bn: how key clips travel for the multi-process shuffle (SHUFFLE_BN).
     """
 
     def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, mlp=False,
-                 temporal_decay=0.99999, width=64, shuffle_groups=None, encoder_fn=None, mlp_bn=False):
+                 temporal_decay=0.99999, width=64, shuffle_groups=None, encoder_fn=None, mlp_bn=False,
+                 shuffle_bn="all_to_all"):
         super().__init__()
         if not 0.0 < temporal_decay <= 1.0:
             raise ValueError(f"temporal_decay must be in (0, 1], got {temporal_decay}")
+        if shuffle_bn not in SHUFFLE_BN:
+            raise ValueError(f"unknown shuffle_bn {shuffle_bn!r}; expected one of {', '.join(SHUFFLE_BN)}")
         self.arch, self.dim, self.K, self.m, self.T = arch, dim, K, m, T
         self.temporal_decay = temporal_decay
-        self.shuffle_groups = shuffle_groups
+        self.shuffle_groups, self.shuffle_bn = shuffle_groups, shuffle_bn
 
         if encoder_fn is None:
             from videomoco.models import build_encoder
@@ -143,39 +171,51 @@ class VideoMoCo(nn.Module):
         """Shuffle-BN over every rank's micro-batches: each of the `world_size * chunks` key encoders of
         the global batch (a rank's micro-batch, as one GPU of a bigger run) sees a random part of it.
 
-        The authors' scheme (`chunks=1` under DDP): gather all key clips, permute them (one permutation
-        for all ranks: drawn from `generator`, which every rank seeds alike, else rank 0's broadcast),
-        encode this rank's slices, gather the keys and undo the permutation. x: (b, C, T, H, W) -> (b, dim).
+        One permutation of the global batch for all ranks (drawn from `generator`, which every rank seeds
+        alike, else rank 0's broadcast); rank r encodes the clips at permuted positions [r b, (r + 1) b) in
+        `chunks` micro-batches. How those clips reach it is `self.shuffle_bn`: `all_to_all` sends each clip
+        only to the rank that encodes it; `all_gather` (the authors') sends every clip to every rank.
+        The same clips in the same order either way, so the keys are identical.
+        x: (b, C, T, H, W) -> keys of every rank's batch (world * b, dim), rank-major, unshuffled.
         """
         world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
-        x_all = concat_all_gather(x) if world > 1 else x  # (world * b, C, T, H, W), rank-major
-        perm = _randperm(x_all.shape[0], generator, x.device)
+        b = x.shape[0]
+        perm = _randperm(world * b, generator, x.device)
         if world > 1 and generator is None:
             dist.broadcast(perm, src=0)
-        sizes = micro_batch_sizes(x.shape[0], chunks) * world  # one entry per micro-batch of the global batch
-        mine = perm.split(sizes)[rank * chunks : (rank + 1) * chunks]
-        k = torch.cat([self.encoder_k(x_all[idx]) for idx in mine])  # (b, dim), in permuted order
-        k_all = concat_all_gather(k) if world > 1 else k
-        return k_all[torch.argsort(perm)][rank * x.shape[0] : (rank + 1) * x.shape[0]]
+        mine = perm[rank * b : (rank + 1) * b]
+        if world == 1:
+            x_mine = x[mine]
+        elif self.shuffle_bn == "all_gather":
+            x_mine = concat_all_gather(x)[mine]  # (world * b, C, T, H, W), of which b are kept
+        else:
+            x_mine = exchange_clips(x, perm, rank, world)
+        k = torch.cat([self.encoder_k(chunk) for chunk in x_mine.split(micro_batch_sizes(b, chunks))])
+        k_all = concat_all_gather(k) if world > 1 else k  # (world * b, dim) in permuted order
+        return k_all[torch.argsort(perm)]
 
     def encode_query(self, x):
         """x: (B, C, T, H, W) -> L2-normalised query embeddings (B, dim) float32, with gradient."""
         return F.normalize(self.encoder_q(x).float(), dim=1)
 
     @torch.no_grad()
-    def encode_keys(self, x, chunks=1, generator=None):
+    def encode_keys(self, x, chunks=1, generator=None, all_ranks=False):
         """Momentum-update the key encoder, then x: (B, C, T, H, W) -> normalised keys (B, dim) float32.
 
         chunks: the micro-batches this process splits its batch into (BN statistics per micro-batch,
         shuffled across all of them and all ranks); generator: a `torch.Generator` for the shuffle
-        permutation, seeded alike on every rank (default: the global RNG).
+        permutation, seeded alike on every rank (default: the global RNG). all_ranks: return
+        `(keys, keys of every rank's batch (world * B, dim))`; the shuffle gathers them anyway, so
+        `enqueue(..., gathered=True)` needs no collective of its own.
         """
         self._momentum_update_key_encoder()
         if is_distributed() or chunks > 1:
-            k = self._encode_keys_shuffled(x, chunks, generator)
+            k_all = F.normalize(self._encode_keys_shuffled(x, chunks, generator).float(), dim=1)
+            rank = dist.get_rank() if is_distributed() else 0
+            k = k_all[rank * x.shape[0] : (rank + 1) * x.shape[0]]
         else:
-            k = self._encode_keys_grouped(x, generator)
-        return F.normalize(k.float(), dim=1)
+            k = k_all = F.normalize(self._encode_keys_grouped(x, generator).float(), dim=1)
+        return (k, k_all) if all_ranks else k
 
     def contrastive_logits(self, q, k):
         """q, k: (B, dim) -> (logits (B, 1 + K) float32, labels (B,) zeros). Uses the current queue ages."""
@@ -186,13 +226,13 @@ class VideoMoCo(nn.Module):
         return logits, contrastive_labels(logits)
 
     @torch.no_grad()
-    def enqueue(self, k):
+    def enqueue(self, k, gathered=False):
         """Write keys k: (B, dim) (gathered from all ranks under DDP) at the pointer, wrapping around.
 
-        Every key ages by one step, the new ones start at age 0. No host sync: the pointer stays
-        on the device.
+        gathered: k already holds every rank's keys (`encode_keys(..., all_ranks=True)`). Every key ages
+        by one step, the new ones start at age 0. No host sync: the pointer stays on the device.
         """
-        if is_distributed():
+        if is_distributed() and not gathered:
             k = concat_all_gather(k)
         n = k.shape[0]
         if n > self.K:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from videomoco import markdown
 from videomoco.engine import memory
 
 RESULTS_PATH = Path(__file__).resolve().with_name("RESULTS.md")
@@ -107,15 +108,13 @@ def emit(result, command=None):
 def _cell(value):
     if isinstance(value, float):
         return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"  # no exponents for big numbers
-    return str(value).replace("|", "\\|")
+    return value
 
 
 def markdown_table(rows):
     """`rows` (list of dicts with the same keys) as a markdown table."""
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_cell(row.get(k, "")) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
+    return "\n".join(markdown.table(keys, [[_cell(row.get(k, "")) for k in keys] for row in rows]))
 
 
 def record(name, rows, command, path=None, note=None):

@@ -9,7 +9,7 @@ from videomoco.method.losses import (
     decay_weights,
     decayed_logits,
     feature_l1,
-    topk_accuracy,
+    positive_rank_accuracy,
 )
 
 
@@ -66,7 +66,7 @@ def test_contrastive_loss_is_cross_entropy_of_column_zero():
 def test_topk_accuracy_matches_topk_reference():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(64, 10, generator=g)
-    acc1, acc5 = topk_accuracy(logits, ks=(1, 5))
+    acc1, acc5 = positive_rank_accuracy(logits, ks=(1, 5))
     for acc, k in ((acc1, 1), (acc5, 5)):
         expected = (logits.topk(k, dim=1).indices == 0).any(dim=1).float().mean() * 100
         assert acc.dim() == 0

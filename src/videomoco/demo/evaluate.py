@@ -58,13 +58,7 @@ def evaluate(ecfg, ratios, generator_ckpt=""):
 
     metrics = _knn(train_x, train_y, test_x, test_y)
     metrics["linear_top1"] = _linear(train, clean, ids, labels, num_classes, ecfg.seed)
-    rows = []
-    for (name, ratio), feats in dropped.items():
-        cosine = F.cosine_similarity(torch.as_tensor(clean), torch.as_tensor(feats), dim=1).mean().item()
-        _, x, y = video_average(feats, ids, labels)
-        rows.append({"dropper": name, "ratio": ratio, "cosine": cosine,
-                     f"knn_top1_k{KNN_K}": _knn(train_x, train_y, x, y)[f"knn_top1_k{KNN_K}"]})
-    metrics["robustness"] = rows
+    metrics["robustness"] = robustness.robustness_rows(clean, dropped, labels, ids, train_x, train_y, ks=(KNN_K,))
     return metrics
 
 

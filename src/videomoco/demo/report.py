@@ -8,6 +8,7 @@ import torch
 from matplotlib.figure import Figure
 
 from videomoco.data.augment import normalize
+from videomoco import markdown
 from videomoco.demo.stats import paired_test
 from videomoco.engine.logger import drop_strip
 from videomoco.eval.robustness import load_generator
@@ -97,11 +98,6 @@ def dropped_frames_strip(checkpoint, dataset, path, num_clips=4, drop_ratio=0.25
     fig.savefig(path, dpi=100)
 
 
-def _table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
 def robustness_lines(results, a="MoCo", b="VideoMoCo"):
     """Whether `b`'s features are more stable under random frame drops than `a`'s, ratio by ratio (one run)."""
     rows = {name: {r["ratio"]: r for r in m["robustness"] if r["dropper"] == "random"} for name, m in results.items()}
@@ -115,7 +111,7 @@ def robustness_lines(results, a="MoCo", b="VideoMoCo"):
         cells.append([f"{ratio:.0%}", f"{ra['cosine']:.3f} / {rb['cosine']:.3f} ({cos:+.3f})",
                       f"{ra['knn_top1_k20']:.1f} / {rb['knn_top1_k20']:.1f} ({knn:+.1f})",
                       "more stable" if cos > 0 and knn > 0 else "less stable" if cos < 0 and knn < 0 else "mixed"])
-    return lines + _table(["frames dropped", f"cosine {a} / {b}", f"kNN {a} / {b}", b], cells)
+    return lines + markdown.table(["frames dropped", f"cosine {a} / {b}", f"kNN {a} / {b}", b], cells)
 
 
 def ablation_lines(ablation):
@@ -124,7 +120,7 @@ def ablation_lines(ablation):
     runs = {name: np.asarray(values, dtype=float) for name, values in ablation["runs"].items()}  # (seeds, metrics)
     digits = [1, 1, 1, 3]
     lines = ["## Ablation", "", f"Seeds {', '.join(map(str, seeds))} for every variant, mean ± std:", ""]
-    lines += _table(["variant", *metrics], [[name, *(f"{mu:.{d}f} ± {sd:.{d}f}" for mu, sd, d in
+    lines += markdown.table(["variant", *metrics], [[name, *(f"{mu:.{d}f} ± {sd:.{d}f}" for mu, sd, d in
                                                       zip(r.mean(0), r.std(0, ddof=1) if len(r) > 1 else 0 * r[0], digits))]
                                             for name, r in runs.items()])
     base = names[0]
@@ -134,7 +130,7 @@ def ablation_lines(ablation):
     for name in names[1:]:
         tests = [paired_test(runs[name][:, j], runs[base][:, j]) for j in range(len(metrics))]
         rows.append([name, *(f"{t['diff']:+.{d}f} ± {t['std']:.{d}f} (p {t['p']:.2f})" for t, d in zip(tests, digits))])
-    return lines + _table(["variant", *metrics], rows)
+    return lines + markdown.table(["variant", *metrics], rows)
 
 
 def write_report(out, summary):
@@ -156,13 +152,13 @@ def write_report(out, summary):
         rows.append([name, f"{m['knn_top1_k20']:.1f}", f"{m['knn_top1_k1']:.1f}", f"{m['linear_top1']:.1f}",
                      f"{dropped['knn_top1_k20']:.1f}" if dropped else "-",
                      f"{dropped['cosine']:.3f}" if dropped else "-"])
-    lines += _table(["model", "kNN top-1 (k=20)", "kNN top-1 (k=1)", "linear top-1",
+    lines += markdown.table(["model", "kNN top-1 (k=20)", "kNN top-1 (k=1)", "linear top-1",
                      f"kNN, {ratio:.0%} frames dropped", f"cosine at {ratio:.0%} dropped"], rows)
     lines += ["", "![accuracy](accuracy.png)", "",
               "## Do the classes need time?", "",
               f"The `{summary['baseline_model']}` encoder on the same test clips with their frames shuffled or "
               "reduced to one frame, and classifiers on the raw pixels of one frame:", ""]
-    lines += _table(["input", "top-1 (%)"], [[k, f"{v:.1f}"] for k, v in summary["baselines"].items()])
+    lines += markdown.table(["input", "top-1 (%)"], [[k, f"{v:.1f}"] for k, v in summary["baselines"].items()])
     lines += ["", "## Pretraining", "", "![training curves](training_curves.png)", "",
               "![dropped frames](dropped_frames.png)", "",
               "## Robustness to dropped frames", "", "![robustness](robustness.png)", "",
@@ -170,7 +166,7 @@ def write_report(out, summary):
     if summary.get("ablation"):
         lines += ablation_lines(summary["ablation"]) + [""]
     lines += ["## Time", ""]
-    lines += _table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
+    lines += markdown.table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
     lines += ["", f"Total: {sum(summary['seconds'].values()):.0f} s.", ""]
     text = "\n".join(lines)
     (Path(out) / "report.md").write_text(text)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from videomoco import markdown
 from videomoco.data.augment import normalize
 from videomoco.eval import common
 from videomoco.eval.export import read_checkpoint
@@ -94,6 +95,19 @@ def dropped_features(cfg, encoder, loader, drop_fns, micro_batch=None):
     return _cat(clean), {k: _cat(v) for k, v in dropped.items()}, _cat(labels), _cat(ids)
 
 
+def robustness_rows(clean, dropped, labels, ids, train_x, train_y, ks):
+    """Per (dropper, ratio) of `dropped_features`' output: the mean cosine between the clean and dropped
+    clip features, and the kNN top-1 of the dropped test videos against the bank (train_x, train_y)
+    for each k in `ks` -> `[{"dropper", "ratio", "cosine", "knn_top1_k<k>", ...}, ...]`."""
+    rows = []
+    for (name, ratio), feats in dropped.items():
+        cosine = F.cosine_similarity(torch.as_tensor(clean), torch.as_tensor(feats), dim=1).mean().item()
+        _, test_x, test_y = video_average(feats, ids, labels)
+        rows.append({"dropper": name, "ratio": ratio, "cosine": cosine,
+                     **knn_accuracy(train_x, train_y, test_x, test_y, ks)})
+    return rows
+
+
 def _cat(tensors):
     return torch.cat(tensors).numpy()
 
@@ -125,20 +139,13 @@ def run(cfg):
     fns = droppers(cfg, generator)
     loader = common.make_loader(cfg, common.labeled_dataset(cfg, "test", mode="test"))
     clean, dropped, labels, ids = dropped_features(cfg, encoder, loader, fns)
-
-    table = []
-    for (name, ratio), feats in dropped.items():
-        cosine = F.cosine_similarity(torch.as_tensor(clean), torch.as_tensor(feats), dim=1).mean().item()
-        _, test_x, test_y = video_average(feats, ids, labels)
-        table.append({"dropper": name, "ratio": ratio, "cosine": cosine,
-                      **knn_accuracy(train_x, train_y, test_x, test_y, cfg.ks)})
+    table = robustness_rows(clean, dropped, labels, ids, train_x, train_y, cfg.ks)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(table, list(fns), cfg.ks, out / "robustness.png")
     header = ["dropper", "ratio", "cosine"] + [f"knn_top1_k{k}" for k in cfg.ks]
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines += ["| " + " | ".join(f"{r[h]:.3f}" if isinstance(r[h], float) else str(r[h]) for h in header) + " |"
-              for r in table]
+    lines = markdown.table(header, [[f"{r[h]:.3f}" if isinstance(r[h], float) else r[h] for h in header]
+                                    for r in table])
     metrics = {"num_test_clips": len(labels), "droppers": list(fns), "rows": table}
     return common.write_results(cfg, "robustness", metrics, table="\n".join(lines))
 

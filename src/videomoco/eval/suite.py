@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from videomoco import markdown
 from videomoco.eval import common, finetune, knn, linear
 
 log = logging.getLogger(__name__)
@@ -88,11 +89,11 @@ def aggregate(runs):
     return rows
 
 
-def markdown(rows):
-    lines = ["| dataset | protocol | metric | mean ± std (%) | runs |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['dataset']} | {r['protocol']} | {r['metric']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['n']} |"
-              for r in rows]
-    return "\n".join(lines)
+def results_table(rows):
+    """The aggregated rows as markdown: one line per dataset, protocol and metric."""
+    return "\n".join(markdown.table(["dataset", "protocol", "metric", "mean ± std (%)", "runs"],
+                                    [[r["dataset"], r["protocol"], r["metric"], f"{r['mean']:.2f} ± {r['std']:.2f}",
+                                      r["n"]] for r in rows]))
 
 
 def run(cfg):
@@ -115,7 +116,7 @@ def run(cfg):
     rows = aggregate(runs)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
+    table = results_table(rows)
     header = f"# VideoMoCo evaluation ({cfg.suite})\n\ncheckpoint: `{cfg.pretrained or 'random init'}`, " \
              f"splits {cfg.splits}, seeds {cfg.seeds}\n\n"
     (out / "results.md").write_text(header + table + "\n")

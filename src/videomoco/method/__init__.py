@@ -3,7 +3,7 @@ and the adversarial training step."""
 
 from videomoco.method.adversarial import AdversarialConfig, AdversarialTrainer
 from videomoco.method.generator import FrameDropGenerator, drop_frames, num_dropped, random_drop
-from videomoco.method.losses import contrastive_loss, decayed_logits, feature_l1, topk_accuracy
+from videomoco.method.losses import contrastive_loss, decayed_logits, feature_l1, positive_rank_accuracy
 from videomoco.method.moco import VideoMoCo, concat_all_gather
 
 __all__ = [
@@ -17,6 +17,6 @@ __all__ = [
     "drop_frames",
     "feature_l1",
     "num_dropped",
+    "positive_rank_accuracy",
     "random_drop",
-    "topk_accuracy",
 ]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from videomoco.method.gradients import BucketedReducer, average_gradients
-from videomoco.method.losses import contrastive_loss, feature_l1, topk_accuracy
+from videomoco.method.losses import contrastive_loss, feature_l1, positive_rank_accuracy
 from videomoco.method.moco import is_distributed
 
 G_LOSSES = ("feature_l1", "contrastive")
@@ -145,7 +145,7 @@ class AdversarialTrainer:
             g_objective = loss_g + loss_d if cfg.g_grad == "authors" else loss_g
             self._backward(g_objective * weight, self.params_g, self.scaler_g, retain_graph=True)
         self._backward(loss_d * weight, self.params_d, self.scaler_d)
-        acc1, acc5 = topk_accuracy(logits.detach(), ks=(1, 5))
+        acc1, acc5 = positive_rank_accuracy(logits.detach(), ks=(1, 5))
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "acc1": acc1, "acc5": acc5,
                 "drop_fraction": drop_fraction}
 

@@ -47,7 +47,7 @@ def contrastive_loss(logits):
 
 
 @torch.no_grad()
-def topk_accuracy(logits, ks=(1, 5)):
+def positive_rank_accuracy(logits, ks=(1, 5)):
     """Percentage of rows whose positive (column 0) is among the top k, for each k in `ks`.
 
     logits: (B, 1 + K). Returns a tuple of 0-d float tensors in [0, 100]. The rank of the

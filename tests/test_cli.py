@@ -16,3 +16,61 @@ def test_help_lists_every_command(capsys):
     text = capsys.readouterr().out
     for name in COMMANDS:
         assert name in text
+
+
+def _defaults_cases():
+    """(argv, dataclass, how the command builds it from the parsed flags) for every command with a config."""
+    from videomoco.bench import BenchConfig
+    from videomoco.data.index import IndexConfig
+    from videomoco.data.synthetic import SynthConfig
+    from videomoco.data.transcode import TranscodeConfig
+    from videomoco.demo import DemoConfig
+    from videomoco.engine.config import PretrainConfig, config_from_args
+    from videomoco.eval import common, extract, finetune, knn, linear, robustness, suite
+    from videomoco.eval.export import ExportConfig
+    from videomoco.flags import config_from
+    from videomoco.models.registry import ModelsConfig
+
+    def evaluation(cls):
+        return lambda args: common.config_from_args(cls, args)
+
+    return [
+        (["index", "R"], IndexConfig, lambda a: config_from(IndexConfig, a)),
+        (["transcode", "S", "D"], TranscodeConfig, lambda a: config_from(TranscodeConfig, a)),
+        (["synth", "O"], SynthConfig, lambda a: config_from(SynthConfig, a)),
+        (["demo"], DemoConfig, lambda a: config_from(DemoConfig, a)),
+        (["models"], ModelsConfig, lambda a: config_from(ModelsConfig, a)),
+        (["export", "C", "--out", "x.pth"], ExportConfig, lambda a: config_from(ExportConfig, a)),
+        (["bench", "data"], BenchConfig, lambda a: BenchConfig(a.name, list(a.args))),
+        (["pretrain", "DATA"], PretrainConfig, config_from_args),
+        (["linear", "DATA"], linear.LinearConfig, evaluation(linear.LinearConfig)),
+        (["knn", "DATA"], knn.KnnConfig, evaluation(knn.KnnConfig)),
+        (["finetune", "DATA"], finetune.FinetuneConfig, evaluation(finetune.FinetuneConfig)),
+        (["robustness", "DATA"], robustness.RobustnessConfig, evaluation(robustness.RobustnessConfig)),
+        (["extract", "DATA", "--pretrained", "P", "--out", "F"], extract.ExtractConfig, evaluation(extract.ExtractConfig)),
+        (["evaluate", "--ucf101", "U"], suite.SuiteConfig, evaluation(suite.SuiteConfig)),
+    ]
+
+
+def test_every_command_with_a_config_is_covered():
+    assert {argv[0] for argv, _, _ in _defaults_cases()} == set(COMMANDS)
+
+
+def test_parsed_defaults_are_the_dataclass_defaults():
+    """With only the required arguments, every command builds its config dataclass with the dataclass's own
+    defaults: no flag repeats (and drifts from) a default."""
+    import dataclasses
+
+    from videomoco.cli import build_parser
+    from videomoco.flags import defaults
+
+    for argv, cls, build in _defaults_cases():
+        cfg = build(build_parser(argv[0]).parse_args(argv))
+        assert isinstance(cfg, cls)
+        given = set(argv[1:])
+        for name, default in defaults(cls).items():
+            value = getattr(cfg, name)
+            if isinstance(value, str) and value in given:
+                continue  # a required argument of this argv
+            assert value == default, f"videomoco {argv[0]}: {name} parsed as {value!r}, the dataclass says {default!r}"
+        assert {f.name for f in dataclasses.fields(cls)} >= set(defaults(cls))

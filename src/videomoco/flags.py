@@ -12,6 +12,7 @@ This module imports nothing of videomoco: every layer (data, engine, eval) may u
 """
 
 import argparse
+import dataclasses
 import math
 import sys
 
@@ -115,6 +116,25 @@ def canonical_flags(known, args):
             arg = spellings.get(name.replace("_", "-"), name) + sep + value
         out.append(arg)
     return out
+
+
+def defaults(cls):
+    """The defaults of dataclass `cls` by field name (fields without one are left out): what a
+    command's `add_arguments` passes as `default=`, so that defaults live only in the dataclass."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def config_from(cls, args, **overrides):
+    """Dataclass `cls` built by keyword from the parsed `args` (the attributes named like its fields),
+    with `overrides` for the values a command converts."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**(given | overrides))
 
 
 def fail(command, message, code=2):

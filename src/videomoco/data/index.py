@@ -32,7 +32,7 @@ from tqdm import tqdm
 from videomoco.data import decode
 from videomoco.data.layouts import LAYOUTS, SplitFileError, scan_layout
 from videomoco.data.workers import pid_alive, process_pool
-from videomoco.flags import COUNT, SHARED, fail
+from videomoco.flags import COUNT, SHARED, config_from, defaults, fail
 
 log = logging.getLogger(__name__)
 
@@ -368,19 +368,21 @@ def run(cfg):
 
 
 def add_arguments(parser):
+    d = defaults(IndexConfig)
     parser.add_argument("root", help="dataset root directory")
-    parser.add_argument("--out", default=None, help="index directory (default ROOT/index, or ~/.cache/videomoco/index/...)")
-    parser.add_argument("--layout", default="auto", choices=("auto",) + LAYOUTS)
-    parser.add_argument("--split-dir", default=None, help="UCF101 ucfTrainTestlist/ or HMDB51 testTrainMulti_7030_splits/")
-    parser.add_argument("--annotations", action="append", default=[], help="Kinetics CSV (repeatable)")
-    parser.add_argument(*SHARED["workers"], type=COUNT, default=None, help="probing processes (default or 0: all cores)")
+    parser.add_argument("--out", default=d["out"], help="index directory (default ROOT/index, or ~/.cache/videomoco/index/...)")
+    parser.add_argument("--layout", default=d["layout"], choices=("auto",) + LAYOUTS)
+    parser.add_argument("--split-dir", default=d["split_dir"],
+                        help="UCF101 ucfTrainTestlist/ or HMDB51 testTrainMulti_7030_splits/")
+    parser.add_argument("--annotations", action="append", default=d["annotations"], help="Kinetics CSV (repeatable)")
+    parser.add_argument(*SHARED["workers"], type=COUNT, default=d["workers"],
+                        help="probing processes (default or 0: all cores)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--follow-symlinks", action="store_true", help="also follow symlinks that point outside ROOT")
 
 
 def main(args):
-    cfg = IndexConfig(args.root, args.out, args.layout, args.split_dir, args.annotations, args.workers, args.progress,
-                      args.follow_symlinks)
+    cfg = config_from(IndexConfig, args)
     try:
         print(run(cfg)["summary"])
     except (SplitFileError, OSError) as err:  # bad split file, missing root: one line, no traceback

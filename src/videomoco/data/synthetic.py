@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from videomoco.data.encode import write_video
-from videomoco.flags import COUNT, CRF, POSITIVE_INT, SEED, SHARED, Number, fail
+from videomoco.flags import COUNT, CRF, POSITIVE_INT, SEED, SHARED, Number, config_from, fail
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def main(args):
         return fail("synth", "--appearance-classes needs --scene object")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         return fail("synth", f"OUT {args.out} is a file, not a directory")
-    cfg = SynthConfig(**{k: getattr(args, k) for k in asdict(SynthConfig()) if hasattr(args, k)})
+    cfg = config_from(SynthConfig, args)
     result = run(cfg)
     print(f"{result['root']}: {len(result['classes'])} classes, {'reused' if result['reused'] else 'written'}"
           f" in {result['seconds']:.1f} s")

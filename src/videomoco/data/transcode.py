@@ -31,7 +31,7 @@ from videomoco.data.decode import AV_ERRORS, VideoError, open_video, probe
 from videomoco.data.index import write_csv, default_out
 from videomoco.data.layouts import OUTSIDE_ROOT, VIDEO_EXTENSIONS, scan_tree
 from videomoco.data.workers import process_pool
-from videomoco.flags import COUNT, CRF, POSITIVE_INT, SHARED, fail
+from videomoco.flags import COUNT, CRF, POSITIVE_INT, SHARED, config_from, defaults, fail
 
 log = logging.getLogger(__name__)
 
@@ -174,19 +174,19 @@ def run(cfg):
 
 
 def add_arguments(parser):
+    d = defaults(TranscodeConfig)
     parser.add_argument("src", help="dataset root to read")
     parser.add_argument("dst", help="where to write the re-encoded dataset (same relative layout)")
-    parser.add_argument("--short-side", type=COUNT, default=128, help="short side in pixels (0: keep)")
-    parser.add_argument("--gop", type=POSITIVE_INT, default=16, help="keyframe interval in frames")
-    parser.add_argument("--crf", type=CRF, default=23, help="x264 quality, 0-51 (lower is better)")
-    parser.add_argument(*SHARED["workers"], type=COUNT, default=None, help="processes (default or 0: all cores)")
+    parser.add_argument("--short-side", type=COUNT, default=d["short_side"], help="short side in pixels (0: keep)")
+    parser.add_argument("--gop", type=POSITIVE_INT, default=d["gop"], help="keyframe interval in frames")
+    parser.add_argument("--crf", type=CRF, default=d["crf"], help="x264 quality, 0-51 (lower is better)")
+    parser.add_argument(*SHARED["workers"], type=COUNT, default=d["workers"], help="processes (default or 0: all cores)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     parser.add_argument("--follow-symlinks", action="store_true", help="also transcode videos linked from outside SRC")
 
 
 def main(args):
-    cfg = TranscodeConfig(args.src, args.dst, args.short_side or None, args.gop, args.crf, args.workers, args.progress,
-                          args.follow_symlinks)
+    cfg = config_from(TranscodeConfig, args, short_side=args.short_side or None)
     try:
         print(run(cfg)["summary"])
     except (ValueError, OSError) as err:  # missing source, destination inside it: one line, no traceback

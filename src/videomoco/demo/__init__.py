@@ -23,7 +23,7 @@ from videomoco.data import synthetic
 from videomoco.demo import report
 from videomoco.demo.evaluate import KNN_K, evaluate, time_baselines
 from videomoco.engine.config import DEVICE
-from videomoco.flags import COUNT, POSITIVE_INT, SEED, SHARED, fail
+from videomoco.flags import COUNT, POSITIVE_INT, SEED, SHARED, config_from, fail
 from videomoco.models import list_encoders
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ def add_arguments(parser):
 
 
 def main(args):
-    cfg = DemoConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)})
+    cfg = config_from(DemoConfig, args)
     if not DEVICE.fullmatch(cfg.device):
         return fail("demo", f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if resolve_device(cfg.device).startswith("cuda") and not torch.cuda.is_available():

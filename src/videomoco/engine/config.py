@@ -15,7 +15,10 @@ import yaml
 
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, RATIO, SEED,
                              SHARED, Number)
-ARCHS = ("r3d_18", "mc3_18", "r2plus1d_18", "c3d")
+from videomoco.method.adversarial import G_GRADS, G_LOSSES
+from videomoco.method.generator import FILL_MODES
+from videomoco.method.moco import SHUFFLE_BN
+from videomoco.models import list_encoders
 
 
 class ConfigError(ValueError):
@@ -128,7 +131,7 @@ class PretrainConfig:
 # (flags, dest, help, extra argparse kwargs); order = order in --help. Every number is a `Number`, which
 # parses it and checks it against its meaning; `_check` applies the same checks to config files.
 _FLAGS = [
-    (SHARED["arch"], "arch", "encoder architecture", {"choices": ARCHS}),
+    (SHARED["arch"], "arch", "encoder architecture", {"choices": tuple(list_encoders())}),
     (SHARED["workers"], "workers", "data loading workers (total per node)", {"type": COUNT}),
     (SHARED["epochs"], "epochs", "number of total epochs to run", {"type": POSITIVE_INT}),
     (("--start_epoch",), "start_epoch", "manual epoch number (useful on restarts)", {"type": COUNT}),
@@ -159,7 +162,7 @@ _FLAGS = [
      "with an error naming the ranks behind", {"type": POSITIVE}),
     (("--shuffle_bn",), "shuffle_bn", "how key clips reach the rank that encodes them for shuffle-BN: all_to_all "
      "(each rank receives only its own) or all_gather (the authors': every rank receives all)",
-     {"choices": ("all_to_all", "all_gather")}),
+     {"choices": SHUFFLE_BN}),
     (("--bucket_mb",), "bucket_mb", "gradient all-reduce in buckets of this many MB, launched as the backward "
      "produces them (DDP's bucket_cap_mb); 0: one call per tensor after the backward", {"type": NON_NEGATIVE}),
     (SHARED["seed"], "seed", "seed (drawn at random and recorded when not given)", {"type": SEED}),
@@ -182,11 +185,11 @@ _FLAGS = [
     (("--aug_scale_min",), "aug_scale_min", "smallest crop area (fraction of the frame)", {"type": FACTOR}),
     (("--adv_start_epoch",), "adv_start_epoch", "first epoch with the adversarial generator", {"type": COUNT}),
     (("--drop_ratio",), "drop_ratio", "fraction of frames the generator drops", {"type": RATIO}),
-    (("--fill",), "fill", "what replaces dropped frames", {"choices": ("mean", "zero", "hold")}),
-    (("--g_loss",), "g_loss", "generator objective", {"choices": ("feature_l1", "contrastive")}),
+    (("--fill",), "fill", "what replaces dropped frames", {"choices": FILL_MODES}),
+    (("--g_loss",), "g_loss", "generator objective", {"choices": G_LOSSES}),
     (("--g_loss_weight",), "g_loss_weight", "weight of the generator loss", {"type": NON_NEGATIVE}),
     (("--g_grad",), "g_grad", "generator gradient: own (its loss only) or authors (its loss + D's loss, as "
-     "their train loop accumulates it)", {"choices": ("own", "authors")}),
+     "their train loop accumulates it)", {"choices": G_GRADS}),
     (("--g_lr",), "g_lr", "generator learning rate (default: --lr)", {"type": NON_NEGATIVE}),
     (("--real_query_loss",), "real_query_loss", "also train on the un-dropped query", {"action": "store_true"}),
     (("--precision",), "precision", "autocast dtype; auto: bf16 on a CUDA GPU with native bf16, else fp32",

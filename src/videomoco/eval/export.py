@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from videomoco.engine.checkpoint import CheckpointError, safe_load
+from videomoco.flags import config_from
 from videomoco.method.moco import mlp_head
 from videomoco.models import build_encoder, list_encoders
 
@@ -187,7 +188,8 @@ class ExportConfig:
 def add_arguments(parser):
     parser.add_argument("checkpoint", help="pretraining checkpoint (ours or the authors'), or any file load_encoder reads")
     parser.add_argument("--out", required=True, help="output file (.pth or .safetensors); a .json sidecar goes next to it")
-    parser.add_argument("--format", choices=["pth", "safetensors"], default="", help="default: from the --out suffix")
+    parser.add_argument("--format", choices=["pth", "safetensors"], default=ExportConfig.format,
+                        help="default: from the --out suffix")
 
 
 def run(cfg):
@@ -214,4 +216,4 @@ def run(cfg):
 def main(args):
     from videomoco.eval.common import cli_main  # common imports this module
 
-    return cli_main("export", run, ExportConfig(checkpoint=args.checkpoint, out=args.out, format=args.format))
+    return cli_main("export", run, config_from(ExportConfig, args))

@@ -27,7 +27,7 @@ from videomoco.eval import common
 from videomoco.eval.export import read_checkpoint
 from videomoco.eval.features import video_average
 from videomoco.eval.knn import knn_accuracy
-from videomoco.method.generator import FrameDropGenerator, drop_frames, random_drop
+from videomoco.method.generator import FILL_MODES, FrameDropGenerator, drop_frames, random_drop
 
 
 @dataclass
@@ -44,7 +44,7 @@ def add_arguments(parser):
     common.add_common_arguments(parser, RobustnessConfig)
     flag = partial(common.add_flag, parser, RobustnessConfig)
     flag("ratios", "fractions of frames dropped", nargs="+")
-    flag("fill", "what replaces a dropped frame", choices=["mean", "zero", "hold"])
+    flag("fill", "what replaces a dropped frame", choices=FILL_MODES)
     flag("generator", "pretraining checkpoint whose trained generator drops frames")
     flag("ks", "k values for kNN", nargs="+")
 

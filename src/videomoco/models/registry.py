@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from videomoco.flags import POSITIVE_INT
+from videomoco.flags import POSITIVE_INT, config_from
 
 _ENCODERS = {}
 
@@ -110,13 +110,14 @@ def format_table(rows):
 
 
 def add_arguments(parser):
-    parser.add_argument("--width", type=POSITIVE_INT, default=64, help="base channels (64 = the published networks)")
-    parser.add_argument("--num-classes", type=POSITIVE_INT, default=400, help="outputs of the fc head")
+    parser.add_argument("--width", type=POSITIVE_INT, default=ModelsConfig.width,
+                        help="base channels (64 = the published networks)")
+    parser.add_argument("--num-classes", type=POSITIVE_INT, default=ModelsConfig.num_classes, help="outputs of the fc head")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def main(args):
-    cfg = ModelsConfig(width=args.width, num_classes=args.num_classes, json=args.json)
+    cfg = config_from(ModelsConfig, args)
     result = run(cfg)
     if cfg.json:
         print(json.dumps({"config": asdict(cfg), **result}, indent=2))

@@ -35,7 +35,7 @@ from videomoco.engine.config import error_line, micro_batch_arg
 from videomoco.eval.export import load_encoder
 from videomoco.eval.features import extract_features
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARED,
-                             Number, fail)
+                             Number, config_from, fail)
 from videomoco.models import build_encoder
 
 log = logging.getLogger(__name__)
@@ -120,10 +120,8 @@ def add_memory_arguments(parser, cfg_cls=EvalConfig):
 
 
 def config_from_args(cfg_cls, args):
-    """Build `cfg_cls` from the parsed flags it has fields for."""
-    values = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
-    names = {f.name for f in dataclasses.fields(cfg_cls)}
-    return cfg_cls(**{k: v for k, v in values.items() if k in names})
+    """Build `cfg_cls` from the parsed flags (a Namespace or a dict) it has fields for."""
+    return config_from(cfg_cls, args if isinstance(args, argparse.Namespace) else argparse.Namespace(**args))
 
 
 def check_split(cfg):

@@ -127,6 +127,9 @@ class PretrainConfig:
     micro_batch: int | str = "auto"  # clips per micro-batch in each process; auto: planned from memory
     memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
 
+    def __post_init__(self):
+        _check(self)  # every way of making a config (flags, YAML, Python, the demo) gets the same one-line errors
+
 
 # (flags, dest, help, extra argparse kwargs); order = order in --help. Every number is a `Number`, which
 # parses it and checks it against its meaning; `_check` applies the same checks to config files.
@@ -237,6 +240,7 @@ def _long_flag(flags):
     return next(f for f in flags if f.startswith("--"))
 
 
+DATA_REQUIRED = "DATA is required (a positional argument or `data:` in --config)"
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 DIST_URL = re.compile(r"(tcp://\S+:\d+|env://|file://\S+)")
 
@@ -255,8 +259,6 @@ def _check(cfg):
                     number.check(item, _long_flag(flags))
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
-    if not cfg.data:
-        raise ConfigError("DATA is required (a positional argument or `data:` in --config)")
     if cfg.moco_k < cfg.batch_size:  # every step enqueues the keys of the whole (global) batch
         raise ConfigError(f"--moco-k {cfg.moco_k} must be at least the batch size {cfg.batch_size}")
     if cfg.g_grad == "authors" and cfg.g_loss == "contrastive":
@@ -297,6 +299,8 @@ def check_output_dir(flag, path):
 
 def check_paths(cfg):
     """What must exist and be writable before any work: DATA, --resume, --log_dir and --ckp_dir."""
+    if not cfg.data:
+        raise ConfigError(DATA_REQUIRED)
     if not Path(cfg.data).exists():
         raise ConfigError(f"DATA {cfg.data} does not exist")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
@@ -359,7 +363,10 @@ def config_from_args(args):
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     values = load_yaml(given["config"]) if given.get("config") else {}
     values.update({k: v for k, v in given.items() if k in {f.name for f in dataclasses.fields(PretrainConfig)}})
-    return _check(PretrainConfig(**values))
+    cfg = PretrainConfig(**values)  # values checked by __post_init__
+    if not cfg.data:
+        raise ConfigError(DATA_REQUIRED)
+    return cfg
 
 
 def save_config(cfg, path):

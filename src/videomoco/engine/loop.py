@@ -121,7 +121,10 @@ def train_one_epoch(run, epoch):
     sums, count, times, metrics = {}, 0, [0.0, 0.0, 0, 0.0], None  # data s, step s, clips, end of the last step
     end = time.perf_counter()
     status = "done"
+    progress = run.info.progress  # what a rank whose collective fails reports about the others
+    progress.set("waiting for data", run.step + 1)
     for i, (im_q, im_k) in enumerate(run.loader, start=start):
+        progress.set("computing", run.step + 1)
         data_time = time.perf_counter() - end
         im_q, im_k = prepare_views(im_q, im_k, run, run.trainer.micro_batches)  # (B, 3, T, H, W) float
         if i == start and cfg.image_every > 0 and epoch % cfg.image_every == 0 and adversarial:
@@ -156,6 +159,7 @@ def train_one_epoch(run, epoch):
             break
         if cfg.save_every_steps and run.step % cfg.save_every_steps == 0:
             run.save(epoch, mid_epoch=True)
+        progress.set("waiting for data", run.step + 1)
         end = time.perf_counter()
     bar.close()
     if count:

@@ -97,7 +97,7 @@ class Run:
         dev = info.device
         torch.manual_seed(cfg.seed)  # the same initial weights and queue on every rank
         self.model = VideoMoCo(cfg.arch, cfg.moco_dim, cfg.moco_k, cfg.moco_m, cfg.moco_t, cfg.mlp,
-                               cfg.temporal_decay, cfg.width, mlp_bn=cfg.mlp_bn).to(dev)
+                               cfg.temporal_decay, cfg.width, mlp_bn=cfg.mlp_bn, shuffle_bn=cfg.shuffle_bn).to(dev)
         self.generator = FrameDropGenerator(cfg.drop_ratio, cfg.fill).to(dev)
         if cfg.channels_last:
             self.model.to(memory_format=torch.channels_last_3d)
@@ -117,7 +117,7 @@ class Run:
                                 g_loss_weight=cfg.g_loss_weight, real_query_loss=cfg.real_query_loss,
                                 adv_start_epoch=cfg.adv_start_epoch, g_grad=cfg.g_grad)
         self.trainer = AdversarialTrainer(self.model, self.generator, self.opt_d, self.opt_g, adv,
-                                          AMP_DTYPES[precision], self.scaler_d, self.scaler_g)
+                                          AMP_DTYPES[precision], self.scaler_d, self.scaler_g, bucket_mb=cfg.bucket_mb)
         self.augment = GpuAugment(color_jitter=(cfg.aug_jitter,) * 3 + (cfg.aug_hue,), grayscale_p=cfg.aug_grayscale,
                                   flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus).to(dev)
         self.stop = StopFlag()
@@ -144,24 +144,36 @@ class Run:
             "rng": ck.rng_state(),
         }
 
+    def replicated(self):
+        """(name, tensor) of what every rank holds alike: the parameters of D and G, the queue, its pointer and
+        ages (not BatchNorm's running statistics, which each rank keeps for its own clips between checkpoints)."""
+        return ([(n, p) for n, p in self.model.named_parameters()]
+                + [(n, b) for n, b in self.model.named_buffers() if n.startswith("queue")]
+                + [(f"generator.{n}", p) for n, p in self.generator.named_parameters()])
+
     def save(self, epoch, mid_epoch=False):
         """Checkpoint after `epoch` epochs (+ `batch_in_epoch` batches when `mid_epoch`); rank 0 writes.
 
-        Raises `TrainingDiverged` instead of writing non-finite weights (every rank: they hold the same)."""
+        Raises `TrainingDiverged` instead of writing non-finite weights (every rank: they hold the same), and
+        `RanksDisagree` instead of writing weights or a queue that the ranks hold differently."""
+        progress = self.info.progress
+        progress.set("saving a checkpoint", self.step)
         du.sync_buffers(self.model)  # BN statistics of rank 0 everywhere (what the file will hold)
         bad = ck.nonfinite_tensors({"state_dict": self.model.state_dict(), "generator": self.generator.state_dict()})
         if bad:
             raise TrainingDiverged(f"{len(bad)} tensors of the weights are NaN/Inf at step {self.step} "
                                    f"(epoch {epoch}), e.g. {bad[0]}: not saved; "
                                    f"last good checkpoint: {self.last_checkpoint or 'none'}")
+        agreed = du.ranks_agree(self.replicated(), f"at step {self.step} (not saved)") if self.info.distributed else 0
+        name = ck.checkpoint_name(epoch, self.step if mid_epoch else None)
+        progress.set(f"writing {name}" if du.is_main_process() else "waiting for rank 0 to write", self.step)
         if du.is_main_process():
             if not self.ckp_dir_prepared:
                 self.ckp_dir_prepared = True
                 ck.prepare_ckp_dir(self.ckp_dir, self.start, self.cfg.start_epoch)
-            name = ck.checkpoint_name(epoch, self.step if mid_epoch else None)
             self.last_checkpoint = ck.save_checkpoint(self.state(epoch, mid_epoch), self.ckp_dir / name)
             ck.rotate_checkpoints(self.ckp_dir, self.cfg.keep_last, self.cfg.keep_every, protect=self.last_checkpoint)
-            log.info("saved %s", self.last_checkpoint)
+            log.info("saved %s%s", self.last_checkpoint, f" (ranks agree on {agreed} tensors)" if agreed else "")
         self.saved_step = self.step
         du.barrier()
 
@@ -294,12 +306,26 @@ def _plan_micro_batches(run, cfg, info, workers):
 
 def _worker(local_rank, cfg):
     _deterministic_environment(cfg)  # before init_distributed, which may start CUDA
-    info = du.init_distributed(cfg, local_rank)
+    try:
+        info = du.init_distributed(cfg, local_rank)
+    except du.DistributedFailure as e:
+        return _failed(str(e))
     setup_logging(info.rank)
     try:
         return _train(cfg, info)
+    except du.DistributedFailure as e:  # the ranks disagree
+        return _failed(str(e))
+    except RuntimeError as e:  # a collective timed out or lost a peer: one line, no checkpoint from this state
+        if not info.distributed or not du.is_collective_failure(e):
+            raise
+        return _failed(du.collective_error_line(e, info, cfg.dist_timeout))
     finally:
         du.cleanup()
+
+
+def _failed(message):
+    """A failing rank says why in one line on stderr (`videomoco pretrain: error: rank R: ...`) and exits 1."""
+    return {"status": "distributed_failure", "error": message, "exit_code": fail("pretrain", message, code=1)}
 
 
 def _train(cfg, info):
@@ -327,6 +353,9 @@ def _train(cfg, info):
     dataset = _build_data(run, cfg, info, workers)
     if cfg.resume:
         run.resume(cfg.resume)
+    if info.distributed:  # every rank starts from the same weights and queue (the same checkpoint, if any)
+        n = du.ranks_agree(run.replicated(), "at the start (did every rank read the same --resume checkpoint?)")
+        log.info("ranks agree on %d tensors at the start (step %d)", n, run.step)
     if cfg.resumeG:
         log.warning("--resumeG %s: the authors' MaskGenerator does not fit our FrameDropGenerator "
                     "(different architecture); continuing with a fresh generator", cfg.resumeG)
@@ -352,6 +381,7 @@ def _train(cfg, info):
     status = "done"
     try:
         for epoch in range(run.epoch, cfg.epochs):
+            info.progress.set(f"starting epoch {epoch}", run.step + 1)
             if run.stop.is_set(info.device):  # signalled during the last step of the previous epoch
                 if run.saved_step != run.step:
                     run.save(epoch)

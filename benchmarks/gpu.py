@@ -397,9 +397,9 @@ def pretrain_resume(ctx):
         return result | {"status": "timed out"}
     if codes != [0, 0, 0]:
         return result | {"status": "failed"}
-    from videomoco.engine import checkpoint as ck
+    from videomoco.engine import retention
 
-    finals = [ck.list_checkpoints(ctx.work / name / "ckp")[-1] for name in ("straight", "resumed")]
+    finals = [retention.list_checkpoints(ctx.work / name / "ckp")[-1] for name in ("straight", "resumed")]
     result.update(compare_checkpoints(*finals), checkpoints=[p.name for p in finals],
                   final_loss_d=[last_loss(ctx.work / name / "log") for name in ("straight", "resumed")])
     result["status"] = "ok" if result["equal"] and result["steps"] == [s.cli_steps] * 2 else "failed"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from videomoco.engine import checkpoint as ck
+from videomoco.engine import retention
 from videomoco.engine.checkpoint import CheckpointError
 
 
@@ -25,7 +26,7 @@ def test_save_then_load_round_trip(tmp_path):
 
 
 def test_crash_mid_write_keeps_previous_file(tmp_path, monkeypatch):
-    path = tmp_path / ck.checkpoint_name(1)
+    path = tmp_path / retention.checkpoint_name(1)
     ck.save_checkpoint({"epoch": 1, "state_dict": {"w": torch.ones(3)}}, path)
     real_save = torch.save
 
@@ -61,27 +62,27 @@ def test_load_refuses_pickled_objects(tmp_path):
 
 
 def test_latest_skips_corrupt_and_orders_steps(tmp_path):
-    for name in (ck.checkpoint_name(1), ck.checkpoint_name(2), ck.checkpoint_name(2, step=30)):
+    for name in (retention.checkpoint_name(1), retention.checkpoint_name(2), retention.checkpoint_name(2, step=30)):
         ck.save_checkpoint({"state_dict": {}, "name": name}, tmp_path / name)
-    path, ckpt = ck.latest_checkpoint(tmp_path)
-    assert path.name == ck.checkpoint_name(2, step=30) and ckpt["name"] == path.name
-    (tmp_path / ck.checkpoint_name(3)).write_bytes(b"truncated")
-    path, _ = ck.latest_checkpoint(tmp_path)
-    assert path.name == ck.checkpoint_name(2, step=30)
-    assert ck.latest_checkpoint(tmp_path / "empty") == (None, None)
+    path, ckpt = retention.latest_checkpoint(tmp_path)
+    assert path.name == retention.checkpoint_name(2, step=30) and ckpt["name"] == path.name
+    (tmp_path / retention.checkpoint_name(3)).write_bytes(b"truncated")
+    path, _ = retention.latest_checkpoint(tmp_path)
+    assert path.name == retention.checkpoint_name(2, step=30)
+    assert retention.latest_checkpoint(tmp_path / "empty") == (None, None)
 
 
 def test_rotation_keeps_last_n_and_every_m(tmp_path):
     for e in range(1, 11):
-        (tmp_path / ck.checkpoint_name(e)).write_bytes(b"x")
-    (tmp_path / ck.checkpoint_name(5, step=99)).write_bytes(b"x")  # older than epoch 10: goes
-    ck.rotate_checkpoints(tmp_path, keep_last=3, keep_every=4)
-    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [ck.checkpoint_name(e) for e in (4, 8, 9, 10)]
-    (tmp_path / ck.checkpoint_name(10, step=120)).write_bytes(b"x")
-    (tmp_path / ck.checkpoint_name(10, step=130)).write_bytes(b"x")
-    ck.rotate_checkpoints(tmp_path, keep_last=3, keep_every=4)
-    assert ck.list_checkpoints(tmp_path)[-1].name == ck.checkpoint_name(10, step=130)
-    assert not (tmp_path / ck.checkpoint_name(10, step=120)).exists()
+        (tmp_path / retention.checkpoint_name(e)).write_bytes(b"x")
+    (tmp_path / retention.checkpoint_name(5, step=99)).write_bytes(b"x")  # older than epoch 10: goes
+    retention.rotate_checkpoints(tmp_path, keep_last=3, keep_every=4)
+    assert [p.name for p in retention.list_checkpoints(tmp_path)] == [retention.checkpoint_name(e) for e in (4, 8, 9, 10)]
+    (tmp_path / retention.checkpoint_name(10, step=120)).write_bytes(b"x")
+    (tmp_path / retention.checkpoint_name(10, step=130)).write_bytes(b"x")
+    retention.rotate_checkpoints(tmp_path, keep_last=3, keep_every=4)
+    assert retention.list_checkpoints(tmp_path)[-1].name == retention.checkpoint_name(10, step=130)
+    assert not (tmp_path / retention.checkpoint_name(10, step=120)).exists()
 
 
 def test_rng_state_is_weights_only_and_restores(tmp_path):
@@ -198,28 +199,28 @@ def test_corrupt_files_name_the_real_problem(tmp_path):
 def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     # regression: a newer epoch checkpoint in --ckp_dir (a rollback) made retention delete the one just saved
     for e in (1, 5):
-        (tmp_path / ck.checkpoint_name(e)).write_bytes(b"x")
-    ck.rotate_checkpoints(tmp_path, keep_last=1, protect=tmp_path / ck.checkpoint_name(1))
-    assert [p.name for p in ck.list_checkpoints(tmp_path)] == [ck.checkpoint_name(1), ck.checkpoint_name(5)]
-    (tmp_path / ck.checkpoint_name(1, step=3)).write_bytes(b"x")  # mid-epoch, older than epoch 5
-    ck.rotate_checkpoints(tmp_path, keep_last=1, protect=tmp_path / ck.checkpoint_name(1, step=3))
-    assert (tmp_path / ck.checkpoint_name(1, step=3)).exists() and not (tmp_path / ck.checkpoint_name(1)).exists()
+        (tmp_path / retention.checkpoint_name(e)).write_bytes(b"x")
+    retention.rotate_checkpoints(tmp_path, keep_last=1, protect=tmp_path / retention.checkpoint_name(1))
+    assert [p.name for p in retention.list_checkpoints(tmp_path)] == [retention.checkpoint_name(1), retention.checkpoint_name(5)]
+    (tmp_path / retention.checkpoint_name(1, step=3)).write_bytes(b"x")  # mid-epoch, older than epoch 5
+    retention.rotate_checkpoints(tmp_path, keep_last=1, protect=tmp_path / retention.checkpoint_name(1, step=3))
+    assert (tmp_path / retention.checkpoint_name(1, step=3)).exists() and not (tmp_path / retention.checkpoint_name(1)).exists()
 
 
 def test_newer_checkpoints_are_set_aside_not_deleted(tmp_path):
-    names = [ck.checkpoint_name(1), ck.checkpoint_name(2), ck.checkpoint_name(2, step=5), ck.checkpoint_name(3)]
+    names = [retention.checkpoint_name(1), retention.checkpoint_name(2), retention.checkpoint_name(2, step=5), retention.checkpoint_name(3)]
     for name in names:
         (tmp_path / name).write_bytes(name.encode())
-    assert ck.set_aside_newer(tmp_path, (3, 6, False)) == (None, 0)  # resumed from the newest: none is newer
-    folder, n = ck.set_aside_newer(tmp_path, (2, 4, False))  # rolled back to the end of epoch 2 (step 4)
+    assert retention.set_aside_newer(tmp_path, (3, 6, False)) == (None, 0)  # resumed from the newest: none is newer
+    folder, n = retention.set_aside_newer(tmp_path, (2, 4, False))  # rolled back to the end of epoch 2 (step 4)
     assert n == 2 and folder.parent == tmp_path and folder.name.startswith("superseded-")
     assert sorted(p.name for p in folder.iterdir()) == names[2:]
-    assert [p.name for p in ck.list_checkpoints(tmp_path)] == names[:2]
-    again, n = ck.set_aside_newer(tmp_path)  # a fresh run: all of them, into another folder
+    assert [p.name for p in retention.list_checkpoints(tmp_path)] == names[:2]
+    again, n = retention.set_aside_newer(tmp_path)  # a fresh run: all of them, into another folder
     assert n == 2 and again != folder and sorted(p.name for p in again.iterdir()) == names[:2]
-    assert ck.list_checkpoints(tmp_path) == [] and len(list(folder.iterdir())) == 2
+    assert retention.list_checkpoints(tmp_path) == [] and len(list(folder.iterdir())) == 2
     (tmp_path / names[2]).write_bytes(b"x")
-    assert ck.set_aside_newer(tmp_path, (2, 5, True)) == (None, 0)  # the mid-epoch file a run resumed from
+    assert retention.set_aside_newer(tmp_path, (2, 5, True)) == (None, 0)  # the mid-epoch file a run resumed from
 
 
 def test_nonfinite_weights_are_named_and_skipped_by_latest(tmp_path, caplog):
@@ -229,10 +230,10 @@ def test_nonfinite_weights_are_named_and_skipped_by_latest(tmp_path, caplog):
     bad = {"state_dict": {"a": torch.tensor([1.0, float("nan")]), "b": torch.ones(1)},
            "generator": {"w": torch.tensor([float("inf")])}}
     assert ck.nonfinite_tensors(bad) == ["a", "generator.w"]
-    ck.save_checkpoint(good, tmp_path / ck.checkpoint_name(1))
-    ck.save_checkpoint(bad, tmp_path / ck.checkpoint_name(2))
-    path, _ = ck.latest_checkpoint(tmp_path)
-    assert path.name == ck.checkpoint_name(1)
+    ck.save_checkpoint(good, tmp_path / retention.checkpoint_name(1))
+    ck.save_checkpoint(bad, tmp_path / retention.checkpoint_name(2))
+    path, _ = retention.latest_checkpoint(tmp_path)
+    assert path.name == retention.checkpoint_name(1)
     assert any("2 tensors of its weights are NaN/Inf, e.g. a" in r.getMessage() for r in caplog.records)
 
 
@@ -240,8 +241,8 @@ def test_temp_files_of_killed_writes_are_removed(tmp_path, monkeypatch):
     replaced = []
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append(Path(a).name), real_replace(a, b)))
-    ck.save_checkpoint({"state_dict": {}}, tmp_path / ck.checkpoint_name(1))
-    assert replaced[0].startswith(f".{ck.checkpoint_name(1)}.{os.getpid()}.")  # the writer's pid in the name
+    ck.save_checkpoint({"state_dict": {}}, tmp_path / retention.checkpoint_name(1))
+    assert replaced[0].startswith(f".{retention.checkpoint_name(1)}.{os.getpid()}.")  # the writer's pid in the name
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     stale = [f".checkpoint_0002.pth.tar.{dead}.abc_123.tmp", f".checkpoint_0002.pth.tar.{os.getpid()}.x1.tmp",
@@ -249,12 +250,12 @@ def test_temp_files_of_killed_writes_are_removed(tmp_path, monkeypatch):
     live = [f".checkpoint_0004.pth.tar.{os.getppid()}.q9.tmp", ".other.tmp"]  # a live writer, not ours
     for name in stale + live:
         (tmp_path / name).write_bytes(b"x")
-    assert ck.remove_stale_temp_files(tmp_path) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + [ck.checkpoint_name(1)])
+    assert retention.remove_stale_temp_files(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(live + [retention.checkpoint_name(1)])
 
 
 def test_deflate_bomb_is_refused_before_torch_load(tmp_path, monkeypatch):
-    from videomoco.eval.export import read_checkpoint
+    from videomoco.engine.checkpoint import read_checkpoint
 
     torch.save({"state_dict": {"w": torch.zeros(4)}}, tmp_path / "c.pth")
     bomb = tmp_path / "bomb.pth"

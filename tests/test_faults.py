@@ -22,6 +22,7 @@ import torch
 from videomoco.data.encode import write_video
 from videomoco.data.index import open_index
 from videomoco.engine import checkpoint as ck
+from videomoco.engine import retention
 from videomoco.method import FrameDropGenerator, VideoMoCo
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -175,8 +176,8 @@ def uninterrupted(videos, tmp_path_factory):
 
 def assert_same_end(a, b):
     """The same checkpoints at the end, the last one bitwise the same (D and G, the queue, BN statistics)."""
-    names = [p.name for p in ck.list_checkpoints(a / "ckp")]
-    assert names == [p.name for p in ck.list_checkpoints(b / "ckp")] == [ck.checkpoint_name(e) for e in (1, 2, 3)]
+    names = [p.name for p in retention.list_checkpoints(a / "ckp")]
+    assert names == [p.name for p in retention.list_checkpoints(b / "ckp")] == [retention.checkpoint_name(e) for e in (1, 2, 3)]
     last = [ck.load_checkpoint(o / "ckp" / names[-1]) for o in (a, b)]
     assert last[0]["step"] == last[1]["step"] == 6
     for part in ("state_dict", "generator"):
@@ -188,14 +189,14 @@ def assert_same_end(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("fault, resumed, failure", [
     # rank 1 dies in step 4's first backward; rank 0's collective fails at once
-    ("1:kill_in_backward:5", ck.checkpoint_name(1, step=3),
+    ("1:kill_in_backward:5", retention.checkpoint_name(1, step=3),
      r"rank 0: a collective failed at step 4 \(computing\) \(.*by peer"),
     # rank 0 dies writing the checkpoint of step 3, half of it in the temp file; rank 1 waits at the barrier
-    ("0:kill_while_saving:3", ck.checkpoint_name(1),
+    ("0:kill_while_saving:3", retention.checkpoint_name(1),
      r"rank 1: a collective failed at step 3 \(waiting for rank 0 to write\) \(.*by peer"),
     # rank 1 dies fetching step 4's batch while rank 0 takes 5 s over its own: torchrun's SIGTERM reaches rank 0
     # first, which finds out at its next collective
-    ("1:kill_in_data:4,0:slow_data:4", ck.checkpoint_name(1, step=3),
+    ("1:kill_in_data:4,0:slow_data:4", retention.checkpoint_name(1, step=3),
      r"rank 0: a collective failed at step 4 \(computing\) \(.*by peer.*; rank 1 is behind, "
      r"at step 4 \(waiting for data\)"),
 ], ids=["rank-killed-mid-step", "rank0-killed-writing", "sigterm-after-peer-died"])
@@ -240,8 +241,8 @@ def test_a_stuck_rank_is_named_by_the_one_that_times_out(videos, tmp_path):
     assert errors(output) == ["videomoco pretrain: error: rank 0: a collective waited more than 10 s (--dist_timeout) "
                               "at step 3 (computing); rank 1 is behind, at step 3 (waiting for data)"]
     assert "Traceback" not in output
-    assert [p.name for p in ck.list_checkpoints(tmp_path / "ckp")] == [ck.checkpoint_name(1)]  # nothing after step 2
-    assert ck.latest_checkpoint(tmp_path / "ckp")[1]["step"] == 2
+    assert [p.name for p in retention.list_checkpoints(tmp_path / "ckp")] == [retention.checkpoint_name(1)]  # nothing after step 2
+    assert retention.latest_checkpoint(tmp_path / "ckp")[1]["step"] == 2
 
 
 @pytest.mark.slow
@@ -272,6 +273,6 @@ def test_two_torchrun_nodes_agree(videos, tmp_path):
     n = replicated_count()
     assert output.count(f"(ranks agree on {n} tensors)") == 6  # every checkpoint: 3 epochs, 3 mid-epoch steps
     assert f"ranks agree on {n} tensors at the start (step 0)" in output
-    ckpt = ck.load_checkpoint(tmp_path / "ckp" / ck.checkpoint_name(3))
+    ckpt = ck.load_checkpoint(tmp_path / "ckp" / retention.checkpoint_name(3))
     assert ckpt["step"] == 6 and int(ckpt["state_dict"]["queue_ptr"]) == 6 * 4 % 32
     print(f"two nodes: {seconds:.1f} s")

@@ -20,6 +20,7 @@ import yaml
 from videomoco import cli
 from videomoco.data.encode import write_video
 from videomoco.engine import checkpoint as ck
+from videomoco.engine import retention
 from videomoco.engine import pretrain
 from videomoco.method import VideoMoCo
 
@@ -75,7 +76,7 @@ def test_end_to_end_plain_then_adversarial(reference):
     assert all(r["loss_g"] != 0 and r["drop_fraction"] == 0.25 for r in rows[2:])  # the generator in epoch 1
     assert all(r["loss_d"] > 0 and r["clips_per_s"] > 0 and r["lr"] == 0.03 for r in rows)
     assert rows[-1]["queue_age_max"] == 4  # 4 steps of 4 keys into K=32: the first keys are 4 enqueues old
-    assert [p.name for p in ck.list_checkpoints(reference / "ckp")] == ["checkpoint_0001.pth.tar",
+    assert [p.name for p in retention.list_checkpoints(reference / "ckp")] == ["checkpoint_0001.pth.tar",
                                                                       "checkpoint_0002.pth.tar"]
     ckpt = ck.load_checkpoint(reference / "ckp" / "checkpoint_0002.pth.tar")
     assert (ckpt["format"], ckpt["epoch"], ckpt["step"], ckpt["arch"]) == ("videomoco", 2, 4, "r3d_18")
@@ -104,8 +105,8 @@ def test_resume_is_exact(videos, reference, tmp_path, stop_step, workers):
     """Stopping (at the epoch boundary, or mid-epoch with 2 workers) and resuming gives bitwise the same run."""
     args = ("--epochs", "2", "--adv_start_epoch", "1", "-j", workers)
     assert cli_run(videos, tmp_path, *args, "--max_steps", str(stop_step)) == 0
-    names = [p.name for p in ck.list_checkpoints(tmp_path / "ckp")]
-    assert names[-1] == ck.checkpoint_name(1, step=3 if stop_step == 3 else None)
+    names = [p.name for p in retention.list_checkpoints(tmp_path / "ckp")]
+    assert names[-1] == retention.checkpoint_name(1, step=3 if stop_step == 3 else None)
     assert cli_run(videos, tmp_path, *args, "--resume", "auto") == 0
     _assert_same_run(reference, tmp_path)
 
@@ -122,7 +123,7 @@ def test_sigterm_saves_and_exits_zero(videos, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-2000:]
     assert "received SIGTERM" in output
-    path, ckpt = ck.latest_checkpoint(tmp_path / "ckp")
+    path, ckpt = retention.latest_checkpoint(tmp_path / "ckp")
     assert path is not None, output[-2000:]  # mid-epoch, or the epoch's end when the signal hit its last step
     assert ckpt["step"] >= 1 and ckpt["sampler"]["position"] == ckpt["batch_in_epoch"] * 4
     assert ckpt["step"] == 2 * ckpt["epoch"] + ckpt["batch_in_epoch"]
@@ -175,7 +176,7 @@ def test_authors_command_verbatim(videos, tmp_path):
     assert "resumed" in proc.stderr or "authors' checkpoint" in proc.stderr
     assert "data workers per process" in proc.stderr  # -j 128 clamped, said in one line
     assert "--moco-k 65536 is 8192.0x the 8 videos" in proc.stderr  # their queue on a tiny set: warned
-    ckpt = ck.load_checkpoint(tmp_path / "C" / ck.checkpoint_name(100, step=1))
+    ckpt = ck.load_checkpoint(tmp_path / "C" / retention.checkpoint_name(100, step=1))
     assert ckpt["arch"] == "r2plus1d_18" and ckpt["config"]["lr"] == 0.005 and ckpt["sampler"]["position"] == 4
 
 
@@ -210,7 +211,7 @@ def test_bf16_channels_last_and_fp16(videos, tmp_path):
                        "--max_steps", "1") == 0
         row = metrics(out)[-1]
         assert torch.isfinite(torch.tensor([row["loss_d"], row["loss_g"]])).all() and row["loss_g"] != 0
-    ckpt = ck.load_checkpoint(tmp_path / "fp16" / "ckp" / ck.checkpoint_name(0, step=1))
+    ckpt = ck.load_checkpoint(tmp_path / "fp16" / "ckp" / retention.checkpoint_name(0, step=1))
     assert ckpt["scaler"]["d"]["scale"] > 0
 
 
@@ -243,7 +244,7 @@ def test_two_processes(videos, tmp_path, launcher):
 @pytest.mark.slow
 def test_compile_path(videos, tmp_path):
     assert cli_run(videos, tmp_path, "--compile", "--max_steps", "1", "--adv_start_epoch", "0") == 0
-    ckpt = ck.load_checkpoint(tmp_path / "ckp" / ck.checkpoint_name(0, step=1))
+    ckpt = ck.load_checkpoint(tmp_path / "ckp" / retention.checkpoint_name(0, step=1))
     assert not any("_orig_mod" in k for k in ckpt["state_dict"])  # Module.compile keeps the keys
 
 
@@ -350,7 +351,7 @@ def test_authors_command_plans_micro_batches(videos, tmp_path):
     budget = plan["reserve_bytes"] + int(estimate.peak(3, 4) / (1 - MARGIN))
     log, plan = train("capped", "--memory_budget", str(budget))
     assert "2 micro-batches of 2" in log and plan["micro_batches"] == 2, log[-1500:]
-    ckpt = ck.load_checkpoint(tmp_path / "capped" / "C" / ck.checkpoint_name(100, step=1))
+    ckpt = ck.load_checkpoint(tmp_path / "capped" / "C" / retention.checkpoint_name(100, step=1))
     assert ckpt["step"] == 1 and ckpt["sampler"]["position"] == 4
 
 
@@ -369,7 +370,7 @@ def test_grad_checkpointing_trains_the_same_model(videos, tmp_path):
     args = ("--adv_start_epoch", "0", "--max_steps", "2")
     assert cli_run(videos, tmp_path / "plain", *args) == 0
     assert cli_run(videos, tmp_path / "ckpt", *args, "--grad_checkpointing") == 0
-    a, b = (ck.load_checkpoint(tmp_path / o / "ckp" / ck.checkpoint_name(1)) for o in ("plain", "ckpt"))
+    a, b = (ck.load_checkpoint(tmp_path / o / "ckp" / retention.checkpoint_name(1)) for o in ("plain", "ckpt"))
     for part in ("state_dict", "generator"):
         for key, value in a[part].items():
             torch.testing.assert_close(value, b[part][key], rtol=0, atol=1e-5, msg=f"{part}.{key}")
@@ -485,16 +486,16 @@ def test_a_rollback_or_a_fresh_run_keeps_its_checkpoints_and_sets_older_runs_asi
     import shutil
 
     shutil.copytree(reference / "ckp", tmp_path / "ckp")  # checkpoint_0001, checkpoint_0002
-    first = tmp_path / "ckp" / ck.checkpoint_name(1)
+    first = tmp_path / "ckp" / retention.checkpoint_name(1)
     assert cli_run(videos, tmp_path, "--epochs", "2", "--resume", str(first), "--max_steps", "3") == 0
-    assert [p.name for p in ck.list_checkpoints(tmp_path / "ckp")] == [first.name, ck.checkpoint_name(1, step=3)]
+    assert [p.name for p in retention.list_checkpoints(tmp_path / "ckp")] == [first.name, retention.checkpoint_name(1, step=3)]
     (aside,) = (tmp_path / "ckp").glob("superseded-*")
-    assert [p.name for p in aside.iterdir()] == [ck.checkpoint_name(2)]  # moved, not deleted
+    assert [p.name for p in aside.iterdir()] == [retention.checkpoint_name(2)]  # moved, not deleted
     assert any(f"holds 1 checkpoints newer than this run's start (epoch 1, step 2): moved to {aside}/" in r.getMessage()
                for r in caplog.records)
-    assert ck.latest_checkpoint(tmp_path / "ckp")[0].name == ck.checkpoint_name(1, step=3)  # --resume auto
+    assert retention.latest_checkpoint(tmp_path / "ckp")[0].name == retention.checkpoint_name(1, step=3)  # --resume auto
     assert cli_run(videos, tmp_path, "--epochs", "1", "--max_steps", "1") == 0  # a fresh run into the same dir
-    assert [p.name for p in ck.list_checkpoints(tmp_path / "ckp")] == [ck.checkpoint_name(0, step=1)]
+    assert [p.name for p in retention.list_checkpoints(tmp_path / "ckp")] == [retention.checkpoint_name(0, step=1)]
     assert len(list((tmp_path / "ckp").glob("superseded-*/checkpoint_*"))) == 3
 
 
@@ -514,7 +515,7 @@ def test_nonfinite_weights_are_never_saved(videos, tmp_path, monkeypatch, caplog
 
     monkeypatch.setattr(AdversarialTrainer, "step", step)
     assert cli_run(videos, tmp_path, "--epochs", "1", "--micro_batch", "4") == 1  # 4: no probe steps
-    assert ck.list_checkpoints(tmp_path / "ckp") == []
+    assert retention.list_checkpoints(tmp_path / "ckp") == []
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert errors == ["1 tensors of the weights are NaN/Inf at step 2 (epoch 1), e.g. encoder_q.fc.weight: not saved; "
                       "last good checkpoint: none"]

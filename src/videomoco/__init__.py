@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def load_encoder(path, **kwargs):
-    """Load a query encoder from any supported checkpoint format (see `videomoco.eval.export`)."""
-    from videomoco.eval.export import load_encoder as _load
+    """Load a query encoder from any supported checkpoint format (see `videomoco.engine.checkpoint`)."""
+    from videomoco.engine.checkpoint import load_encoder as _load
 
     return _load(path, **kwargs)

@@ -1,52 +1,42 @@
-"""Checkpoints: atomic save, safe load (`weights_only=True`), the authors' format, rotation, RNG state.
+"""Checkpoint files, every format: atomic save, one safe reader (`weights_only=True` or safetensors, one
+error type), the pretraining and fine-tuning states, the authors' format, and `load_encoder`.
 
-Names (in `--ckp_dir`):
-- `checkpoint_{E:04d}.pth.tar`: after E completed epochs (`ckpt["epoch"] == E`, the epoch to start from).
-  The authors name theirs after the 0-based index of the last epoch (their `checkpoint_0099` holds epoch 100).
-- `checkpoint_{E:04d}_step{S:08d}.pth.tar`: mid-epoch (E epochs done, global step S), from
-  `--save_every_steps` or a SIGTERM/SIGINT; only the newest is kept.
-- `superseded-<time>/`: the checkpoints newer than where a run started (a rollback, or a fresh run), set aside.
-- `.checkpoint_*.pth.tar.<pid>.<random>.tmp`: a write in progress (or killed: the next run removes it).
+Accepted files (always read with `torch.load(weights_only=True)` or safetensors):
+
+    ours, pretraining     {"format": "videomoco", "arch", "config": {"width", ...}, "state_dict": {"encoder_q.*", ...}}
+    ours, exported        torchvision-key state_dict (.pth or .safetensors) + optional JSON sidecar FILE.json
+    authors', pretraining {"epoch", "arch", "state_dict": {"module.encoder_q.*", "module.encoder_k.*", "module.queue", ...}}
+    authors', eval.py     {"epoch", "arch", "state_dict": {"module.<torchvision key>", ...}, "best_acc1", "optimizer"}
+    torchvision           the raw state_dict, e.g. r2plus1d_18-91a641e6.pth
+    ours, fine-tuned      {"format": "videomoco-finetune", "epoch", "arch", "width", "num_classes", "state_dict", "optimizer"}
+
+The rule is the authors' eval.py one: strip `module.`, keep `encoder_q.*` when present and strip that too.
+The arch comes from the file, or else from the key/shape signature; the width from the shapes.
+
+Which files a run keeps in `--ckp_dir`, and their names: `videomoco.engine.retention`.
 """
 
+import json
 import logging
 import os
 import random
 import re
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from videomoco.data.workers import pid_alive
+from videomoco.method.moco import mlp_head
+from videomoco.models import build_encoder, list_encoders
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^checkpoint_(\d{4,})(?:_step(\d+))?\.pth\.tar$")
-_TEMP = re.compile(r"^\.checkpoint_.*\.pth\.tar\.(?:(\d+)\.)?\w+\.tmp$")  # older temp names have no pid
 
-
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model (one-line message)."""
-
-
-def checkpoint_name(epoch, step=None):
-    return f"checkpoint_{epoch:04d}.pth.tar" if step is None else f"checkpoint_{epoch:04d}_step{step:08d}.pth.tar"
-
-
-def _order(path):
-    """Sort key, oldest first: a mid-epoch checkpoint of epoch E is newer than the end of epoch E."""
-    m = _NAME.match(path.name)
-    return (int(m.group(1)), m.group(2) is not None, int(m.group(2) or 0))
-
-
-def list_checkpoints(ckp_dir):
-    """Our checkpoint files in `ckp_dir`, oldest first."""
-    d = Path(ckp_dir)
-    return sorted((p for p in d.glob("checkpoint_*.pth.tar") if _NAME.match(p.name)), key=_order) if d.is_dir() else []
 
 
 def save_checkpoint(state, path):
@@ -142,6 +132,14 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def finetune_state(model, optimizer, epoch, num_classes, classes=None):
+    """The fine-tuning checkpoint after `epoch` epochs: the whole classifier (`load_encoder` reads it with its
+    head), its optimiser, and what `--resume` checks (arch, width, the class count and names)."""
+    return {"format": "videomoco-finetune", "epoch": epoch, "arch": model.arch, "width": model.width,
+            "num_classes": num_classes, "classes": list(classes or []), "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict()}
+
+
 def nonfinite_tensors(ckpt):
     """Names of the floating tensors with a NaN or Inf in `ckpt["state_dict"]` and `ckpt["generator"]`
     (prefixed `generator.`): the weights of a diverged run."""
@@ -150,88 +148,6 @@ def nonfinite_tensors(ckpt):
              if torch.is_tensor(v) and v.is_floating_point()]
     finite = torch.stack([torch.isfinite(v).all() for _, v in named]).tolist() if named else []  # one host sync
     return [name for (name, _), ok in zip(named, finite) if not ok]
-
-
-def latest_checkpoint(ckp_dir, map_location="cpu"):
-    """(path, checkpoint) of the newest good checkpoint in `ckp_dir`, skipping (with a warning) unreadable
-    ones and those with non-finite weights; or (None, None)."""
-    for path in reversed(list_checkpoints(ckp_dir)):
-        try:
-            ckpt = load_checkpoint(path, map_location)
-        except CheckpointError as e:
-            log.warning("skipping %s", e)
-            continue
-        bad = nonfinite_tensors(ckpt)
-        if not bad:
-            return path, ckpt
-        log.warning("skipping checkpoint %s: %d tensors of its weights are NaN/Inf, e.g. %s", path, len(bad), bad[0])
-    return None, None
-
-
-def set_aside_newer(ckp_dir, start=None):
-    """Move the checkpoints newer than a run's start into `ckp_dir/superseded-<time>/` (never deleted), so that
-    `--resume auto` (which reads only the top level) continues this run and rotation spares its files.
-
-    `start`: (epoch, step, mid_epoch) of the checkpoint the run started from; None for a fresh run (all are
-    newer). Returns (folder or None, how many were moved).
-    """
-    if start is not None:
-        epoch, step, mid_epoch = start
-        start = (epoch, bool(mid_epoch), step if mid_epoch else 0)  # as `_order` sorts names
-    newer = [p for p in list_checkpoints(ckp_dir) if start is None or _order(p) > start]
-    if not newer:
-        return None, 0
-    base = Path(ckp_dir) / f"superseded-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder, n = base, 1
-    while folder.exists():  # two runs started within a second
-        n += 1
-        folder = base.with_name(f"{base.name}-{n}")
-    folder.mkdir()
-    for p in newer:
-        os.replace(p, folder / p.name)
-    return folder, len(newer)
-
-
-def remove_stale_temp_files(ckp_dir):
-    """Delete the temp files of killed checkpoint writes: their writer's pid is gone (or is this process,
-    which is not writing). Returns how many."""
-    removed = 0
-    for p in Path(ckp_dir).glob(".checkpoint_*.tmp"):
-        m = _TEMP.match(p.name)
-        if m and (m.group(1) is None or int(m.group(1)) == os.getpid() or not pid_alive(int(m.group(1)))):
-            p.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def prepare_ckp_dir(ckp_dir, start=None, start_epoch=0):
-    """Before a run's first save: remove killed writes' temp files and `set_aside_newer` (a fresh run starts
-    at `start_epoch`, step 0), logging each."""
-    removed = remove_stale_temp_files(ckp_dir)
-    if removed:
-        log.info("removed %d temp files of killed checkpoint writes from %s", removed, ckp_dir)
-    folder, n = set_aside_newer(ckp_dir, start)
-    if n:
-        epoch, step = start[:2] if start else (start_epoch, 0)
-        log.info("--ckp_dir %s holds %d checkpoints newer than this run's start (epoch %d, step %d): moved to %s/ "
-                 "so that --resume auto continues this run", ckp_dir, n, epoch, step, folder)
-
-
-def rotate_checkpoints(ckp_dir, keep_last=20, keep_every=0, protect=None):
-    """Delete old checkpoints: keep the newest `keep_last` epoch checkpoints, every `keep_every`-th
-    epoch, only the newest mid-epoch checkpoint if it is newer than the newest epoch checkpoint, and
-    always `protect` (the checkpoint just written)."""
-    paths = list_checkpoints(ckp_dir)
-    epochs = [p for p in paths if _NAME.match(p.name).group(2) is None]
-    steps = [p for p in paths if _NAME.match(p.name).group(2) is not None]
-    keep = set(epochs[-keep_last:]) if keep_last > 0 else set(epochs)
-    keep |= {p for p in epochs if keep_every > 0 and int(_NAME.match(p.name).group(1)) % keep_every == 0}
-    if steps and (not epochs or _order(steps[-1]) > _order(epochs[-1])):
-        keep.add(steps[-1])
-    keep |= {p for p in paths if protect is not None and p.name == Path(protect).name}
-    for p in paths:
-        if p not in keep:
-            p.unlink(missing_ok=True)
 
 
 # --- the model state dict: ours, the authors', mismatches ---
@@ -328,3 +244,151 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and _cuda_in_use():
         _set_cuda_rng_state(state["cuda"])
+
+
+# --- the query encoder of any checkpoint ---
+
+def read_checkpoint(path):
+    """The raw object of a `.pth`/`.pth.tar`/`.safetensors` file (a dict), read without unpickling code:
+    the one reader of every format. `FileNotFoundError` if there is no file, else `CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {"state_dict": {k: f.get_tensor(k) for k in f.keys()}, **(f.metadata() or {})}
+    return safe_load(path)  # weights_only=True, deflate bombs refused
+
+
+def encoder_state(path):
+    """`(state_dict with torchvision keys incl. fc.* when stored, info dict)` of the query encoder in `path`.
+
+    `info` holds what the file says: `arch`, `width`, `format` (videomoco / export / authors / torchvision).
+    """
+    obj = read_checkpoint(path)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a checkpoint dict (got {type(obj).__name__})")
+    info = {}
+    if isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+        config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+        info.update({k: config[k] for k in ("width", "dim", "mlp") if k in config})
+        for key in ("arch", "width", "format", "feature_dim"):
+            if isinstance(obj.get(key), (str, int)):
+                info[key] = obj[key]
+        info.setdefault("format", "authors")
+    else:  # a bare state_dict: ours (exported, with its sidecar) or torchvision's
+        sidecar = Path(path).with_suffix(".json")
+        if sidecar.is_file():
+            info.update(json.loads(sidecar.read_text()))
+        sd, info["format"] = obj, info.get("format", "torchvision")
+    sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
+    if any(k.startswith("encoder_q.") for k in sd):
+        sd = {k[len("encoder_q.") :]: v for k, v in sd.items() if k.startswith("encoder_q.")}
+    if not sd:
+        raise CheckpointError(f"{path}: no encoder weights found")
+    for key in ("width", "feature_dim"):
+        if key in info:
+            info[key] = int(info[key])
+    return sd, info
+
+
+def _reference(arch, width):
+    """Shapes of the backbone (no fc) of `arch` at `width`, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_encoder(arch, num_classes=1, width=width)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
+
+
+def _infer_width(arch, sd):
+    """The width whose stage-1 channel count the checkpoint has (the first tensor with 64 rows at width 64)."""
+    for key, shape in _reference(arch, 64).items():
+        if len(shape) >= 1 and shape[0] == 64 and key in sd:
+            return int(sd[key].shape[0])
+    return None
+
+
+def _mismatch(arch, width, sd):
+    """None if the backbone keys and shapes of `sd` are those of `arch` at `width`, else a one-line reason."""
+    ref = _reference(arch, width)
+    backbone = {k: tuple(v.shape) for k, v in sd.items() if not k.startswith("fc.")}
+    missing = [k for k in ref if k not in backbone]
+    unexpected = [k for k in backbone if k not in ref]
+    if missing or unexpected:
+        return f"{len(missing)} missing keys (e.g. {missing[:1]}), {len(unexpected)} unexpected (e.g. {unexpected[:1]})"
+    for k, shape in ref.items():
+        if backbone[k] != shape:
+            return f"{k} has shape {list(backbone[k])}, {arch} width {width} expects {list(shape)}"
+    return None
+
+
+def _infer_arch(sd):
+    """The registered encoder whose backbone signature matches `sd`, with its width."""
+    matches = []
+    for arch in list_encoders():
+        width = _infer_width(arch, sd)
+        if width and _mismatch(arch, width, sd) is None:
+            matches.append((arch, width))
+    if len(matches) != 1:
+        found = "no" if not matches else "several"
+        raise CheckpointError(f"cannot tell the architecture from the weights ({found} registered encoder matches); pass arch=")
+    return matches[0]
+
+
+def _head(sd):
+    """The pretraining / fine-tuning head stored under `fc.*`: Linear, MLP (fc.0, fc.2), MLP with
+    BatchNorm (fc.0, fc.1, fc.3, fc.4; `mlp_head(bn=True)`) or None."""
+    if "fc.weight" in sd:
+        out_dim, in_dim = sd["fc.weight"].shape
+        return nn.Linear(in_dim, out_dim), {k[len("fc.") :]: sd[k] for k in ("fc.weight", "fc.bias")}
+    if "fc.0.weight" in sd and "fc.3.weight" in sd:
+        hidden, in_dim = sd["fc.0.weight"].shape
+        head = mlp_head(nn.Linear(hidden, sd["fc.3.weight"].shape[0]), bn=True)
+        return head, {k[len("fc.") :]: v for k, v in sd.items() if k.startswith("fc.")}
+    if "fc.0.weight" in sd and "fc.2.weight" in sd:
+        hidden, in_dim = sd["fc.0.weight"].shape
+        head = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, sd["fc.2.weight"].shape[0]))
+        return head, {k[len("fc.") :]: v for k, v in sd.items() if k.startswith("fc.")}
+    return None, None
+
+
+def load_encoder(path, arch=None, width=None, num_classes=None):
+    """The query encoder stored in `path`, ready for `forward_features(x (B, 3, T, H, W)) -> (B, feature_dim)`.
+
+    `fc` is the head stored in the file (the pretraining projection, Linear or MLP; a fine-tuned classifier),
+    or `nn.Identity()` when the file has none. `num_classes=N` replaces it by a fresh `nn.Linear(feature_dim, N)`
+    (N(0, 0.01) weights, zero bias, as the authors' eval.py). Raises `ValueError` on any arch/width/key mismatch.
+    """
+    sd, info = encoder_state(path)
+    stored_arch, stored_width = info.get("arch"), info.get("width")
+    if arch and stored_arch and arch != stored_arch:
+        raise CheckpointError(f"{path} holds a {stored_arch} encoder, not {arch}")
+    if width and stored_width and width != stored_width:
+        raise CheckpointError(f"{path} holds a width-{stored_width} encoder, not width {width}")
+    arch = arch or stored_arch
+    if arch is None:
+        arch, inferred = _infer_arch(sd)
+        width = width or stored_width or inferred
+    elif arch not in list_encoders():
+        raise CheckpointError(f"{path}: unknown architecture {arch!r}; known: {', '.join(list_encoders())}")
+    width = width or stored_width or _infer_width(arch, sd) or 64
+    reason = _mismatch(arch, width, sd)
+    if reason:
+        raise CheckpointError(f"{path} does not match {arch} (width {width}): {reason}")
+
+    model = build_encoder(arch, num_classes=1, width=width)
+    model.fc = nn.Identity()
+    model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("fc.")}, strict=True)
+    if num_classes is not None:
+        model.fc = nn.Linear(model.feature_dim, num_classes)
+        nn.init.normal_(model.fc.weight, 0.0, 0.01)
+        nn.init.zeros_(model.fc.bias)
+    else:
+        head, head_sd = _head(sd)
+        if head is not None:
+            head.load_state_dict(head_sd)
+            model.fc = head
+    model.arch, model.width = arch, width
+    return model

@@ -17,6 +17,7 @@ import torch
 
 from videomoco.data.datasets import DataFailureError, set_epoch
 from videomoco.engine import checkpoint as ck
+from videomoco.engine import retention
 from videomoco.engine import distributed as du
 from videomoco.engine import memory
 from videomoco.engine.config import ConfigError, PretrainConfig, check_paths, config_from_args, error_line, save_config
@@ -165,14 +166,14 @@ class Run:
                                    f"(epoch {epoch}), e.g. {bad[0]}: not saved; "
                                    f"last good checkpoint: {self.last_checkpoint or 'none'}")
         agreed = du.ranks_agree(self.replicated(), f"at step {self.step} (not saved)") if self.info.distributed else 0
-        name = ck.checkpoint_name(epoch, self.step if mid_epoch else None)
+        name = retention.checkpoint_name(epoch, self.step if mid_epoch else None)
         progress.set(f"writing {name}" if du.is_main_process() else "waiting for rank 0 to write", self.step)
         if du.is_main_process():
             if not self.ckp_dir_prepared:
                 self.ckp_dir_prepared = True
-                ck.prepare_ckp_dir(self.ckp_dir, self.start, self.cfg.start_epoch)
+                retention.prepare_ckp_dir(self.ckp_dir, self.start, self.cfg.start_epoch)
             self.last_checkpoint = ck.save_checkpoint(self.state(epoch, mid_epoch), self.ckp_dir / name)
-            ck.rotate_checkpoints(self.ckp_dir, self.cfg.keep_last, self.cfg.keep_every, protect=self.last_checkpoint)
+            retention.rotate_checkpoints(self.ckp_dir, self.cfg.keep_last, self.cfg.keep_every, protect=self.last_checkpoint)
             log.info("saved %s%s", self.last_checkpoint, f" (ranks agree on {agreed} tensors)" if agreed else "")
         self.saved_step = self.step
         du.barrier()
@@ -181,7 +182,7 @@ class Run:
         """Load our checkpoint (everything) or the authors' (model weights and epoch)."""
         cfg = self.cfg
         if path == "auto":
-            path, ckpt = ck.latest_checkpoint(self.ckp_dir)
+            path, ckpt = retention.latest_checkpoint(self.ckp_dir)
             if path is None:
                 log.info("--resume auto: no checkpoint in %s, starting from scratch", self.ckp_dir)
                 return
@@ -214,7 +215,7 @@ class Run:
 def _resolve_seed(cfg, info):
     """A seed shared by all ranks: --seed, else the resumed run's, else drawn on rank 0."""
     if cfg.seed is None and cfg.resume:
-        path = ck.latest_checkpoint(cfg.ckp_dir)[0] if cfg.resume == "auto" else cfg.resume
+        path = retention.latest_checkpoint(cfg.ckp_dir)[0] if cfg.resume == "auto" else cfg.resume
         if path is not None:
             try:
                 cfg.seed = ck.load_checkpoint(path).get("config", {}).get("seed")

@@ -29,10 +29,9 @@ from torch.utils.data import DataLoader
 from videomoco.data.datasets import DataFailureError, LabeledDataset
 from videomoco.data.decode import VideoError
 from videomoco.data.index import open_index
-from videomoco.engine.checkpoint import CheckpointError
+from videomoco.engine.checkpoint import CheckpointError, load_encoder
 from videomoco.engine import memory
 from videomoco.engine.config import error_line, micro_batch_arg
-from videomoco.eval.export import load_encoder
 from videomoco.eval.features import extract_features
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARED,
                              Number, config_from, fail)

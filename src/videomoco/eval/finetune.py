@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 
 from videomoco.data.augment import normalize
 from videomoco.data.datasets import build_loader, set_epoch
-from videomoco.engine.checkpoint import load_checkpoint, save_checkpoint
+from videomoco.engine.checkpoint import finetune_state, load_checkpoint, save_checkpoint
 from videomoco.engine.schedule import learning_rate
 from videomoco.eval import common
 from videomoco.eval.features import confusion_matrix, per_class_accuracy, topk_accuracy, video_scores
@@ -189,9 +189,7 @@ def run(cfg):
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
             record.update(evaluate(cfg, model, num_classes)[0])
         history.append(record)
-        save_checkpoint({"format": "videomoco-finetune", "epoch": epoch + 1, "arch": model.arch,
-                         "width": model.width, "num_classes": num_classes, "classes": names or [],
-                         "state_dict": model.state_dict(), "optimizer": optimizer.state_dict()}, out / "checkpoint.pth")
+        save_checkpoint(finetune_state(model, optimizer, epoch + 1, num_classes, names), out / "checkpoint.pth")
 
     metrics, cm = evaluate(cfg, model, num_classes)
     per_class = per_class_accuracy(cm)

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from videomoco import markdown
 from videomoco.data.augment import normalize
+from videomoco.engine.checkpoint import CheckpointError, read_checkpoint
 from videomoco.eval import common
-from videomoco.eval.export import read_checkpoint
 from videomoco.eval.features import video_average
 from videomoco.eval.knn import knn_accuracy
 from videomoco.method.generator import FILL_MODES, FrameDropGenerator, drop_frames, random_drop
@@ -54,7 +54,7 @@ def load_generator(path, fill="mean"):
     ckpt = read_checkpoint(path)
     state = ckpt.get("generator") if isinstance(ckpt, dict) else None
     if not state:
-        raise ValueError(f"{path} has no 'generator' state (only our pretraining checkpoints carry one)")
+        raise CheckpointError(f"{path} has no 'generator' state (only our pretraining checkpoints carry one)")
     hidden = state["score.weight"].shape[1]
     generator = FrameDropGenerator(fill=fill, hidden=hidden)
     generator.load_state_dict(state)

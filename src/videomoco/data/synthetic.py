@@ -85,6 +85,22 @@ class SynthConfig:
     gop: int = 8  # short keyframe interval: cheap random access to clips
     crf: int = 10  # near-lossless: coarser H.264 leaves motion-dependent artefacts that one frame can read
 
+    def __post_init__(self):
+        """One-line `ValueError` for a config no render can use (the CLI and Python callers alike)."""
+        for name, number in RANGES.items():
+            number.check(getattr(self, name), "--" + name.replace("_", "-"))
+        if self.scene not in SCENES:
+            raise ValueError(f"--scene must be one of {', '.join(SCENES)}, got {self.scene!r}")
+        if self.size % 2:
+            raise ValueError(f"--size must be even (H.264 4:2:0), got {self.size}")
+        if self.appearance_classes and self.scene != "object":
+            raise ValueError("--appearance-classes needs --scene object")
+
+
+# field -> what its flag takes; `SynthConfig` checks the same
+RANGES = {"train_per_class": POSITIVE_INT, "val_per_class": COUNT, "frames": Number(int, 2), "size": Number(int, 16),
+          "fps": POSITIVE_INT, "seed": SEED, "workers": COUNT, "gop": POSITIVE_INT, "crf": CRF}
+
 
 def class_names(appearance_classes=False):
     """The class folder names, in label order."""
@@ -311,30 +327,29 @@ def run(cfg):
 def add_arguments(parser):
     d = SynthConfig()
     parser.add_argument("out", help="output root; videos go to OUT/{train,val}/<class>/<id>.mp4")
-    parser.add_argument("--train-per-class", type=POSITIVE_INT, default=d.train_per_class)
-    parser.add_argument("--val-per-class", type=COUNT, default=d.val_per_class)
-    parser.add_argument(*SHARED["frames"], type=Number(int, 2), default=d.frames)
-    parser.add_argument("--size", type=Number(int, 16), default=d.size, help="frame side in pixels (even)")
-    parser.add_argument("--fps", type=POSITIVE_INT, default=d.fps)
-    parser.add_argument(*SHARED["seed"], type=SEED, default=d.seed)
+    parser.add_argument("--train-per-class", type=RANGES["train_per_class"], default=d.train_per_class)
+    parser.add_argument("--val-per-class", type=RANGES["val_per_class"], default=d.val_per_class)
+    parser.add_argument(*SHARED["frames"], type=RANGES["frames"], default=d.frames)
+    parser.add_argument("--size", type=RANGES["size"], default=d.size, help="frame side in pixels (even)")
+    parser.add_argument("--fps", type=RANGES["fps"], default=d.fps)
+    parser.add_argument(*SHARED["seed"], type=RANGES["seed"], default=d.seed)
     parser.add_argument("--scene", choices=SCENES, default=d.scene,
                         help="dots: random-dot motion, nothing static tells videos apart; object: one moving object; "
                         "window: the dots move only in a random quarter of the frames")
     parser.add_argument("--appearance-classes", action="store_true",
                         help="object scene: classes are <shape>-<motion>, so both appearance and motion are needed")
-    parser.add_argument(*SHARED["workers"], type=COUNT, default=d.workers, help="processes (0: one per core)")
-    parser.add_argument("--gop", type=POSITIVE_INT, default=d.gop, help="keyframe interval")
-    parser.add_argument("--crf", type=CRF, default=d.crf, help="H.264 quality, 0-51 (lower is better)")
+    parser.add_argument(*SHARED["workers"], type=RANGES["workers"], default=d.workers, help="processes (0: one per core)")
+    parser.add_argument("--gop", type=RANGES["gop"], default=d.gop, help="keyframe interval")
+    parser.add_argument("--crf", type=RANGES["crf"], default=d.crf, help="H.264 quality, 0-51 (lower is better)")
 
 
 def main(args):
-    if args.size % 2:
-        return fail("synth", f"--size must be even (H.264 4:2:0), got {args.size}")
-    if args.appearance_classes and args.scene != "object":
-        return fail("synth", "--appearance-classes needs --scene object")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        return fail("synth", f"OUT {args.out} is a file, not a directory")
-    cfg = config_from(SynthConfig, args)
+    try:
+        cfg = config_from(SynthConfig, args)
+    except ValueError as e:
+        return fail("synth", e)
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        return fail("synth", f"OUT {cfg.out} is a file, not a directory")
     result = run(cfg)
     print(f"{result['root']}: {len(result['classes'])} classes, {'reused' if result['reused'] else 'written'}"
           f" in {result['seconds']:.1f} s")

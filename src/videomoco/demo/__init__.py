@@ -17,12 +17,10 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from videomoco.data import synthetic
 from videomoco.demo import report
 from videomoco.demo.evaluate import KNN_K, evaluate, time_baselines
-from videomoco.engine.config import DEVICE
+from videomoco.engine.config import ConfigError, resolve_device
 from videomoco.flags import COUNT, POSITIVE_INT, SEED, SHARED, config_from, fail
 from videomoco.models import list_encoders
 
@@ -109,12 +107,6 @@ class Timer:
         yield
         self.seconds[phase] = time.perf_counter() - start
         print(f"[demo] {phase}: {self.seconds[phase]:.1f} s", flush=True)
-
-
-def resolve_device(device):
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def pretrain(cfg, budget, data, out, temporal_decay, adversarial, seed, resume="", max_steps=0):
@@ -266,10 +258,10 @@ def add_arguments(parser):
 
 def main(args):
     cfg = config_from(DemoConfig, args)
-    if not DEVICE.fullmatch(cfg.device):
-        return fail("demo", f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    if resolve_device(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        return fail("demo", f"--device {cfg.device} asked for but CUDA is not available")
+    try:
+        resolve_device(cfg.device)
+    except ConfigError as e:
+        return fail("demo", e)
     try:
         run(cfg)
     except DemoError as e:

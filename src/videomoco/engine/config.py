@@ -265,7 +265,7 @@ def _check(cfg):
         raise ConfigError("--g_grad authors adds D's loss to G's, which cancels --g_loss contrastive (-L_D)")
     if cfg.start_epoch >= cfg.epochs:
         raise ConfigError(f"--start_epoch {cfg.start_epoch} leaves nothing to train with --epochs {cfg.epochs}")
-    if not DEVICE.fullmatch(str(cfg.device)):
+    if not DEVICE.fullmatch(str(cfg.device)):  # its availability: `check_paths`, before any work
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if not DIST_URL.fullmatch(str(cfg.dist_url)):
         raise ConfigError(f"--dist_url must be tcp://HOST:PORT, env:// or file://PATH, got {cfg.dist_url!r}")
@@ -281,6 +281,21 @@ def _check(cfg):
         except ValueError as e:
             raise ConfigError(f"--memory_budget: {e}") from None
     return cfg
+
+
+def resolve_device(device="auto"):
+    """The device rule of every command: "auto" is "cuda" when a GPU is visible, else "cpu"; "cpu", "cuda" and
+    "cuda:N" stay as given. `ConfigError` (one line) for another name, or for a CUDA device without CUDA."""
+    import torch
+
+    device = str(device)
+    if not DEVICE.fullmatch(device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for but CUDA is not available")
+    return device
 
 
 def check_output_dir(flag, path):
@@ -307,11 +322,7 @@ def check_paths(cfg):
         raise ConfigError(f"--resume {cfg.resume}: no such file")
     check_output_dir("--log_dir", cfg.log_dir)
     check_output_dir("--ckp_dir", cfg.ckp_dir)
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {cfg.device} asked for but CUDA is not available")
+    resolve_device(cfg.device)
     return cfg
 
 

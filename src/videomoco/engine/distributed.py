@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from videomoco.engine.config import ConfigError
+from videomoco.engine.config import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def procs_per_node(cfg):
 
 
 def _wants_cuda(cfg):
-    return cfg.device != "cpu" and torch.cuda.is_available()
+    return resolve_device(cfg.device).startswith("cuda")
 
 
 def launch(worker, cfg):
@@ -142,9 +142,7 @@ def init_distributed(cfg, local_rank=0):
     else:
         rank, world_size, init_method = max(cfg.rank, 0), max(cfg.world_size, 1), cfg.dist_url
 
-    if cfg.device not in ("auto", "cpu") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {cfg.device} asked for but CUDA is not available")
-    if _wants_cuda(cfg):
+    if _wants_cuda(cfg):  # `resolve_device` refuses a CUDA device without CUDA
         index = cfg.gpu if cfg.gpu is not None and world_size == 1 else local_rank
         if cfg.device.startswith("cuda:"):
             index = int(cfg.device.split(":")[1])

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import random
-import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from videomoco.data.decode import VideoError
 from videomoco.data.index import open_index
 from videomoco.engine.checkpoint import CheckpointError, load_encoder
 from videomoco.engine import memory
-from videomoco.engine.config import error_line, micro_batch_arg
+from videomoco.engine.config import error_line, micro_batch_arg, resolve_device
 from videomoco.eval.features import extract_features
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARED,
                              Number, config_from, fail)
@@ -60,11 +59,14 @@ class EvalConfig:
     num_crops: int = 1  # 1 = centre crop, 3 = left/centre/right
     batch_size: int = 16
     workers: int = 4
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "auto"  # resolved by `check_values`: cuda when a GPU is visible, else cpu
     seed: int = 0
     micro_batch: int | str = "auto"  # clips per forward / per fine-tuning micro-batch; auto: planned from memory
     memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
     out: str = "runs/eval"
+
+    def __post_init__(self):
+        check_values(self)
 
 
 # field -> what its flag takes (and `check_config` enforces on any config); lists: every item
@@ -128,8 +130,9 @@ def check_split(cfg):
         raise ValueError(f"--split must be 1, 2 or 3 for {cfg.dataset}, got {cfg.split}")
 
 
-def check_config(cfg):
-    """One-line `ValueError` for values no run can use (caught before a worker or the index sees them)."""
+def check_values(cfg):
+    """One-line `ValueError` for values no run can use; resolves `cfg.device` ("auto": cuda when a GPU is
+    visible). Every config dataclass of the evaluations runs it in `__post_init__`."""
     if hasattr(cfg, "split"):
         check_split(cfg)
     for f in dataclasses.fields(cfg):
@@ -139,15 +142,18 @@ def check_config(cfg):
                 RANGES[f.name].check(item, f"--{f.name.replace('_', '-')}")
     if getattr(cfg, "num_crops", 1) not in (1, 3):
         raise ValueError(f"--num-crops must be 1 or 3, got {cfg.num_crops}")
-    device = str(getattr(cfg, "device", "cpu"))
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for but CUDA is not available")
+    if hasattr(cfg, "device"):
+        cfg.device = resolve_device(cfg.device)
     if hasattr(cfg, "micro_batch"):
         cfg.micro_batch = _micro_batch(cfg)
     if getattr(cfg, "memory_budget", ""):
         _budget_limit(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """`check_values`, then the paths: a one-line error before a worker or the index sees them."""
+    check_values(cfg)
     data = getattr(cfg, "data", "")
     if data and not Path(data).exists():  # values first, then paths; both before the model is built and measured
         raise FileNotFoundError(f"{data} is neither an index (index.csv) nor a dataset directory")
@@ -175,10 +181,11 @@ def _budget_limit(cfg):
 USER_ERRORS = (ValueError, OSError, CheckpointError, DataFailureError, VideoError)
 
 
-def cli_main(command, run, cfg):
-    """Run a command from the CLI: bad input -> one line on stderr and exit code 2, no traceback."""
+def cli_main(command, run, cfg_cls, args):
+    """Run a command from the CLI with `cfg_cls` built from `args`: bad input (a value, a path, a file) -> one
+    line on stderr and exit code 2, no traceback."""
     try:
-        run(check_config(cfg))
+        run(check_config(config_from_args(cfg_cls, args)))
     except USER_ERRORS as err:
         log.debug("%s failed", command, exc_info=True)
         return fail(command, error_line(err))

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from videomoco.engine.checkpoint import load_encoder
-from videomoco.flags import config_from
 
 log = logging.getLogger(__name__)
 
@@ -54,4 +53,4 @@ def run(cfg):
 def main(args):
     from videomoco.eval.common import cli_main
 
-    return cli_main("export", run, config_from(ExportConfig, args))
+    return cli_main("export", run, ExportConfig, args)

@@ -49,9 +49,12 @@ class ExtractConfig:
     batch_size: int = 4  # videos per batch (each is num_clips clips)
     chunk_size: int = 512  # videos per saved chunk
     workers: int = 4
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    device: str = "auto"  # resolved by `common.check_values`
     micro_batch: int | str = "auto"  # clips per forward; auto: planned from memory
     memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
+
+    def __post_init__(self):
+        common.check_values(self)
 
 
 def add_arguments(parser):
@@ -169,4 +172,4 @@ def run(cfg):
 
 
 def main(args):
-    return common.cli_main("extract", run, common.config_from_args(ExtractConfig, args))
+    return common.cli_main("extract", run, ExtractConfig, args)

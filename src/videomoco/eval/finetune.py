@@ -203,4 +203,4 @@ def run(cfg):
 
 
 def main(args):
-    return common.cli_main("finetune", run, common.config_from_args(FinetuneConfig, args))
+    return common.cli_main("finetune", run, FinetuneConfig, args)

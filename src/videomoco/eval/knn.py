@@ -90,4 +90,4 @@ def run(cfg):
 
 
 def main(args):
-    return common.cli_main("knn", run, common.config_from_args(KnnConfig, args))
+    return common.cli_main("knn", run, KnnConfig, args)

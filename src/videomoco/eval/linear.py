@@ -127,4 +127,4 @@ def run(cfg):
 
 
 def main(args):
-    return common.cli_main("linear", run, common.config_from_args(LinearConfig, args))
+    return common.cli_main("linear", run, LinearConfig, args)

@@ -151,4 +151,4 @@ def run(cfg):
 
 
 def main(args):
-    return common.cli_main("robustness", run, common.config_from_args(RobustnessConfig, args))
+    return common.cli_main("robustness", run, RobustnessConfig, args)

@@ -127,4 +127,4 @@ def run(cfg):
 
 
 def main(args):
-    return common.cli_main("evaluate", run, common.config_from_args(SuiteConfig, args))
+    return common.cli_main("evaluate", run, SuiteConfig, args)

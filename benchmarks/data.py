@@ -2,11 +2,12 @@
 
     python -m benchmarks.data [--workers 0,1,2] [--sizes 171x128,320x240] [--clips 48] [--gop 25] [--rounds 2]
     python -m benchmarks.data --rss [--rss-clips 5000]
+    python -m benchmarks.data --overhead [--workers 2] [--rounds 4]
 
 Generates ~10 s, 25 fps H.264 videos at each size, indexes them, then runs for every worker count:
   - pipeline: `PretrainDataset` (seek + decode the clip's frames with PyAV, two random resized crops
     with one box per clip) through `build_loader`;
-  - baseline: the authors' loader: OpenCV reads the WHOLE video (`read_video_cv2_whole`), the clip
+  - baseline: the authors' loader: OpenCV reads the WHOLE video (`baselines.read_video_cv2_whole`), the clip
     is sliced out and cropped the same way, through the same loader with the same worker count.
 Reported per configuration: clips/s (one clip = one `(q, k)` item; best of `--rounds`, which
 alternate between the two loaders), delivered frames/s, the speed-up over the baseline, and the
@@ -15,6 +16,8 @@ speed-up: clips/s depend on other jobs on a shared machine, CPU time per clip ha
 `--baseline-threads 1` decodes the baseline single-threaded too (default: OpenCV's choice).
 `--rss` runs >= 5,000 clips through a 2-worker loader and reports the workers' memory
 (/proc/<pid>/status VmRSS and RssAnon) after the first batch, every 10% and at the end.
+`--overhead` compares the loader's CPU time per item (workers and main process) with `dataset[i]`'s
+in this process (one thread, as in a worker), in alternating rounds of `--clips` items each.
 """
 
 import argparse
@@ -28,9 +31,10 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from benchmarks import common
-from videomoco.data import decode
+from benchmarks.baselines import read_video_cv2_whole
 from videomoco.data.augment import crop_and_resize, random_resized_crop_box
 from videomoco.data.datasets import PretrainDataset, build_loader, set_epoch
 from videomoco.data.encode import write_video
@@ -57,6 +61,7 @@ def parse_args(argv=None):
                    help="OpenCV decoder threads of the baseline (default: OpenCV's own choice, as the authors ran it)")
     p.add_argument("--rss", action="store_true", help="measure worker memory over a long run instead")
     p.add_argument("--rss-clips", type=int, default=5000)
+    p.add_argument("--overhead", action="store_true", help="the loader's CPU per item against dataset[i]'s instead")
     p.add_argument("--data-dir", default=None, help="where to write the videos (default: a temporary directory); existing ones are reused")
     common.add_common_arguments(p)
     args = p.parse_args(argv)
@@ -112,7 +117,7 @@ class NaiveCv2Dataset(PretrainDataset):
         self.threads = threads
 
     def load(self, i, rng):
-        video = decode.read_video_cv2_whole(self.path(i), self.threads)
+        video = read_video_cv2_whole(self.path(i), self.threads)
         start = random_clip_start(len(video), self.span, rng)
         clip = video[np.arange(start, start + self.span, self.frame_stride) % len(video)]
         h, w = clip.shape[1:3]
@@ -231,6 +236,43 @@ def bench_rss(index, size, args, samples=10):
     }]
 
 
+def bench_overhead(index, size, args):
+    """CPU ms per item of `dataset[i]` here and of the same items through the loader, alternating rounds."""
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    rows = []
+    for workers in [w for w in args.workers if w > 0]:
+        dataset = PretrainDataset(index, frames_per_clip=args.frames, crop_size=args.crop, threads=1)
+        loader = build_loader(PretrainDataset(index, frames_per_clip=args.frames, crop_size=args.crop), args.batch, workers)
+        set_epoch(loader, 0)
+        batches = iter(loader)
+        next(batches)  # workers started, first batch (excluded)
+        pids = ["self"] + [w.pid for w in loader._iterator._workers]
+        first, per_round = 0, args.clips // args.batch * args.batch
+        item_ms, loader_ms, main_ms = [], [], []
+        for _ in range(args.rounds):
+            start = time.process_time()
+            for i in range(first, first + per_round):
+                dataset[i % len(dataset)]
+            item_ms.append(1000 * (time.process_time() - start) / per_round)
+            first += per_round
+            before = [cpu_seconds([pid]) for pid in pids]
+            for _ in range(per_round // args.batch):
+                next(batches)
+            after = [cpu_seconds([pid]) for pid in pids]
+            loader_ms.append(1000 * (sum(after) - sum(before)) / per_round)
+            main_ms.append(1000 * (after[0] - before[0]) / per_round)
+        del batches, loader
+        ratios = np.array(loader_ms) / np.array(item_ms)
+        rows.append({
+            "video": f"{size[0]}x{size[1]}", "workers": workers, "batch": args.batch, "rounds": args.rounds,
+            "dataset_item_ms": float(np.median(item_ms)), "loader_item_ms": float(np.median(loader_ms)),
+            "loader_main_process_ms": float(np.median(main_ms)), "loader_over_item": float(np.median(ratios)),
+            "ratio_range": f"{ratios.min():.3f}-{ratios.max():.3f}", "clip": f"{args.frames}x{args.crop}x{args.crop}",
+            "load_avg_1min": os.getloadavg()[0],
+        })
+    return rows
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -239,13 +281,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_dir or tmp
         for size in args.sizes[:1] if args.rss else args.sizes:
-            epoch_items = args.rss_clips // 10 if args.rss else args.clips + 8 * args.batch
+            epoch_items = args.rss_clips // 10 if args.rss else (args.clips + 8 * args.batch) * (args.rounds + 1)
             index = make_dataset(root, size, args, epoch_items)
-            for row in bench_rss(index, size, args) if args.rss else bench_throughput(index, size, args):
+            bench = bench_rss if args.rss else bench_overhead if args.overhead else bench_throughput
+            for row in bench(index, size, args):
                 common.emit(row, command)
                 rows.append(row)
     if args.record:
-        name = "data (worker RSS)" if args.rss else "data (clips/s: pipeline vs OpenCV whole-video baseline)"
+        name = ("data (worker RSS)" if args.rss else "data (loader CPU per item vs dataset[i])" if args.overhead
+                else "data (clips/s: pipeline vs OpenCV whole-video baseline)")
         common.record(name, rows, command, path=args.results)
     return 0
 

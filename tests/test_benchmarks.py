@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -197,3 +198,42 @@ def test_comm_counts_fewer_calls_and_clip_bytes_with_the_new_schemes(tmp_path, c
     assert scale[1, "new"]["scaling efficiency"] == scale[1, "authors"]["scaling efficiency"] == 1
     assert scale[64, "new"]["scaling efficiency"] > scale[64, "authors"]["scaling efficiency"]
     assert "comm: the recipe's scaling" in results.read_text()
+
+
+def test_decoders_quick_compares_read_clip_with_the_installed_readers(tmp_path, capsys):
+    results = tmp_path / "RESULTS.md"
+    assert cli_main(["bench", "decoders", "--quick", "--record", "--results", str(results)]) == 0
+    lines = json_lines(capsys.readouterr().out)
+    rows = {row["reader"]: row for row in lines if "cpu_ms_per_clip" in row}
+    assert {"read_clip", "read_clip_v0", "pyav_naive"} <= rows.keys()  # PyAV is always there
+    assert rows["read_clip"]["vs_read_clip"] == 1.0
+    assert all(row["identical"] == "4/4" and row["cpu_ms_per_clip"] > 0 for row in rows.values())
+    assert all(row["unavailable"] for row in lines if "unavailable" in row)  # every peer: measured or why not
+    assert "### decoders" in results.read_text()
+
+
+def test_baseline_readers_agree_with_read_clip(make_video):
+    from benchmarks import baselines
+    from videomoco.data.decode import read_clip
+
+    path = make_video("b.mp4", num_frames=24, codec="h264", gop=8)
+    for start, stride in [(0, 1), (5, 2), (13, 1)]:
+        np.testing.assert_array_equal(baselines.read_clip_v0(path, start, 5, stride), read_clip(path, start, 5, stride))
+        np.testing.assert_array_equal(baselines.read_clip_pyav_naive(path, start, 5, stride), read_clip(path, start, 5, stride))
+    clips = baselines.read_clips_v0(path, [2, 20], 6)  # the second loops past the end
+    for start, clip in zip([2, 20], clips):
+        np.testing.assert_array_equal(clip, read_clip(path, start, 6))
+    assert baselines.peer_status("no_such_module_xyz")[0] is None and baselines.peer_status("av")[1] is None
+
+
+def test_cv2_baselines_agree_with_read_clip(make_video):
+    pytest.importorskip("cv2")
+    from benchmarks.baselines import read_clip_cv2, read_video_cv2_whole
+    from videomoco.data.decode import read_clip
+
+    path = make_video("c.avi", num_frames=24, codec="mjpeg")
+    np.testing.assert_array_equal(read_clip_cv2(path, 4, 6, threads=1), read_clip(path, 4, 6))  # same FFmpeg decode
+    assert read_clip_cv2(path, 20, 8).shape == (8, 64, 64, 3)  # loops too
+    whole = read_video_cv2_whole(path)
+    assert whole.shape == (24, 64, 64, 3)
+    np.testing.assert_array_equal(read_video_cv2_whole(path, threads=1), whole)

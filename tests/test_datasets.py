@@ -213,3 +213,49 @@ def test_a_bug_is_not_mistaken_for_a_bad_video(index, monkeypatch):
     with pytest.raises(ValueError, match="bad argument"):
         ds[0]
     assert ds.num_failed == 0 and index.records[0].path not in Path(index.dir, "quarantine.csv").read_text()
+
+
+def pretrain_batches(index, workers, epochs=((0, None), (1, None))):
+    """Batches of (epoch, how many batches to take: None = all) in turn, from one loader."""
+    ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, seed=5)
+    loader = build_loader(ds, batch_size=2, workers=workers, seed=5)
+    out = []
+    for epoch, take in epochs:
+        set_epoch(loader, epoch)
+        for b, batch in enumerate(loader):
+            if take is not None and b == take:
+                break
+            out.append(batch)
+    return loader, out
+
+
+def test_ring_hands_over_the_batches_default_collate_makes(index):
+    """With workers, clips travel through shared slots; the batches (and the type) are those without workers,
+    also after an epoch stopped early (its batches left in the ring) and while earlier batches are held."""
+    plan = [(0, 1), (1, None), (2, None)]  # epoch 0 stopped after one batch
+    loader, batches = pretrain_batches(index, 2, plan)
+    _, expected = pretrain_batches(index, 0, plan)
+    assert type(loader).__name__ == "_RingLoader" and len(loader.ring.buffers) == 2
+    assert len(batches) == len(expected) == 1 + 2 * 3
+    for got, want in zip(batches, expected):
+        assert type(got) is type(want) is list and len(got) == 2
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert loader.ring.free.tolist() == [1] * len(loader.ring.free)  # every slot handed back
+
+
+def test_ring_collate_falls_back_when_no_slot_is_free(index, monkeypatch):
+    from types import SimpleNamespace
+
+    from videomoco.data import datasets
+
+    ds = LabeledDataset(index, frames_per_clip=T, crop_size=CROP)
+    ring = datasets._BatchRing(ds, batch_size=3, workers=2, slots=2, wait=0.01)
+    batch = [ds[i] for i in range(3)]
+    monkeypatch.setattr(datasets, "get_worker_info", lambda: SimpleNamespace(id=1))
+    handed = ring.collate(batch)
+    assert isinstance(handed, datasets._InRing) and handed.slot in (2, 3) and ring.free[handed.slot] == 0
+    got, want = ring.hand_over(handed, pin_memory=False), datasets.default_collate(batch)
+    assert ring.free[handed.slot] == 1 and all(torch.equal(g, w) for g, w in zip(got, want))  # clip, label, video
+    ring.free.zero_()  # every slot taken: the worker collates as usual after `wait`
+    assert isinstance(ring.collate(batch), list)
+    assert isinstance(ring.collate(batch[:2]), list)  # a short batch does not fit the slots

@@ -1,6 +1,9 @@
-"""Decoding: probe metadata, frame-exact seeking, looping, resizing, rotation, no leaked decoders."""
+"""Decoding: probe metadata, frame-exact seeking, looping, resizing, rotation, no leaked decoders,
+and the fast paths of a read (no probe decode, skipped unused frames, re-seeks) against a plain decode."""
 
+import bisect
 import os
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -9,15 +12,7 @@ import torch
 from conftest import moving_square_frames
 
 from videomoco.data import decode
-from videomoco.data.decode import (
-    VideoError,
-    decoder_threads,
-    probe,
-    read_clip,
-    read_clip_cv2,
-    read_clips,
-    read_video_cv2_whole,
-)
+from videomoco.data.decode import VideoError, decoder_threads, open_video, probe, read_clip, read_clips
 from videomoco.data.encode import write_video
 
 CODECS = [("a.mp4", "h264"), ("a.avi", "mpeg4"), ("a.webm", "vp8"), ("b.webm", "vp9"), ("a.mkv", "vp9"), ("m.avi", "mjpeg")]
@@ -121,17 +116,6 @@ def test_read_clips_equals_read_clip(tmp_path):
     clips = read_clips(path, [30, 2, 17], 6, frame_stride=2)
     for start, clip in zip([30, 2, 17], clips):
         np.testing.assert_array_equal(clip, read_clip(path, start, 6, frame_stride=2))
-
-
-def test_cv2_backend_agrees(make_video):
-    cv2 = pytest.importorskip("cv2")
-    assert cv2 is not None
-    path = make_video("c.avi", num_frames=24, codec="mjpeg")
-    np.testing.assert_allclose(square_x(read_clip_cv2(path, 4, 6)), square_x(read_clip(path, 4, 6)), atol=1.0)
-    assert read_clip_cv2(path, 20, 8).shape == (8, 64, 64, 3)  # loops too
-    whole = read_video_cv2_whole(path)
-    assert whole.shape == (24, 64, 64, 3)
-    np.testing.assert_array_equal(read_video_cv2_whole(path, threads=1), whole)
 
 
 def test_no_descriptor_leak(tmp_path):
@@ -245,3 +229,173 @@ def test_only_kept_frames_are_converted(tmp_path, monkeypatch):
     clip = read_clip(path, 50, 4, frame_stride=2)  # decodes from the keyframe at 30
     np.testing.assert_allclose(frame_levels(clip), [level(i) for i in (50, 52, 54, 56)], atol=2.5)
     assert len(converted) == 4
+
+
+# --------------------------------------------------------------------------- fast paths vs a plain decode
+
+
+def encode(path, frames, encoder, pix_fmt="yuv420p", gop=12, b_frames=None, options=None, start=0, audio=False):
+    """Encode `frames` (T, H, W, 3) with PyAV's `encoder`; `start`: first pts (frames), `audio`: add an AAC track."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(encoder, rate=25)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt, stream.codec_context.gop_size = pix_fmt, gop
+        if b_frames is not None:
+            stream.codec_context.max_b_frames = b_frames
+        stream.options = dict(options or {})
+        sound, samples = (container.add_stream("aac", rate=8000) if audio else None), 0
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts, frame.time_base = start + i, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+            while sound is not None and samples < (i + 1) * 8000 // 25:
+                chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+                chunk.sample_rate, chunk.pts = 8000, samples
+                container.mux(sound.encode(chunk))
+                samples += 1024
+        container.mux(stream.encode(None))
+        if sound is not None:
+            container.mux(sound.encode(None))
+    return path
+
+
+X264 = {"preset": "veryfast", "keyint_min": "12"}
+ZOO = {  # name -> (file, encoder, encode() options): every decoder and container the fast paths touch
+    "h264 B-frames": ("b.mp4", "libx264", {"options": X264}),
+    "h264 no B-frames": ("nob.mp4", "libx264", {"options": {**X264, "bf": "0"}}),
+    "h264 yuv444, audio, start 7": ("x444.mp4", "libx264", {"pix_fmt": "yuv444p", "options": X264, "start": 7, "audio": True}),
+    "h264 mkv": ("h.mkv", "libx264", {"options": X264}),
+    "hevc open GOP": ("h.mp4", "libx265", {"options": {"preset": "ultrafast", "x265-params": "log-level=error"}}),
+    "mpeg4 B-frames": ("m4b.mp4", "mpeg4", {"b_frames": 2}),
+    "mpeg4 avi": ("m4.avi", "mpeg4", {}),
+    "mjpeg": ("j.avi", "mjpeg", {"pix_fmt": "yuvj420p"}),
+    "vp8": ("v8.webm", "libvpx", {"options": {"deadline": "realtime", "cpu-used": "8"}}),
+    "vp9": ("v9.webm", "libvpx-vp9", {"options": {"deadline": "realtime", "cpu-used": "8"}}),
+    "vp9 mkv": ("v9.mkv", "libvpx-vp9", {"options": {"deadline": "realtime", "cpu-used": "8"}}),
+}
+ZOO_FRAMES = 40
+# (starts, stride): mid-GOP, strided 2-4, the start, the end, looping past it, starting past it,
+# clips far apart (a re-seek) and clips sharing GOPs
+READS = [([0], 1), ([5], 2), ([13], 3), ([21], 4), ([30], 1), ([33], 2), ([44], 1), ([1, 29], 1), ([3, 9, 26], 2)]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    frames = moving_square_frames(ZOO_FRAMES, 64)
+    return {name: encode(root / file, frames, encoder, **kw) for name, (file, encoder, kw) in ZOO.items()}
+
+
+def plain_decode(path):
+    """Every frame of a plain decode (normal open, no seek, no skipping) -> {index: RGB}, first frame per index."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate)
+        start, tb = stream.start_time or 0, stream.time_base
+        frames = {}
+        for frame in container.decode(stream):
+            frames.setdefault(round((frame.pts - start) * tb.numerator / tb.denominator * fps), frame.to_ndarray(format="rgb24"))
+    return frames
+
+
+def reference_clip(frames, start, num_frames, stride):
+    """Index i is the first decoded frame at or after i; past the last frame the video loops."""
+    indices = sorted(frames)
+    length = indices[-1] + 1
+    picks = [i % length if i >= length else i for i in range(start, start + num_frames * stride, stride)]
+    return np.stack([frames[indices[bisect.bisect_left(indices, i)]] for i in picks])
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_reads_equal_a_plain_decode(zoo, name):
+    """The fast open, skipped frames, draining and re-seeks change no frame: bit-identical on every codec."""
+    frames = plain_decode(zoo[name])
+    assert len(frames) == ZOO_FRAMES
+    for starts, stride in READS:
+        for threads in (1, 0) if starts == [13] else (1,):
+            clips = read_clips(zoo[name], starts, 8, stride, threads=threads)
+            for start, clip in zip(starts, clips):
+                np.testing.assert_array_equal(clip, reference_clip(frames, start, 8, stride), err_msg=f"{starts} {stride}")
+
+
+def test_b_frame_zoo_has_b_frames(zoo):
+    """The reads above test frame skipping only if the encoders made B-frames (and the no-B one did not)."""
+    for name, expected in [("h264 B-frames", True), ("h264 no B-frames", False), ("mpeg4 B-frames", True)]:
+        container, stream = open_video(zoo[name])
+        with container:
+            assert bool(stream.codec_context.has_b_frames) == expected, name
+
+
+def test_unused_frames_are_skipped(zoo, monkeypatch):
+    """Mid-GOP clips of B-frame H.264 skip non-reference frames before the clip and in a stride's gaps; MJPEG
+    skips whole frames; MPEG-4 without B-frames and VP9 feed every packet as usual."""
+    states, real = [], decode._Skipper.feed
+
+    def spy(self, packet):
+        real(self, packet)
+        states.append(self.state)
+
+    monkeypatch.setattr(decode._Skipper, "feed", spy)
+    for name, start, stride, level in [("h264 B-frames", 9, 2, "NONREF"), ("hevc open GOP", 3, 3, "NONREF"),
+                                       ("mpeg4 B-frames", 9, 2, "NONREF"), ("mjpeg", 9, 3, "ALL"),
+                                       ("mpeg4 avi", 9, 2, None), ("vp9", 9, 2, None)]:
+        states.clear()
+        read_clip(zoo[name], start, 8, stride, threads=1)
+        if level is None:
+            assert states == [], name
+        else:
+            assert states.count(level) >= 3 and "DEFAULT" in states, (name, states)
+
+
+def test_fast_open_keeps_what_a_read_uses(zoo):
+    """mp4/webm open without the probe decode and report the same timing as a normal open; H.264 in
+    matroska lacks a start time without it and is opened again normally."""
+    for name in ZOO:
+        normal, stream = open_video(zoo[name])
+        fast, fast_stream = open_video(zoo[name], fast=True)
+        with normal, fast:
+            expect_fast = zoo[name].suffix in (".mp4", ".webm")
+            assert fast.options == (decode.FAST_OPEN if expect_fast else {}), name
+            for key in ("start_time", "average_rate", "guessed_rate", "time_base"):
+                assert getattr(fast_stream, key) == getattr(stream, key), (name, key)
+            assert fast_stream.codec_context.has_b_frames == stream.codec_context.has_b_frames, name
+    assert decode.FAST_OPEN_SUFFIXES and ".mkv" not in decode.FAST_OPEN_SUFFIXES
+
+
+def test_clips_far_apart_reseek_and_equal_separate_reads(zoo, monkeypatch):
+    runs, real = [], decode._segment_ends
+    monkeypatch.setattr(decode, "_segment_ends", lambda *a: runs.append(real(*a)) or runs[-1])
+    path = zoo["h264 B-frames"]
+    clips = read_clips(path, [1, 29], 6)
+    assert runs == [[6, 34]]  # two runs: the second clip has its own keyframe (GOP 12)
+    for start, clip in zip([1, 29], clips):
+        np.testing.assert_array_equal(clip, read_clip(path, start, 6))
+    runs.clear()
+    read_clips(path, [1, 4], 6)
+    assert runs == [[9]]  # overlapping clips: one run
+
+
+def test_drained_without_a_wanted_frame_decodes_on(zoo, monkeypatch):
+    """If a frame is missing when the decoder is drained (a frame that failed to decode), the read
+    decodes again without draining: simulated by skipping everything in the first run."""
+    runs, real = [], decode._Skipper.feed
+
+    def broken_first_run(self, packet):
+        real(self, packet)
+        if self not in runs:
+            runs.append(self)
+        if self is runs[0]:
+            self.ctx.skip_frame = self.state = "ALL"
+
+    monkeypatch.setattr(decode._Skipper, "feed", broken_first_run)
+    path = zoo["h264 B-frames"]
+    frames = plain_decode(path)
+    np.testing.assert_array_equal(read_clip(path, 14, 6, threads=1), reference_clip(frames, 14, 6, 1))
+    assert [(run.drained, run.drain) for run in runs] == [(True, True), (False, False)]
+
+
+def test_one_clip_in_order_is_returned_without_a_copy(zoo):
+    clip = read_clip(zoo["h264 B-frames"], 3, 6)
+    assert clip.flags.c_contiguous and clip.flags.owndata and clip.shape == (6, 64, 64, 3)
+    shared = read_clips(zoo["h264 B-frames"], [3, 5], 4)
+    np.testing.assert_array_equal(shared[0][2:], shared[1][:2])  # frames 5 and 6 serve both clips

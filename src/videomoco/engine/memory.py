@@ -22,13 +22,15 @@ from pathlib import Path
 
 import torch
 
+from videomoco.data.datasets import RING_SLOTS
+
 log = logging.getLogger(__name__)
 
 # of the budget, left free: the CPU estimates are within 12% of the measured peaks (RESULTS.md), the OS and
 # its page cache need room beside the process, and the CUDA allocator fragments; a kill loses the run
 MARGIN = 0.20
 WORKER_BYTES = 256 * 2**20  # one DataLoader worker's private memory besides its prefetched batches
-PREFETCH = 2  # batches each worker holds (DataLoader's prefetch_factor)
+PREFETCH = RING_SLOTS  # batches each worker holds: its ring slots (>= DataLoader's prefetch_factor of 2)
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "m": 2**20, "mb": 2**20, "g": 2**30, "gb": 2**30,
           "t": 2**40, "tb": 2**40}
 

@@ -39,9 +39,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import common
+from videomoco.engine import pretrain
+from videomoco.engine.config import PretrainConfig
 
 MODES = {"moco": False, "videomoco": True}  # mode -> adversarial
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -54,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--moco-k", type=int, default=65536, help="queue length K")
     p.add_argument("--mlp", action="store_true", help="MoCo v2 projection head")
-    p.add_argument("--precision", choices=DTYPES, default="fp32", help="autocast dtype for the forward passes")
+    p.add_argument("--precision", choices=pretrain.AMP_DTYPES, default="fp32", help="autocast dtype for the forward passes")
     p.add_argument("--channels_last", "--channels-last", action="store_true", help="channels_last_3d model and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the two encoders")
     p.add_argument("--grad_checkpointing", "--grad-checkpointing", action="store_true",
@@ -81,29 +82,14 @@ def parse_args(argv=None):
 
 
 def build_trainer(args, device):
-    """The model, generator, optimisers and `AdversarialTrainer` for one benchmark run."""
-    from videomoco.method import AdversarialConfig, AdversarialTrainer, FrameDropGenerator, VideoMoCo
-
-    torch.manual_seed(args.seed)
-    model = VideoMoCo(args.arch, dim=args.dim, K=args.moco_k, mlp=args.mlp, width=args.width).to(device)
-    cfg = AdversarialConfig()
-    generator = FrameDropGenerator(cfg.drop_ratio, cfg.fill).to(device)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-    if args.grad_checkpointing:  # the key encoder runs under no_grad: nothing to checkpoint
-        model.encoder_q.set_grad_checkpointing(True)
-    # The optimisers of `videomoco pretrain`: SGD with momentum for both players, fused on CUDA.
-    fused = True if device.type == "cuda" else None
-    params_d = [p for p in model.parameters() if p.requires_grad]
-    opt_d = torch.optim.SGD(params_d, lr=0.03, momentum=0.9, weight_decay=1e-4, fused=fused)
-    opt_g = torch.optim.SGD(generator.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, fused=fused)
-    amp_dtype = DTYPES[args.precision]
-    scaler_d = scaler_g = None
-    if amp_dtype == torch.float16:
-        scaler_d, scaler_g = torch.amp.GradScaler(device.type), torch.amp.GradScaler(device.type)
-    trainer = AdversarialTrainer(model, generator, opt_d, opt_g, cfg, amp_dtype=amp_dtype,
-                                 scaler_d=scaler_d, scaler_g=scaler_g)
-    return trainer, model
+    """The `AdversarialTrainer` of `videomoco pretrain` (`engine.pretrain.build_trainer`: SGD with momentum for
+    both players, fused on CUDA; GradScalers for fp16) at the benchmark's sizes, and its model."""
+    # every other setting is pretrain's default; batch_size is only checked against the queue (the step takes any)
+    cfg = PretrainConfig(arch=args.arch, width=args.width, moco_dim=args.dim, moco_k=args.moco_k, mlp=args.mlp,
+                         precision=args.precision, channels_last=args.channels_last,
+                         grad_checkpointing=args.grad_checkpointing, seed=args.seed, batch_size=1)
+    trainer = pretrain.build_trainer(cfg, device)
+    return trainer, trainer.model
 
 
 def synthetic_clips(args, device):

@@ -471,11 +471,9 @@ def test_logged_step_time_includes_the_flush_sync(monkeypatch):
 
     monkeypatch.setattr(loop.du, "all_reduce_mean", slow_all_reduce)
     logged = {}
-    run = SimpleNamespace(step=2, last_checkpoint=None, opt_d=SimpleNamespace(param_groups=[{"lr": 0.1}]),
-                          info=SimpleNamespace(world_size=1),
-                          logger=SimpleNamespace(scalars=lambda step, m: logged.update(m)))
+    logger = SimpleNamespace(scalars=lambda step, m: logged.update(m))
     times = [0.0, 0.1, 8, time.perf_counter()]  # data s, step s, clips, end of the last step
-    metrics = loop._flush(run, {"loss_d": torch.tensor(2.0)}, 2, 0, times)
+    metrics = loop._flush({"loss_d": torch.tensor(2.0)}, 2, times, epoch=0, step=2, lr=0.1, world_size=1, logger=logger)
     assert metrics["step_time"] >= (0.1 + 0.05) / 2 and metrics["clips_per_s"] <= 8 / 0.15
     assert logged["clips_per_s"] == metrics["clips_per_s"]
 

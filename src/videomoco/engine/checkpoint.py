@@ -132,6 +132,23 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def pretrain_state(config, *, epoch, step, batch_in_epoch, model, generator, optimizer, optimizer_g, scheduler,
+                   sampler, scaler_d=None, scaler_g=None):
+    """The pretraining checkpoint after `epoch` epochs and `batch_in_epoch` batches of the next (`step` steps
+    in all): D and G with their optimisers and fp16 scalers, the config (a plain dict), the schedule's and
+    the sampler's state dicts, and this process's RNG states (docs/ARCHITECTURE.md)."""
+    return {
+        "format": "videomoco", "version": 1,
+        "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
+        "arch": config["arch"], "config": config,
+        "state_dict": model.state_dict(), "generator": generator.state_dict(),
+        "optimizer": optimizer.state_dict(), "optimizer_g": optimizer_g.state_dict(),
+        "scaler": {"d": scaler_d.state_dict(), "g": scaler_g.state_dict()} if scaler_d is not None else {},
+        "scheduler": scheduler, "sampler": sampler,
+        "rng": rng_state(),
+    }
+
+
 def finetune_state(model, optimizer, epoch, num_classes, classes=None):
     """The fine-tuning checkpoint after `epoch` epochs: the whole classifier (`load_encoder` reads it with its
     head), its optimiser, and what `--resume` checks (arch, width, the class count and names)."""

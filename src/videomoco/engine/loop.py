@@ -1,4 +1,5 @@
-"""The epoch loop: one pass over the loader with adversarial steps, logging, checkpoints and stops.
+"""The epoch loop: one pass over the loader with adversarial steps and logging; the caller's `after_step`
+decides when to save and stop (engine.pretrain).
 
 Metrics stay on the device as 0-d tensors and are summed; the host syncs (and NaN checks) happen
 only every `--print_freq` steps and at the end of an epoch.
@@ -19,7 +20,11 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf (one-line message naming the step and the last good checkpoint)."""
+    """The loss or the weights became NaN or Inf at `step` (one-line message naming the step)."""
+
+    def __init__(self, message, step=None):
+        super().__init__(message)
+        self.step = step
 
 
 class StopFlag:
@@ -65,77 +70,79 @@ def shuffle_generator(seed, step):
     return torch.Generator().manual_seed(step_seed(seed, -1, step))
 
 
-def _prepare(clips, run):
+def _prepare(clips, augment, device, channels_last):
     """uint8 (B, 3, T, H, W) from the loader -> augmented float on the device."""
-    clips = clips.to(run.info.device, non_blocking=True)
-    clips = run.augment(clips)
-    if run.cfg.channels_last:
+    clips = augment(clips.to(device, non_blocking=True))
+    if channels_last:
         clips = clips.contiguous(memory_format=torch.channels_last_3d)
     return clips
 
 
-def prepare_views(im_q, im_k, run, micro_batches):
-    """Augment both views micro-batch by micro-batch, each with the random draws of the rank it stands for.
+def prepare_views(im_q, im_k, augment, cfg, info, step, micro_batches):
+    """Augment both views of step `step` micro-batch by micro-batch, each with the random draws of the rank
+    it stands for.
 
     Micro-batch j of rank r is rank `r * micro_batches + j` of a run on `micro_batches` times more
     processes: seeded alike, it draws the same crops' colour, flips and blur as that rank would.
     """
     pairs = []
     for j, (q, k) in enumerate(zip(im_q.tensor_split(micro_batches), im_k.tensor_split(micro_batches))):
-        torch.manual_seed(step_seed(run.cfg.seed, run.info.rank * micro_batches + j, run.step))
-        pairs.append((_prepare(q, run), _prepare(k, run)))
+        torch.manual_seed(step_seed(cfg.seed, info.rank * micro_batches + j, step))
+        pairs.append(tuple(_prepare(x, augment, info.device, cfg.channels_last) for x in (q, k)))
     if len(pairs) == 1:
         return pairs[0]
     return torch.cat([q for q, _ in pairs]), torch.cat([k for _, k in pairs])
 
 
-def _flush(run, sums, count, epoch, times):
+def _flush(sums, count, times, *, epoch, step, lr, world_size, logger):
     """Sync the summed metrics (the only host sync), check them, log them. Returns the means."""
     names = sorted(sums)
     values = du.all_reduce_mean(torch.stack([sums[n] for n in names]) / count).tolist()
     metrics = dict(zip(names, values))
     bad = [n for n in ("loss_d", "loss_g") if n in metrics and not math.isfinite(metrics[n])]
     if bad:
-        raise TrainingDiverged(
-            f"{bad[0]} is {metrics[bad[0]]} at step {run.step} (epoch {epoch}); "
-            f"last good checkpoint: {run.last_checkpoint or 'none'}")
+        raise TrainingDiverged(f"{bad[0]} is {metrics[bad[0]]} at step {step} (epoch {epoch})", step)
     data_time, step_time, clips, step_end = times
     step_time += time.perf_counter() - step_end  # the sync above waited for the work these steps queued
-    metrics.update(lr=run.opt_d.param_groups[0]["lr"], data_time=data_time / count, step_time=step_time / count,
-                   clips_per_s=clips * run.info.world_size / max(step_time, 1e-9))
-    run.logger.scalars(run.step, metrics)
+    metrics.update(lr=lr, data_time=data_time / count, step_time=step_time / count,
+                   clips_per_s=clips * world_size / max(step_time, 1e-9))
+    logger.scalars(step, metrics)
     return metrics
 
 
-def train_one_epoch(run, epoch):
-    """Train `epoch` from the sampler's position. Returns "done", "stopped" (signal) or "max_steps"."""
-    cfg, model, generator = run.cfg, run.model, run.generator
+def train_one_epoch(trainer, loader, augment, cfg, info, epoch, step, *, batch, logger, after_step):
+    """Train `epoch` from the loader's position with `trainer`; `step`: the steps done before it.
+
+    After every step the loop calls `after_step(step, batch_in_epoch, end_of_epoch)`, where the caller decides
+    when to save and stop: a status it returns ("stopped", "max_steps") ends the epoch there. `batch`: clips
+    per process. Returns (status, metrics): "done" or that status; the means last logged (None if none).
+    """
+    model, generator = trainer.model, trainer.generator
     adversarial = epoch >= cfg.adv_start_epoch
     model.train()
     generator.train()
-    batch = run.per_process_batch
-    num_batches = len(run.sampler) // batch
-    start = run.sampler.start // batch
+    lr = trainer.opt_d.param_groups[0]["lr"]  # logged; set once per epoch (engine.schedule)
+    num_batches = len(loader.sampler) // batch
+    start = loader.sampler.start // batch
     bar = tqdm(total=num_batches, initial=start, desc=f"epoch {epoch}", mininterval=2.0, dynamic_ncols=True,
                disable=not du.is_main_process(), leave=False)
     sums, count, times, metrics = {}, 0, [0.0, 0.0, 0, 0.0], None  # data s, step s, clips, end of the last step
     end = time.perf_counter()
     status = "done"
-    progress = run.info.progress  # what a rank whose collective fails reports about the others
-    progress.set("waiting for data", run.step + 1)
-    for i, (im_q, im_k) in enumerate(run.loader, start=start):
-        progress.set("computing", run.step + 1)
+    progress = info.progress  # what a rank whose collective fails reports about the others
+    progress.set("waiting for data", step + 1)
+    for i, (im_q, im_k) in enumerate(loader, start=start):
+        progress.set("computing", step + 1)
         data_time = time.perf_counter() - end
-        im_q, im_k = prepare_views(im_q, im_k, run, run.trainer.micro_batches)  # (B, 3, T, H, W) float
+        im_q, im_k = prepare_views(im_q, im_k, augment, cfg, info, step, trainer.micro_batches)  # (B, 3, T, H, W)
         if i == start and cfg.image_every > 0 and epoch % cfg.image_every == 0 and adversarial:
             with torch.no_grad():  # the generator is deterministic: no RNG or state is touched
                 _, keep = generator(im_q[:1])
-            run.logger.image("generator/dropped_frames", run.step,
-                             drop_strip(im_q[0].float(), keep[0], mean=run.augment.mean.flatten().tolist(),
-                                        std=run.augment.std.flatten().tolist()))
-        out = run.trainer.step(im_q, im_k, adversarial, shuffle_generator(cfg.seed, run.step))
-        run.step += 1
-        run.batch_in_epoch = i + 1
+            logger.image("generator/dropped_frames", step,
+                         drop_strip(im_q[0].float(), keep[0], mean=augment.mean.flatten().tolist(),
+                                    std=augment.std.flatten().tolist()))
+        out = trainer.step(im_q, im_k, adversarial, shuffle_generator(cfg.seed, step))
+        step += 1
         for name, value in out.items():
             sums[name] = sums.get(name, 0) + value.float()
         count += 1
@@ -144,27 +151,21 @@ def train_one_epoch(run, epoch):
         times[1] += times[3] - end
         times[2] += im_q.shape[0]
         bar.update(1)
-        if run.step % cfg.print_freq == 0 or i + 1 == num_batches:
-            metrics = _flush(run, sums, count, epoch, times)
+        last = i + 1 == num_batches
+        if step % cfg.print_freq == 0 or last:
+            metrics = _flush(sums, count, times, epoch=epoch, step=step, lr=lr, world_size=info.world_size,
+                             logger=logger)
             bar.set_postfix(loss_d=f"{metrics['loss_d']:.3f}", acc1=f"{metrics['acc1']:.1f}")
             sums, count, times = {}, 0, [0.0, 0.0, 0, 0.0]
-        if i + 1 == num_batches:
+        status = after_step(step, i + 1, last) or "done"
+        if last or status != "done":
             break
-        if cfg.max_steps and run.step >= cfg.max_steps:
-            status = "max_steps"
-            break
-        # multi-process runs agree on stopping with a collective, so only at print_freq boundaries
-        if (du.get_world_size() == 1 or run.step % cfg.print_freq == 0) and run.stop.is_set(run.info.device):
-            status = "stopped"
-            break
-        if cfg.save_every_steps and run.step % cfg.save_every_steps == 0:
-            run.save(epoch, mid_epoch=True)
-        progress.set("waiting for data", run.step + 1)
+        progress.set("waiting for data", step + 1)
         end = time.perf_counter()
     bar.close()
     if count:
-        metrics = _flush(run, sums, count, epoch, times)
+        metrics = _flush(sums, count, times, epoch=epoch, step=step, lr=lr, world_size=info.world_size, logger=logger)
     if metrics is not None:
-        log.info("epoch %d step %d: %s", epoch, run.step,
+        log.info("epoch %d step %d: %s", epoch, step,
                  " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss_d", "loss_g", "acc1", "lr")))
-    return status
+    return status, metrics

@@ -17,6 +17,7 @@ import logging
 import math
 import re
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,3 +320,62 @@ def probe_step(trainer, clip, adversarial, device, channels_last=False, world_si
         return measure_step(step, device, per_clip,
                             subtract=state_bytes(probe),
                             smallest=smallest_trainable(trainer.model))
+
+
+# --- pretraining: the micro-batches of a step ---
+
+def _pretrain_fitting_options(cfg, estimate, usable, batch):
+    """What to change when one clip does not fit (the estimate's smaller clips, then other memory savers)."""
+    hints = fitting_hints(estimate, usable, batch, cfg.frame_per_clip, cfg.crop_size)
+    hints += ["--precision bf16"] if cfg.precision == "fp32" else []
+    hints += ["--grad_checkpointing"] if not cfg.grad_checkpointing else []
+    return ", ".join(hints + (["a larger --memory_budget"] if cfg.memory_budget else []))
+
+
+def plan_training_step(trainer, cfg, device, b, world, workers, start_epoch):
+    """Set `trainer.micro_batches` for pretraining (`cfg`: a `PretrainConfig`) from --micro_batch N, or plan it
+    from a measured probe (auto), the same on every rank. b: clips per process; world: processes.
+
+    Returns what was decided and measured (written to `memory_plan.json` in --log_dir); `MemoryPlanError`
+    (one line) when the batch cannot be split or not even one clip fits."""
+    smallest = smallest_trainable(trainer.model)
+    if cfg.micro_batch != "auto":
+        n = math.ceil(b / min(cfg.micro_batch, b))
+        if b // n < smallest:
+            raise MemoryPlanError(f"--micro_batch {cfg.micro_batch} splits the batch of {b} per process into "
+                                  f"micro-batches of {b // n} clip(s); the BatchNorm1d of --mlp_bn needs at least "
+                                  f"{smallest}")
+        trainer.micro_batches = n
+        log.info("batch %d (%d per process): %s (--micro_batch %d)", cfg.batch_size, b,
+                 split_text(n, b), cfg.micro_batch)
+        return {"micro_batches": n, "per_process_batch": b}
+    clip = (3, cfg.frame_per_clip, cfg.crop_size, cfg.crop_size)
+    adversarial = cfg.epochs > max(cfg.adv_start_epoch, start_epoch)  # plan for the costlier step if it will run
+    log.info("--micro_batch auto: measuring a %s step of %d and %d clips", "VideoMoCo" if adversarial else "MoCo",
+             smallest, 2 * smallest)
+    estimate = probe_step(trainer, clip, adversarial, device, cfg.channels_last, world)
+    limit = parse_size(cfg.memory_budget) if cfg.memory_budget else None
+    budget = budget_bytes(device, limit)
+    reserve = worker_reserve(workers, 2 * b * math.prod(clip)) if device.type == "cpu" else 0
+    try:
+        plan = plan_micro_batches(estimate, b, budget, reserve, what=f"batch {cfg.batch_size} ({b} per process)",
+                                  smallest=smallest)
+    except MemoryPlanError as e:
+        hints = _pretrain_fitting_options(cfg, estimate, usable_bytes(budget, reserve), b)
+        plan, error = None, f"{e}; to fit, try {hints}"
+    n = plan.micro_batches if plan else b + 1
+    if world > 1:  # every rank must split alike: the most micro-batches any rank needs
+        t = torch.tensor([n], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        n = int(t.item())
+    if n > b:
+        raise MemoryPlanError(error if plan is None else "another rank has too little memory for one clip")
+    if n != plan.micro_batches:  # another rank needs more
+        plan = dataclasses.replace(plan, micro_batches=n, micro_batch=math.ceil(b / n),
+                                   peak=estimate.peak(math.ceil(b / n), b))
+    trainer.micro_batches = n
+    what = f"batch {cfg.batch_size} ({b} per process{f' x {world}' if world > 1 else ''})"
+    log.info("%s", plan_line(plan, estimate, what, b))
+    return {"micro_batches": n, "per_process_batch": b, "budget_bytes": budget, "reserve_bytes": reserve,
+            "margin": MARGIN, **dataclasses.asdict(estimate),
+            **{f"plan_{k}": v for k, v in dataclasses.asdict(plan).items()}}

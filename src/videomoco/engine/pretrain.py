@@ -1,13 +1,14 @@
 """`videomoco pretrain`: wiring (config, processes, model, data, resume) around the epoch loop.
 
     run(cfg) -> launch (torchrun | mp.spawn | in-process) -> _worker(local_rank, cfg):
-        init_distributed -> model + generator + optimisers -> resume -> data -> epochs -> checkpoints
+        init_distributed -> build_trainer -> data -> resume -> _train_epochs: loop.train_one_epoch per epoch
+
+`build_trainer` is also what `benchmarks.train_step` times; `_train_epochs` decides every save and stop.
 """
 
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 from pathlib import Path
@@ -85,42 +86,51 @@ def _deterministic_environment(cfg):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
 
 
+def build_trainer(cfg, device):
+    """VideoMoCo, its frame-dropping generator, their SGD optimisers (fused on CUDA) and fp16 GradScalers, seeded
+    by `cfg.seed`, in one `AdversarialTrainer` (`.model`, `.generator`, `.opt_d`, `.opt_g`, `.scaler_d`,
+    `.scaler_g`): what `videomoco pretrain` and `benchmarks.train_step` train."""
+    from videomoco.method import AdversarialConfig, AdversarialTrainer, FrameDropGenerator, VideoMoCo
+    from videomoco.models import set_grad_checkpointing
+
+    torch.manual_seed(cfg.seed)  # the same initial weights and queue on every rank
+    model = VideoMoCo(arch=cfg.arch, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
+                      temporal_decay=cfg.temporal_decay, width=cfg.width, mlp_bn=cfg.mlp_bn,
+                      shuffle_bn=cfg.shuffle_bn).to(device)
+    generator = FrameDropGenerator(drop_ratio=cfg.drop_ratio, fill=cfg.fill).to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    if cfg.grad_checkpointing:  # the query encoder's backward; the key encoder runs without grad
+        set_grad_checkpointing(model.encoder_q)
+    params_d = [p for p in model.parameters() if p.requires_grad]
+    fused = True if device.type == "cuda" else None  # one kernel per step, and GradScaler.step without host syncs
+    opt_d = torch.optim.SGD(params_d, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused)
+    opt_g = torch.optim.SGD(generator.parameters(), cfg.g_lr or cfg.lr, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay, fused=fused)
+    precision = resolve_precision(cfg.precision, device)
+    fp16 = precision == "fp16"
+    scaler_d = torch.amp.GradScaler(device.type) if fp16 else None
+    scaler_g = torch.amp.GradScaler(device.type) if fp16 else None
+    adv = AdversarialConfig(drop_ratio=cfg.drop_ratio, fill=cfg.fill, g_loss=cfg.g_loss,
+                            g_loss_weight=cfg.g_loss_weight, real_query_loss=cfg.real_query_loss,
+                            adv_start_epoch=cfg.adv_start_epoch, g_grad=cfg.g_grad)
+    return AdversarialTrainer(model, generator, opt_d, opt_g, adv, amp_dtype=AMP_DTYPES[precision], scaler_d=scaler_d,
+                              scaler_g=scaler_g, bucket_mb=cfg.bucket_mb)
+
+
 class Run:
-    """Everything one process trains with; `save()` writes a checkpoint from rank 0."""
+    """What one process trains with and where it is (epoch, step, batch in the epoch); `save()` writes a
+    checkpoint from rank 0."""
 
     def __init__(self, cfg, info, batch):
         from videomoco.data.augment import GpuAugment
-        from videomoco.method import AdversarialConfig, AdversarialTrainer, FrameDropGenerator, VideoMoCo
-        from videomoco.models import set_grad_checkpointing
 
         self.cfg, self.info, self.per_process_batch = cfg, info, batch
         self.loader = self.sampler = None  # set by _build_data
-        dev = info.device
-        torch.manual_seed(cfg.seed)  # the same initial weights and queue on every rank
-        self.model = VideoMoCo(cfg.arch, cfg.moco_dim, cfg.moco_k, cfg.moco_m, cfg.moco_t, cfg.mlp,
-                               cfg.temporal_decay, cfg.width, mlp_bn=cfg.mlp_bn, shuffle_bn=cfg.shuffle_bn).to(dev)
-        self.generator = FrameDropGenerator(cfg.drop_ratio, cfg.fill).to(dev)
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last_3d)
-        if cfg.grad_checkpointing:  # the query encoder's backward; the key encoder runs without grad
-            set_grad_checkpointing(self.model.encoder_q)
-        params_d = [p for p in self.model.parameters() if p.requires_grad]
-        fused = True if dev.type == "cuda" else None  # one kernel per step, and GradScaler.step without host syncs
-        self.opt_d = torch.optim.SGD(params_d, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                     fused=fused)
-        self.opt_g = torch.optim.SGD(self.generator.parameters(), cfg.g_lr or cfg.lr, momentum=cfg.momentum,
-                                     weight_decay=cfg.weight_decay, fused=fused)
-        precision = resolve_precision(cfg.precision, dev)  # already resolved (and logged) by _train
-        fp16 = precision == "fp16"
-        self.scaler_d = torch.amp.GradScaler(dev.type) if fp16 else None
-        self.scaler_g = torch.amp.GradScaler(dev.type) if fp16 else None
-        adv = AdversarialConfig(drop_ratio=cfg.drop_ratio, fill=cfg.fill, g_loss=cfg.g_loss,
-                                g_loss_weight=cfg.g_loss_weight, real_query_loss=cfg.real_query_loss,
-                                adv_start_epoch=cfg.adv_start_epoch, g_grad=cfg.g_grad)
-        self.trainer = AdversarialTrainer(self.model, self.generator, self.opt_d, self.opt_g, adv,
-                                          AMP_DTYPES[precision], self.scaler_d, self.scaler_g, bucket_mb=cfg.bucket_mb)
+        self.trainer = build_trainer(cfg, info.device)
+        self.model, self.generator = self.trainer.model, self.trainer.generator
         self.augment = GpuAugment(color_jitter=(cfg.aug_jitter,) * 3 + (cfg.aug_hue,), grayscale_p=cfg.aug_grayscale,
-                                  flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus).to(dev)
+                                  flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus).to(info.device)
         self.stop = StopFlag()
         self.epoch, self.step, self.batch_in_epoch = cfg.start_epoch, 0, 0
         self.last_checkpoint, self.saved_step = None, None
@@ -131,19 +141,12 @@ class Run:
 
     # --- checkpoints ---
     def state(self, epoch, mid_epoch):
-        cfg = self.cfg
-        return {
-            "format": "videomoco", "version": 1,
-            "epoch": epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch if mid_epoch else 0,
-            "arch": cfg.arch, "config": dataclasses.asdict(cfg),
-            "state_dict": self.model.state_dict(), "generator": self.generator.state_dict(),
-            "optimizer": self.opt_d.state_dict(), "optimizer_g": self.opt_g.state_dict(),
-            "scaler": {"d": self.scaler_d.state_dict(), "g": self.scaler_g.state_dict()} if self.scaler_d else {},
-            "scheduler": schedule_state(cfg, epoch),
-            "sampler": self.sampler.state_dict(consumed=self.batch_in_epoch * self.per_process_batch if mid_epoch
-                                               else 0) | {"epoch": epoch},
-            "rng": ck.rng_state(),
-        }
+        t, batch = self.trainer, self.batch_in_epoch if mid_epoch else 0
+        sampler = self.sampler.state_dict(consumed=batch * self.per_process_batch) | {"epoch": epoch}
+        return ck.pretrain_state(dataclasses.asdict(self.cfg), epoch=epoch, step=self.step, batch_in_epoch=batch,
+                                 model=self.model, generator=self.generator, optimizer=t.opt_d, optimizer_g=t.opt_g,
+                                 scheduler=schedule_state(self.cfg, epoch), sampler=sampler, scaler_d=t.scaler_d,
+                                 scaler_g=t.scaler_g)
 
     def replicated(self):
         """(name, tensor) of what every rank holds alike: the parameters of D and G, the queue, its pointer and
@@ -163,8 +166,7 @@ class Run:
         bad = ck.nonfinite_tensors({"state_dict": self.model.state_dict(), "generator": self.generator.state_dict()})
         if bad:
             raise TrainingDiverged(f"{len(bad)} tensors of the weights are NaN/Inf at step {self.step} "
-                                   f"(epoch {epoch}), e.g. {bad[0]}: not saved; "
-                                   f"last good checkpoint: {self.last_checkpoint or 'none'}")
+                                   f"(epoch {epoch}), e.g. {bad[0]}: not saved", self.step)
         agreed = du.ranks_agree(self.replicated(), f"at step {self.step} (not saved)") if self.info.distributed else 0
         name = retention.checkpoint_name(epoch, self.step if mid_epoch else None)
         progress.set(f"writing {name}" if du.is_main_process() else "waiting for rank 0 to write", self.step)
@@ -197,12 +199,13 @@ class Run:
                      path, self.epoch)
             self.start = (self.epoch, 0, False)
             return
+        t = self.trainer
         self.generator.load_state_dict(ckpt["generator"])
-        load_optimizer_state(self.opt_d, ckpt["optimizer"])
-        load_optimizer_state(self.opt_g, ckpt["optimizer_g"])
-        if self.scaler_d is not None and ckpt.get("scaler"):
-            self.scaler_d.load_state_dict(ckpt["scaler"]["d"])
-            self.scaler_g.load_state_dict(ckpt["scaler"]["g"])
+        load_optimizer_state(t.opt_d, ckpt["optimizer"])
+        load_optimizer_state(t.opt_g, ckpt["optimizer_g"])
+        if t.scaler_d is not None and ckpt.get("scaler"):
+            t.scaler_d.load_state_dict(ckpt["scaler"]["d"])
+            t.scaler_g.load_state_dict(ckpt["scaler"]["g"])
         self.step, self.batch_in_epoch = int(ckpt["step"]), int(ckpt.get("batch_in_epoch", 0))
         self.sampler.load_state_dict({**ckpt["sampler"], "epoch": self.epoch,
                                       "position": self.batch_in_epoch * self.per_process_batch})
@@ -251,60 +254,6 @@ def _build_data(run, cfg, info, workers):
     return dataset
 
 
-def _fitting_options(cfg, estimate, usable, batch):
-    """What to change when one clip does not fit (the estimate's smaller clips, then other memory savers)."""
-    hints = memory.fitting_hints(estimate, usable, batch, cfg.frame_per_clip, cfg.crop_size)
-    hints += ["--precision bf16"] if cfg.precision == "fp32" else []
-    hints += ["--grad_checkpointing"] if not cfg.grad_checkpointing else []
-    return ", ".join(hints + (["a larger --memory_budget"] if cfg.memory_budget else []))
-
-
-def _plan_micro_batches(run, cfg, info, workers):
-    """Set `run.trainer.micro_batches` from --micro_batch N, or plan it from a measured probe (auto).
-
-    Returns what was decided and measured (written to `memory_plan.json` in --log_dir)."""
-    b, world = run.per_process_batch, info.world_size
-    smallest = memory.smallest_trainable(run.model)
-    if cfg.micro_batch != "auto":
-        n = math.ceil(b / min(cfg.micro_batch, b))
-        if b // n < smallest:
-            raise ConfigError(f"--micro_batch {cfg.micro_batch} splits the batch of {b} per process into micro-batches "
-                              f"of {b // n} clip(s); the BatchNorm1d of --mlp_bn needs at least {smallest}")
-        run.trainer.micro_batches = n
-        log.info("batch %d (%d per process): %s (--micro_batch %d)", cfg.batch_size, b,
-                 memory.split_text(n, b), cfg.micro_batch)
-        return {"micro_batches": n, "per_process_batch": b}
-    clip = (3, cfg.frame_per_clip, cfg.crop_size, cfg.crop_size)
-    adversarial = cfg.epochs > max(cfg.adv_start_epoch, run.epoch)  # plan for the costlier step if it will run
-    log.info("--micro_batch auto: measuring a %s step of %d and %d clips", "VideoMoCo" if adversarial else "MoCo",
-             smallest, 2 * smallest)
-    estimate = memory.probe_step(run.trainer, clip, adversarial, info.device, cfg.channels_last, world)
-    limit = memory.parse_size(cfg.memory_budget) if cfg.memory_budget else None
-    budget = memory.budget_bytes(info.device, limit)
-    reserve = memory.worker_reserve(workers, 2 * b * math.prod(clip)) if info.device.type == "cpu" else 0
-    try:
-        plan = memory.plan_micro_batches(estimate, b, budget, reserve, what=f"batch {cfg.batch_size} ({b} per process)",
-                                         smallest=smallest)
-    except memory.MemoryPlanError as e:
-        plan, error = None, f"{e}; to fit, try {_fitting_options(cfg, estimate, memory.usable_bytes(budget, reserve), b)}"
-    n = plan.micro_batches if plan else b + 1
-    if world > 1:  # every rank must split alike: the most micro-batches any rank needs
-        t = torch.tensor([n], device=info.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        n = int(t.item())
-    if n > b:
-        raise ConfigError(error if plan is None else "another rank has too little memory for one clip")
-    if n != plan.micro_batches:  # another rank needs more
-        plan = dataclasses.replace(plan, micro_batches=n, micro_batch=math.ceil(b / n),
-                                   peak=estimate.peak(math.ceil(b / n), b))
-    run.trainer.micro_batches = n
-    what = f"batch {cfg.batch_size} ({b} per process{f' x {world}' if world > 1 else ''})"
-    log.info("%s", memory.plan_line(plan, estimate, what, b))
-    return {"micro_batches": n, "per_process_batch": b, "budget_bytes": budget, "reserve_bytes": reserve,
-            "margin": memory.MARGIN, **dataclasses.asdict(estimate), **{f"plan_{k}": v for k, v in
-                                                                      dataclasses.asdict(plan).items()}}
-
-
 def _worker(local_rank, cfg):
     _deterministic_environment(cfg)  # before init_distributed, which may start CUDA
     try:
@@ -327,6 +276,50 @@ def _worker(local_rank, cfg):
 def _failed(message):
     """A failing rank says why in one line on stderr (`videomoco pretrain: error: rank R: ...`) and exits 1."""
     return {"status": "distributed_failure", "error": message, "exit_code": fail("pretrain", message, code=1)}
+
+
+def _train_epochs(run, cfg, info):
+    """Train from `run.epoch` to --epochs: the one place that decides when to save and when to stop.
+
+    Checkpoints every --save_every epochs and after the last, every --save_every_steps steps, and where a
+    signal (SIGTERM / SIGINT) or --max_steps stops the run. Returns "done", "stopped" or "max_steps".
+    """
+
+    def after_step(step, batch, end_of_epoch):  # train_one_epoch's call after every step of epoch `run.epoch`
+        run.step, run.batch_in_epoch = step, batch
+        if end_of_epoch:  # decided after the epoch, below
+            return None
+        if cfg.max_steps and step >= cfg.max_steps:
+            return "max_steps"
+        # multi-process runs agree on stopping with a collective, so only at print_freq boundaries
+        if (du.get_world_size() == 1 or step % cfg.print_freq == 0) and run.stop.is_set(info.device):
+            return "stopped"
+        if cfg.save_every_steps and step % cfg.save_every_steps == 0:
+            run.save(run.epoch, mid_epoch=True)
+        return None
+
+    for epoch in range(run.epoch, cfg.epochs):
+        info.progress.set(f"starting epoch {epoch}", run.step + 1)
+        if run.stop.is_set(info.device):  # signalled during the last step of the previous epoch
+            if run.saved_step != run.step:
+                run.save(epoch)
+            return "stopped"
+        set_epoch(run.loader, epoch)
+        set_lr(run.trainer.opt_d, lr_for(cfg, epoch))
+        set_lr(run.trainer.opt_g, lr_for(cfg, epoch, cfg.g_lr))
+        status, _ = train_one_epoch(run.trainer, run.loader, run.augment, cfg, info, epoch, run.step,
+                                    batch=run.per_process_batch, logger=run.logger, after_step=after_step)
+        if status != "done":
+            run.save(epoch, mid_epoch=True)
+            return status
+        run.epoch, run.batch_in_epoch = epoch + 1, 0
+        if run.epoch % cfg.save_every == 0 or run.epoch == cfg.epochs:
+            run.save(run.epoch)
+        if cfg.max_steps and run.step >= cfg.max_steps:
+            if run.saved_step != run.step:
+                run.save(run.epoch)
+            return "max_steps"
+    return "done"
 
 
 def _train(cfg, info):
@@ -360,7 +353,8 @@ def _train(cfg, info):
     if cfg.resumeG:
         log.warning("--resumeG %s: the authors' MaskGenerator does not fit our FrameDropGenerator "
                     "(different architecture); continuing with a fresh generator", cfg.resumeG)
-    memory_plan = _plan_micro_batches(run, cfg, info, workers)
+    memory_plan = memory.plan_training_step(run.trainer, cfg, info.device, run.per_process_batch, info.world_size,
+                                            workers, run.epoch)
     if cfg.compile:
         # the generator's update back-propagates with retain_graph=True, which donated buffers forbid
         torch._functorch.config.donated_buffer = False
@@ -379,34 +373,12 @@ def _train(cfg, info):
     log.info("%d videos, %d processes x batch %d, %d workers each, epochs %d..%d", len(dataset),
              info.world_size, batch, workers, run.epoch, cfg.epochs)
     run.stop.install()
-    status = "done"
     try:
-        for epoch in range(run.epoch, cfg.epochs):
-            info.progress.set(f"starting epoch {epoch}", run.step + 1)
-            if run.stop.is_set(info.device):  # signalled during the last step of the previous epoch
-                if run.saved_step != run.step:
-                    run.save(epoch)
-                status = "stopped"
-                break
-            set_epoch(run.loader, epoch)
-            set_lr(run.opt_d, lr_for(cfg, epoch))
-            set_lr(run.opt_g, lr_for(cfg, epoch, cfg.g_lr))
-            status = train_one_epoch(run, epoch)
-            if status != "done":
-                run.save(epoch, mid_epoch=True)
-                break
-            run.batch_in_epoch = 0
-            run.epoch = epoch + 1
-            if run.epoch % cfg.save_every == 0 or run.epoch == cfg.epochs:
-                run.save(run.epoch)
-            if cfg.max_steps and run.step >= cfg.max_steps:
-                if run.saved_step != run.step:
-                    run.save(run.epoch)
-                status = "max_steps"
-                break
+        status = _train_epochs(run, cfg, info)
     except TrainingDiverged as e:
-        log.error("%s", e)
-        return {"status": "diverged", "error": str(e), "step": run.step, "exit_code": 1}
+        msg = f"{e}; last good checkpoint: {run.last_checkpoint or 'none'}"
+        log.error("%s", msg)
+        return {"status": "diverged", "error": msg, "step": e.step, "exit_code": 1}
     except DataFailureError as e:  # raised in a loader worker: one line, not the worker's traceback
         msg = f"{error_line(e)}; the failed videos are quarantined, so a rerun (--resume auto) skips them"
         log.error("%s", msg)

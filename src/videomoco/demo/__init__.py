@@ -93,6 +93,14 @@ class DemoConfig:
     workers: int = 2
     seed: int = 0
 
+    def __post_init__(self):
+        """One-line `ValueError` (`ConfigError`) for a value the demo cannot use, before anything is rendered."""
+        resolve_device(self.device)
+        if self.arch not in list_encoders():
+            raise ConfigError(f"--arch must be one of {', '.join(list_encoders())}, got {self.arch!r}")
+        for name, number in (("width", POSITIVE_INT), ("workers", COUNT), ("seed", SEED)):
+            number.check(getattr(self, name), f"--{name}")
+
 
 class Timer:
     """Elapsed seconds per phase, printed as each phase ends."""
@@ -257,10 +265,9 @@ def add_arguments(parser):
 
 
 def main(args):
-    cfg = config_from(DemoConfig, args)
     try:
-        resolve_device(cfg.device)
-    except ConfigError as e:
+        cfg = config_from(DemoConfig, args)
+    except ValueError as e:
         return fail("demo", e)
     try:
         run(cfg)

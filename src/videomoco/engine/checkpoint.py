@@ -157,6 +157,25 @@ def finetune_state(model, optimizer, epoch, num_classes, classes=None):
             "optimizer": optimizer.state_dict()}
 
 
+def save_export(model, out, fmt="pth", source=""):
+    """The export format: `model`'s backbone (torchvision keys, no `fc.*`) as `.pth` or `.safetensors` at `out`,
+    and a JSON sidecar (`format`, `arch`, `width`, `feature_dim`, `source`) that `load_encoder` reads back.
+    Returns {"weights", "sidecar", "num_tensors", and the sidecar's fields}."""
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "export", "arch": model.arch, "width": model.width, "feature_dim": model.feature_dim}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(out), metadata={k: str(v) for k, v in meta.items()})
+    else:
+        torch.save(sd, out)
+    sidecar = out.with_suffix(".json")
+    sidecar.write_text(json.dumps({**meta, "source": str(source), "num_tensors": len(sd)}, indent=2) + "\n")
+    return {"weights": str(out), "sidecar": str(sidecar), "num_tensors": len(sd), **meta}
+
+
 def nonfinite_tensors(ckpt):
     """Names of the floating tensors with a NaN or Inf in `ckpt["state_dict"]` and `ckpt["generator"]`
     (prefixed `generator.`): the weights of a diverged run."""

@@ -204,7 +204,11 @@ def test_torchrun_restarts_from_the_newest_intact_checkpoint(videos, uninterrupt
     code, output, seconds = torchrun(videos, tmp_path, fault_env(tmp_path, fault), ["--max_restarts", "1"])
     assert code == 0, output[-3000:]
     lines = errors(output)
-    assert len(lines) == 1 and re.search(failure, lines[0]), lines or output[-3000:]
+    # the survivor says why in one line, unless torchrun's agent ends it before its collective notices the dead
+    # peer (a race the agent can win on a loaded machine when the survivor is waiting at a barrier)
+    assert len(lines) <= 1 and all(re.search(failure, line) for line in lines), lines or output[-3000:]
+    if "kill_while_saving" not in fault:
+        assert lines, output[-3000:]
     assert re.findall(r"INFO resumed from (\S+)", output) == [str(tmp_path / "ckp" / resumed)]
     assert "ranks agree on" in output.split("INFO resumed from")[1]  # the restarted group starts alike
     if "kill_while_saving" in fault:

@@ -43,19 +43,21 @@ def exchange_clips(x, perm, rank, world):
 
     x: this rank's clips (b, ...); perm: a permutation of the global batch (world * b,), the same on
     every rank, whose positions [r b, (r + 1) b) rank r encodes. Returns x_all[perm[rank b:(rank + 1) b]]
-    (b, ...) without gathering x_all. Split sizes are uneven and computed from `perm` on every rank alike.
+    (b, ...) without gathering x_all. Split sizes are uneven and computed from `perm` on every rank alike,
+    on the host (pass `perm` on the CPU: a GPU copy would cost a device sync here).
     """
-    b = x.shape[0]
+    b, perm = x.shape[0], perm.cpu()
     owner = torch.div(perm, b, rounding_mode="floor")  # the rank whose clip sits at each permuted position
     sent = (owner == rank).nonzero().squeeze(1)  # permuted positions of my clips, in order: by destination
     send_sizes = torch.bincount(torch.div(sent, b, rounding_mode="floor"), minlength=world).tolist()
     mine = owner[rank * b : (rank + 1) * b]
     recv_order = torch.argsort(mine, stable=True)  # my positions grouped by source, in order within each
     recv_sizes = torch.bincount(mine, minlength=world).tolist()
+    send = x[(perm[sent] - rank * b).to(x.device, non_blocking=True)].contiguous()
     received = x.new_empty(x.shape)  # contiguous, whatever the layout of x: the collective writes it flat
-    dist.all_to_all_single(received, x[perm[sent] - rank * b].contiguous(), recv_sizes, send_sizes)
+    dist.all_to_all_single(received, send, recv_sizes, send_sizes)
     out = x.new_empty(x.shape)
-    out[recv_order] = received
+    out[recv_order.to(x.device, non_blocking=True)] = received
     return out
 
 
@@ -64,11 +66,16 @@ def micro_batch_sizes(batch, chunks):
     return [batch // chunks + (i < batch % chunks) for i in range(chunks)]
 
 
-def _randperm(n, generator, device):
-    """A permutation of n from `generator` (on its own device) or the global RNG, on `device`."""
+def _draw_permutation(n, generator, device):
+    """A permutation of n from `generator` (on the generator's device) or from the global RNG (on `device`)."""
     if generator is None:
         return torch.randperm(n, device=device)
-    return torch.randperm(n, generator=generator, device=generator.device).to(device, non_blocking=True)
+    return torch.randperm(n, generator=generator, device=generator.device)
+
+
+def _randperm(n, generator, device):
+    """`_draw_permutation` on `device`."""
+    return _draw_permutation(n, generator, device).to(device, non_blocking=True)
 
 
 def own_key_fraction(K, num_videos):
@@ -180,16 +187,17 @@ class VideoMoCo(nn.Module):
         """
         world, rank = (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
         b = x.shape[0]
-        perm = _randperm(world * b, generator, x.device)
+        drawn = _draw_permutation(world * b, generator, x.device)  # training: on the host (a CPU generator)
         if world > 1 and generator is None:
-            dist.broadcast(perm, src=0)
+            dist.broadcast(drawn, src=0)
+        perm = drawn.to(x.device, non_blocking=True)
         mine = perm[rank * b : (rank + 1) * b]
         if world == 1:
             x_mine = x[mine]
         elif self.shuffle_bn == "all_gather":
             x_mine = concat_all_gather(x)[mine]  # (world * b, C, T, H, W), of which b are kept
         else:
-            x_mine = exchange_clips(x, perm, rank, world)
+            x_mine = exchange_clips(x, drawn, rank, world)  # split sizes from the host copy: no device sync
         k = torch.cat([self.encoder_k(chunk) for chunk in x_mine.split(micro_batch_sizes(b, chunks))])
         k_all = concat_all_gather(k) if world > 1 else k  # (world * b, dim) in permuted order
         return k_all[torch.argsort(perm)]

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from videomoco.method import VideoMoCo
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import REPO, moving_square_frames  # noqa: E402
+from test_distributed import free_port  # noqa: E402
 
 TINY = ["--width", "8", "-fpc", "8", "-cs", "32", "--moco-k", "32", "--moco-dim", "16", "-b", "4", "-j", "0",
         "--seed", "0", "-p", "1", "--save_every", "1", "--image_every", "1"]
@@ -46,12 +46,6 @@ def cli_run(videos, out, *extra):
 
 def metrics(out):
     return [json.loads(line) for line in (out / "log" / "metrics.jsonl").read_text().splitlines()]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def subprocess_env():

@@ -265,8 +265,7 @@ def _check(cfg):
         raise ConfigError("--g_grad authors adds D's loss to G's, which cancels --g_loss contrastive (-L_D)")
     if cfg.start_epoch >= cfg.epochs:
         raise ConfigError(f"--start_epoch {cfg.start_epoch} leaves nothing to train with --epochs {cfg.epochs}")
-    if not DEVICE.fullmatch(str(cfg.device)):  # its availability: `check_paths`, before any work
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    check_device_name(cfg.device)  # its availability: `check_paths`, before any work
     if not DIST_URL.fullmatch(str(cfg.dist_url)):
         raise ConfigError(f"--dist_url must be tcp://HOST:PORT, env:// or file://PATH, got {cfg.dist_url!r}")
     try:
@@ -283,14 +282,20 @@ def _check(cfg):
     return cfg
 
 
+def check_device_name(device):
+    """`device` as a str if it is auto, cpu, cuda or cuda:N, else `ConfigError` (one line)."""
+    device = str(device)
+    if not DEVICE.fullmatch(device):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    return device
+
+
 def resolve_device(device="auto"):
     """The device rule of every command: "auto" is "cuda" when a GPU is visible, else "cpu"; "cpu", "cuda" and
     "cuda:N" stay as given. `ConfigError` (one line) for another name, or for a CUDA device without CUDA."""
     import torch
 
-    device = str(device)
-    if not DEVICE.fullmatch(device):
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    device = check_device_name(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():

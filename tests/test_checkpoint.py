@@ -290,3 +290,16 @@ def test_refused_code_names_the_global_and_never_advises_weights_only_false(tmp_
     msg = str(e.value)
     assert "refused to load: the file contains Python objects (e.g. GLOBAL posix.system) that could run code" in msg
     assert "will likely succeed" not in msg and "\n" not in msg and "pwned" not in capfd.readouterr().out
+
+
+def test_checkpoint_input_norm_by_format():
+    from videomoco.data.augment import IMAGENET_MEAN, KINETICS_MEAN
+    from videomoco.engine.checkpoint import checkpoint_input_norm
+
+    authors = {"epoch": 100, "arch": "r2plus1d_18", "state_dict": {"module.encoder_q.fc.weight": torch.zeros(1)}}
+    assert checkpoint_input_norm(authors)["mean"] == list(IMAGENET_MEAN)
+    ours_old = {"format": "videomoco", "state_dict": {"encoder_q.fc.weight": torch.zeros(1)}}
+    assert checkpoint_input_norm(ours_old)["name"] == "kinetics"
+    ours = {**ours_old, "input_norm": {"name": "imagenet", "mean": [0.0] * 3, "std": [1.0] * 3}}
+    assert checkpoint_input_norm(ours)["mean"] == list(IMAGENET_MEAN)  # the name is trusted, not the numbers
+    assert checkpoint_input_norm({"state_dict": {"conv1.weight": torch.zeros(1)}})["mean"] == list(KINETICS_MEAN)

@@ -23,6 +23,20 @@ from torch import nn
 # Kinetics-400 statistics used by torchvision's video models.
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
+# ImageNet statistics: what the authors' loader and eval.py normalise with (tinapan-pt/VideoMoCo moco/loader.py).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The input normalisations an encoder can be trained with, by name: the one source for the checkpoint field
+# `input_norm` = {"name", "mean", "std"} (pretraining checkpoints, exports' sidecars, fine-tuned checkpoints).
+NORMALIZATIONS = {"kinetics": (KINETICS_MEAN, KINETICS_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def input_norm(name):
+    """The checkpoint record of the normalisation `name` ("kinetics" | "imagenet"): {"name", "mean", "std"}."""
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalisation {name!r}; choose from {', '.join(NORMALIZATIONS)}")
+    mean, std = NORMALIZATIONS[name]
+    return {"name": name, "mean": list(mean), "std": list(std)}
 
 
 # --------------------------------------------------------------------------- CPU side: crops

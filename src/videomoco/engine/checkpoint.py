@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from videomoco.data.augment import NORMALIZATIONS, input_norm
 from videomoco.method.moco import mlp_head
 from videomoco.models import build_encoder, list_encoders
 
@@ -227,6 +228,21 @@ def check_compatible(model_sd, ckpt_sd, ckpt_arch="?", model_arch="?"):
 def is_official(ckpt):
     """True for the authors' `{'epoch', 'arch', 'state_dict'}` checkpoints."""
     return ckpt.get("format") != "videomoco"
+
+
+def checkpoint_input_norm(ckpt):
+    """The input normalisation `ckpt`'s encoder was trained with, as {"name", "mean", "std"}.
+
+    Recorded as `input_norm` by ours (pretraining, export sidecar, fine-tuning); files that predate the field
+    and torchvision's weights were trained on Kinetics statistics; the authors' files (format-less dicts with
+    `module.` keys) on ImageNet statistics (their moco/loader.py and eval.py).
+    """
+    recorded = ckpt.get("input_norm")
+    if isinstance(recorded, dict) and recorded.get("name") in NORMALIZATIONS:
+        return input_norm(recorded["name"])
+    if ckpt.get("format") is None and any(k.startswith("module.") for k in ckpt.get("state_dict") or {}):
+        return input_norm("imagenet")
+    return input_norm("kinetics")
 
 
 # --- RNG state, stored as plain types so that weights_only=True loads it ---

@@ -160,16 +160,18 @@ def finetune_state(model, optimizer, epoch, num_classes, classes=None):
 
 def save_export(model, out, fmt="pth", source=""):
     """The export format: `model`'s backbone (torchvision keys, no `fc.*`) as `.pth` or `.safetensors` at `out`,
-    and a JSON sidecar (`format`, `arch`, `width`, `feature_dim`, `source`) that `load_encoder` reads back.
+    and a JSON sidecar (`format`, `arch`, `width`, `feature_dim`, `source`, and the input the encoder takes:
+    `frames`, `frame_stride`, `crop`, `input_norm`, from `model.preprocessing`) that `load_encoder` reads back.
     Returns {"weights", "sidecar", "num_tensors", and the sidecar's fields}."""
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"format": "export", "arch": model.arch, "width": model.width, "feature_dim": model.feature_dim}
+    meta = {"format": "export", "arch": model.arch, "width": model.width, "feature_dim": model.feature_dim,
+            **getattr(model, "preprocessing", {})}
     if fmt == "safetensors":
         from safetensors.torch import save_file
 
-        save_file(sd, str(out), metadata={k: str(v) for k, v in meta.items()})
+        save_file(sd, str(out), metadata={k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in meta.items()})
     else:
         torch.save(sd, out)
     sidecar = out.with_suffix(".json")
@@ -327,24 +329,49 @@ def encoder_state(path):
         sd = obj["state_dict"]
         config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
         info.update({k: config[k] for k in ("width", "dim", "mlp") if k in config})
-        for key in ("arch", "width", "format", "feature_dim"):
+        info.update({ours: config[theirs] for theirs, ours in PRETRAIN_CLIP.items() if theirs in config})
+        for key in ("arch", "width", "format", "feature_dim", *CLIP_DEFAULTS):
             if isinstance(obj.get(key), (str, int)):
                 info[key] = obj[key]
+        info["input_norm"] = checkpoint_input_norm(_parsed(obj, "input_norm"))
         info.setdefault("format", "authors")
     else:  # a bare state_dict: ours (exported, with its sidecar) or torchvision's
         sidecar = Path(path).with_suffix(".json")
         if sidecar.is_file():
             info.update(json.loads(sidecar.read_text()))
         sd, info["format"] = obj, info.get("format", "torchvision")
+        info["input_norm"] = checkpoint_input_norm(info)
     sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
     if any(k.startswith("encoder_q.") for k in sd):
         sd = {k[len("encoder_q.") :]: v for k, v in sd.items() if k.startswith("encoder_q.")}
     if not sd:
         raise CheckpointError(f"{path}: no encoder weights found")
-    for key in ("width", "feature_dim"):
+    for key in ("width", "feature_dim", *CLIP_DEFAULTS):
         if key in info:
             info[key] = int(info[key])
     return sd, info
+
+
+def _parsed(obj, key):
+    """`obj` with `obj[key]` decoded when it is JSON text (safetensors metadata holds strings only)."""
+    if isinstance(obj.get(key), str):
+        try:
+            return {**obj, key: json.loads(obj[key])}
+        except json.JSONDecodeError:
+            pass
+    return obj
+
+
+def preprocessing(info):
+    """What the encoder described by `info` (from `encoder_state`) takes: {"frames", "frame_stride", "crop",
+    "input_norm"}; a file that does not record the clip size gets torchvision's and the authors' 16 x 112."""
+    return {**{k: info.get(k, v) for k, v in CLIP_DEFAULTS.items()}, "input_norm": info["input_norm"]}
+
+
+# The clip an encoder takes (`load_encoder(...).preprocessing`, the export sidecar): the fields and their defaults
+# for files that do not say, and where our pretraining config records them.
+CLIP_DEFAULTS = {"frames": 16, "frame_stride": 1, "crop": 112}
+PRETRAIN_CLIP = {"frame_per_clip": "frames", "frame_stride": "frame_stride", "crop_size": "crop"}
 
 
 def _reference(arch, width):
@@ -407,7 +434,8 @@ def _head(sd):
 
 
 def load_encoder(path, arch=None, width=None, num_classes=None):
-    """The query encoder stored in `path`, ready for `forward_features(x (B, 3, T, H, W)) -> (B, feature_dim)`.
+    """The query encoder stored in `path`, in eval mode, ready for `forward_features(x (B, 3, T, H, W)) -> (B,
+    feature_dim)`; `.preprocessing` says what x is (`videomoco.transforms.preprocess` makes it from frames).
 
     `fc` is the head stored in the file (the pretraining projection, Linear or MLP; a fine-tuned classifier),
     or `nn.Identity()` when the file has none. `num_classes=N` replaces it by a fresh `nn.Linear(feature_dim, N)`
@@ -443,4 +471,5 @@ def load_encoder(path, arch=None, width=None, num_classes=None):
             head.load_state_dict(head_sd)
             model.fc = head
     model.arch, model.width = arch, width
-    return model
+    model.preprocessing = preprocessing(info)  # what `videomoco.transforms.preprocess` turns frames into
+    return model.eval()  # BatchNorm with its running statistics: `.train()` to fine-tune

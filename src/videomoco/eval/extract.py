@@ -24,12 +24,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from videomoco.data.augment import crop_and_resize, normalize, square_boxes
+from videomoco.data.augment import input_norm, normalize
 from videomoco.data.datasets import DECODE_ERRORS
-from videomoco.data.decode import read_clips
 from videomoco.data.index import open_index
-from videomoco.data.sampling import clip_span, uniform_clip_starts
 from videomoco.eval import common
+from videomoco.transforms import crop_clips, read_clips
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class VideoClips(Dataset):
 
     def __init__(self, paths, frame_counts, cfg):
         self.paths, self.frame_counts, self.cfg = paths, frame_counts, cfg
-        self.span = clip_span(cfg.frames, cfg.frame_stride)
+        self.spec = {"frames": cfg.frames, "frame_stride": cfg.frame_stride}
 
     def __len__(self):
         return len(self.paths)
@@ -89,11 +88,8 @@ class VideoClips(Dataset):
     def __getitem__(self, i):
         cfg = self.cfg
         try:
-            starts = uniform_clip_starts(int(self.frame_counts[i]), self.span, cfg.num_clips)
-            clips = read_clips(self.paths[i], sorted(set(starts)), cfg.frames, cfg.frame_stride)
-            by_start = dict(zip(sorted(set(starts)), clips))
-            box = square_boxes(*clips[0].shape[1:3])[0]
-            return torch.stack([crop_and_resize(by_start[s], box, cfg.crop) for s in starts]), i, True
+            clips = read_clips(self.paths[i], self.spec, cfg.num_clips, num_frames=self.frame_counts[i])
+            return crop_clips(clips, cfg.crop), i, True
         except DECODE_ERRORS as err:
             log.warning("skipping %s: %s", self.paths[i], " ".join(str(err).split()))
             return torch.zeros(cfg.num_clips, 3, cfg.frames, cfg.crop, cfg.crop, dtype=torch.uint8), i, False
@@ -114,10 +110,12 @@ def extract_chunk(encoder, dataset, rows, cfg, micro_batch=None):
     if micro_batch is None:
         micro_batch = common.plan_micro_batch(cfg, encoder, cfg.batch_size * cfg.num_clips)
     loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=cfg.batch_size, num_workers=cfg.workers)
+    # what the encoder was trained with (a random-init baseline has no record: Kinetics')
+    norm = getattr(encoder, "preprocessing", {}).get("input_norm") or input_norm("kinetics")
     feats, oks = [], []
     for clips, _, ok in loader:
         b, n = clips.shape[:2]
-        x = normalize(clips.flatten(0, 1).to(cfg.device))  # (B*N, 3, T, S, S)
+        x = normalize(clips.flatten(0, 1).to(cfg.device), norm["mean"], norm["std"])  # (B*N, 3, T, S, S)
         out = torch.cat([encoder.forward_features(part) for part in x.split(micro_batch)])
         feats.append(out.float().view(b, n, -1).mean(1).cpu())  # (B, D)
         oks.append(ok)

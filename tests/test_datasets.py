@@ -65,6 +65,16 @@ def test_pretrain_item_is_two_uint8_views_from_one_decode(index, views, monkeypa
         assert starts[0] != starts[1]
 
 
+def test_clips_per_video_gives_several_items_of_each_video(index, monkeypatch):
+    calls = count_reads(monkeypatch)
+    ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, clips_per_video=3, start_step=4)
+    assert len(ds) == 3 * ds.num_videos
+    items = [ds[i] for i in range(3, 6)]  # the three clips of video 1, each with its own draws
+    assert [path for path, _ in calls] == [index.path(1)] * 3
+    assert all(start % 4 == 0 for _, starts in calls for start in starts)
+    assert not torch.equal(items[0][0], items[1][0])
+
+
 def test_items_are_indexable_like_a_sequence(index):
     ds = LabeledDataset(index, frames_per_clip=T, crop_size=CROP, mode="test", num_clips=2)
     assert ds[-1][2] == len(index) - 1

@@ -286,18 +286,20 @@ def test_mlp_on_registered_encoder_keeps_key_layout():
     assert copy.deepcopy(model).state_dict().keys() == model.state_dict().keys()
 
 
-@pytest.mark.parametrize("K, n", [(32, 100), (64, 100), (150, 100), (250, 100)])
-def test_own_key_fraction_matches_a_simulated_queue(K, n):
-    """Epochs in a fresh random order, one key enqueued per sample: how often is a video's previous key queued?"""
+@pytest.mark.parametrize("K, n, clips", [(32, 100, 1), (64, 100, 1), (150, 100, 1), (250, 100, 1), (8, 19, 4),
+                                         (16, 19, 8), (4, 50, 2)])
+def test_own_key_fraction_matches_a_simulated_queue(K, n, clips):
+    """Epochs in a fresh random order of n videos x `clips` items, one key enqueued per sample: how often is a key
+    of the query's video queued?"""
     rng = np.random.default_rng(0)
-    order = np.concatenate([rng.permutation(n) for _ in range(200)])
+    order = np.concatenate([rng.permutation(n * clips) // clips for _ in range(200)])
     last_seen, hits, visits = {}, 0, 0
     for t, video in enumerate(order):
-        if video in last_seen and t >= 2 * n:  # skip the first two epochs (queue filling)
+        if video in last_seen and t >= 2 * n * clips:  # skip the first two epochs (queue filling)
             visits += 1
             hits += t - last_seen[video] <= K
         last_seen[video] = t
-    assert abs(hits / visits - own_key_fraction(K, n)) < 0.02
+    assert abs(hits / visits - own_key_fraction(K, n, clips)) < 0.02
     assert own_key_fraction(2 * n, n) == 1.0 and own_key_fraction(0, n) == 0.0
 
 

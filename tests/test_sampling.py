@@ -23,6 +23,14 @@ def test_random_clip_start_fits_and_covers_the_range():
     assert random_clip_start(10, 16, rng) == 0  # shorter than the span
 
 
+def test_clip_starts_with_a_step_are_its_multiples():
+    """The authors' -sbc 5: torchvision's VideoClips offers starts 0, 5, ... up to the last that fits."""
+    rng = np.random.default_rng(0)
+    assert {random_clip_start(100, 16, rng, step=5) for _ in range(2000)} == set(range(0, 85, 5))
+    pairs = [distinct_clip_starts(100, 16, rng, step=5) for _ in range(200)]
+    assert all(a < b and a % 5 == b % 5 == 0 and b <= 84 for a, b in pairs)
+
+
 def test_uniform_clip_starts():
     starts = uniform_clip_starts(250, 16, num_clips=10)
     assert len(starts) == 10 and starts[0] == 0 and starts[-1] == 234

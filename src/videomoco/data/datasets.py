@@ -155,25 +155,32 @@ class PretrainDataset(VideoClipDataset):
 
     views="same" (the authors'): one clip, two independent random resized crops (one box per
     clip, shared by its frames). views="distinct": two different clips of the video, decoded in
-    one pass, each with its own crop.
+    one pass, each with its own crop. `clips_per_video` N: N items per video per epoch, each with its
+    own draws (torchvision's `RandomClipSampler(video_clips, N)`; the authors' train.py uses 1), item i
+    of video i // N. `start_step`: clip starts are multiples of it (the authors' `-sbc`).
     """
 
     clip_fields = (0, 1)
 
     def __init__(self, index, frames_per_clip=16, frame_stride=1, crop_size=112, scale=(0.2, 1.0),
-                 short_side=None, views="same", seed=0, max_failures=0.01, threads=None):
+                 short_side=None, views="same", seed=0, max_failures=0.01, threads=None, clips_per_video=1,
+                 start_step=1):
         if views not in ("same", "distinct"):
             raise ValueError(f"views must be 'same' or 'distinct', got {views!r}")
+        if clips_per_video < 1 or start_step < 1:
+            raise ValueError(f"need clips_per_video >= 1 and start_step >= 1, got {clips_per_video}, {start_step}")
         super().__init__(index, frames_per_clip, frame_stride, crop_size, short_side, seed, max_failures, threads)
         self.scale, self.views = scale, views
+        self.items_per_video, self.start_step = clips_per_video, start_step
 
     def load(self, i, rng):
-        num_frames = int(self.frames[i])
+        video = i // self.items_per_video
+        num_frames = int(self.frames[video])
         if self.views == "same":
-            clip = self.read(i, [random_clip_start(num_frames, self.span, rng)])[0]
+            clip = self.read(video, [random_clip_start(num_frames, self.span, rng, self.start_step)])[0]
             clips = [clip, clip]
         else:
-            clips = self.read(i, distinct_clip_starts(num_frames, self.span, rng))
+            clips = self.read(video, distinct_clip_starts(num_frames, self.span, rng, step=self.start_step))
             if rng.random() < 0.5:  # starts are sorted: do not make the query always the earlier clip
                 clips = clips[::-1]
         h, w = clips[0].shape[1:3]

@@ -22,9 +22,10 @@ def clip_span(frames_per_clip, frame_stride=1):
     return frames_per_clip * frame_stride
 
 
-def random_clip_start(num_frames, span, rng):
-    """A uniformly random start frame such that the clip fits (0 for videos shorter than `span`)."""
-    return int(rng.integers(0, max(0, num_frames - span) + 1))
+def random_clip_start(num_frames, span, rng, step=1):
+    """A uniformly random start frame among 0, step, 2 step, ... such that the clip fits (0 for videos shorter
+    than `span`); `step` is the authors' `-sbc` (torchvision's `VideoClips(step_between_clips)`)."""
+    return step * int(rng.integers(0, max(0, num_frames - span) // step + 1))
 
 
 def uniform_clip_starts(num_frames, span, num_clips=10):
@@ -38,17 +39,16 @@ def uniform_clip_starts(num_frames, span, num_clips=10):
     return [round(i * last / (num_clips - 1)) for i in range(num_clips)]
 
 
-def distinct_clip_starts(num_frames, span, rng, count=2):
-    """`count` different random start frames, sorted (one decoding pass reads them in order).
-
-    Clips may overlap; when the video has fewer than `count` possible starts, starts repeat.
+def distinct_clip_starts(num_frames, span, rng, count=2, step=1):
+    """`count` different random start frames among 0, step, 2 step, ..., sorted (one decoding pass reads them
+    in order). Clips may overlap; when the video has fewer than `count` possible starts, starts repeat.
     """
-    last = max(0, num_frames - span)
+    last = max(0, num_frames - span) // step
     if last + 1 >= count:
         starts = rng.choice(last + 1, size=count, replace=False)
     else:
         starts = rng.integers(0, last + 1, size=count)
-    return sorted(int(s) for s in starts)
+    return sorted(step * int(s) for s in starts)
 
 
 class EpochSampler(Sampler):

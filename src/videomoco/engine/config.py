@@ -62,7 +62,7 @@ class PretrainConfig:
     temporal_decay: float = 0.99999
     crop_size: int = 112
     frame_per_clip: int = 16
-    step_between_clips: int = 1
+    step_between_clips: int = 1  # clip starts are multiples of it (the authors' -sbc)
     lr: float = 0.03
     lr_decay: float = 0.1
     warmup: bool = False
@@ -115,6 +115,7 @@ class PretrainConfig:
     width: int = 64
     views: str = "same"  # the authors': two crops of one clip
     subset: str = "train"  # the authors read DATA/train
+    clips_per_video: int = 1  # items per video per epoch (the authors' train.py: RandomClipSampler(..., 1))
     config: str = ""
     max_steps: int = 0  # 0: no limit
     save_every: int = 10
@@ -142,7 +143,8 @@ _FLAGS = [
     (("-t", "--temporal_decay"), "temporal_decay", "temporal decay of queue keys", {"type": FACTOR}),
     (SHARED["crop"], "crop_size", "crop size of the clips", {"type": POSITIVE_INT}),
     (SHARED["frames"], "frame_per_clip", "frames per clip", {"type": POSITIVE_INT}),
-    (("-sbc", "--step_between_clips"), "step_between_clips", "frames between clip starts", {"type": POSITIVE_INT}),
+    (("-sbc", "--step_between_clips"), "step_between_clips", "clip starts are drawn among frames 0, N, 2N, ... "
+     "(the authors' flag: torchvision's VideoClips step)", {"type": POSITIVE_INT}),
     (SHARED["lr"], "lr", "initial learning rate", {"type": NON_NEGATIVE}),
     (SHARED["lr_decay"], "lr_decay", "learning rate decay factor", {"type": FACTOR}),
     (("--warmup",), "warmup", "linear warm-up over the first --schedule milestone", {"action": "store_true"}),
@@ -206,6 +208,9 @@ _FLAGS = [
     (("--views",), "views", "query and key from the same clip or two clips", {"choices": ("same", "distinct")}),
     (("--subset",), "subset", "videos to pretrain on: the train subset (Kinetics train/, UCF101/HMDB51 split-1 "
      "train list), val, test or all", {"choices": ("train", "val", "test", "all")}),
+    (("--clips_per_video",), "clips_per_video", "clips drawn from every video per epoch, each with its own start "
+     "and crops (for a folder of fewer videos than a batch; PySlowFast's and the authors' eval use 1 to 10)",
+     {"type": POSITIVE_INT}),
     (("--max_steps",), "max_steps", "stop after N steps in total (0: no limit)", {"type": COUNT}),
     (("--save_every",), "save_every", "checkpoint every N epochs", {"type": POSITIVE_INT}),
     (("--save_every_steps",), "save_every_steps", "also checkpoint every N steps (0: off)", {"type": COUNT}),

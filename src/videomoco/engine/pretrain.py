@@ -244,7 +244,9 @@ def _build_data(run, cfg, info, workers):
             log.info("pretraining on %s", which)
         dataset = PretrainDataset(index, frames_per_clip=cfg.frame_per_clip,
                                   frame_stride=cfg.frame_stride, crop_size=cfg.crop_size, views=cfg.views,
-                                  scale=(cfg.aug_scale_min, 1.0), seed=cfg.seed)
+                                  scale=(cfg.aug_scale_min, 1.0), seed=cfg.seed, clips_per_video=cfg.clips_per_video,
+                                  start_step=cfg.step_between_clips)
+        _check_one_batch(cfg, dataset.num_videos, info.world_size)
         run.loader = build_loader(dataset, run.per_process_batch, workers, shuffle=True, drop_last=True,
                                   seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                                   pin_memory=info.device.type == "cuda")
@@ -252,6 +254,35 @@ def _build_data(run, cfg, info, workers):
         raise ConfigError(f"DATA {cfg.data}: {e}") from None
     run.sampler = run.loader.sampler
     return dataset
+
+
+def _check_one_batch(cfg, videos, world_size):
+    """`ConfigError` naming the fix when an epoch of `videos` x --clips_per_video items has no full batch."""
+    items = videos * cfg.clips_per_video
+    if items // world_size * world_size >= cfg.batch_size:
+        return
+    fits = items // world_size * world_size
+    lower = f"lower -b to at most {fits}, or " if fits else ""
+    raise ValueError(f"{videos} videos x {cfg.clips_per_video} clips per video give {items} clips per epoch, fewer "
+                     f"than one batch of {cfg.batch_size}: {lower}draw several clips per video per epoch with "
+                     f"--clips_per_video {-(-cfg.batch_size // videos)} (README: \"Your own videos\")")
+
+
+def _warn_own_key_negatives(cfg, videos):
+    """One warning when 10% or more of the queries find a key of their own video among the queue's negatives,
+    with the queue (and batch, which the queue must hold) that avoids it: 40% of the videos, 8% of queries."""
+    stale = own_key_fraction(cfg.moco_k, videos, cfg.clips_per_video)
+    if stale < 0.1:
+        return
+    limit = max(1, int(0.4 * videos))
+    if limit >= cfg.batch_size:
+        fix = f"use --moco-k {limit} or less (40% of the videos)"
+    else:  # the queue holds at least one batch
+        fix = f"the queue holds at least a batch, so lower both, e.g. -b {limit} --moco-k {limit} (40% of the videos)"
+    if cfg.clips_per_video > 1:
+        fix += f"; with --clips_per_video {cfg.clips_per_video} the video's other clips of the epoch are queued too"
+    log.warning("--moco-k %d with %d videos: about %.0f%% of queries find a key of their own video among the "
+                "negatives; %s", cfg.moco_k, videos, 100 * stale, fix)
 
 
 def _worker(local_rank, cfg):
@@ -365,13 +396,10 @@ def _train(cfg, info):
         save_config(cfg, Path(cfg.log_dir) / "config.yaml")
         (Path(cfg.log_dir) / "memory_plan.json").write_text(json.dumps(memory_plan, indent=1) + "\n")
         run.logger.text("config", "\n".join(f"    {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
-    stale = own_key_fraction(cfg.moco_k, len(dataset))
-    if stale >= 0.1 and du.is_main_process():
-        log.warning("--moco-k %d is %.1fx the %d videos: about %.0f%% of queries find their own video's key from "
-                    "the previous epoch among the negatives; use a queue of at most 40%% of the videos",
-                    cfg.moco_k, cfg.moco_k / max(len(dataset), 1), len(dataset), 100 * stale)
-    log.info("%d videos, %d processes x batch %d, %d workers each, epochs %d..%d", len(dataset),
-             info.world_size, batch, workers, run.epoch, cfg.epochs)
+    if du.is_main_process():
+        _warn_own_key_negatives(cfg, dataset.num_videos)
+    log.info("%d videos x %d clips per video, %d processes x batch %d, %d workers each, epochs %d..%d",
+             dataset.num_videos, cfg.clips_per_video, info.world_size, batch, workers, run.epoch, cfg.epochs)
     run.stop.install()
     try:
         status = _train_epochs(run, cfg, info)

@@ -14,6 +14,8 @@ step wrote but equals our age for the initial random keys, so the two differ by 
 
 import copy
 
+import numpy as np
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -78,20 +80,41 @@ def _randperm(n, generator, device):
     return _draw_permutation(n, generator, device).to(device, non_blocking=True)
 
 
-def own_key_fraction(K, num_videos):
-    """Fraction of queries whose own key from the previous epoch is still in a queue of K keys.
+def own_key_fraction(K, num_videos, clips_per_video=1):
+    """Fraction of queries that find a key of their own video in a queue of K keys.
 
     With a fresh random order every epoch, a video's two visits are `N + d` samples apart (N =
     `num_videos`, d triangular on (-N, N)); its old key is still queued when that gap is at most K. That stale
     view of the same video then counts as a negative, which fights the positive: keep K well below
-    the number of videos (MoCo's 65536 keys are 5% of ImageNet, 27% of Kinetics-400).
+    the number of videos (MoCo's 65536 keys are 5% of ImageNet, 27% of Kinetics-400). With `clips_per_video`
+    C > 1 the video's other C - 1 clips of the same epoch count too, so the fraction nears K / N, not (K / N)^2 / 2.
     """
+    if clips_per_video > 1:
+        return _own_key_fraction_clips(K, int(num_videos), int(clips_per_video))
     n = max(int(num_videos), 1)
     if K >= 2 * n:
         return 1.0
     if K <= n:
         return K * K / (2.0 * n * n)
     return 1.0 - (2 * n - K) ** 2 / (2.0 * n * n)
+
+
+def _own_key_fraction_clips(K, videos, clips):
+    """`own_key_fraction` for `clips` items per video in each epoch's random order of M = videos x clips items:
+    a query at position p has a = min(p, K) queued keys of this epoch (where its video's other clips - 1 items
+    fall at random among the M - 1 other positions) and b = K - a of the last epoch (its C items among M),
+    averaged over p."""
+    m = videos * clips
+    if K >= m:
+        return 1.0
+    a = np.minimum(np.arange(m), K).astype(np.float64)
+    b = K - a
+    none = np.ones(m)
+    for j in range(clips - 1):  # no other clip of this epoch among the a queued keys
+        none *= np.clip((m - 1 - a - j) / (m - 1 - j), 0, 1)
+    for j in range(clips):  # no clip of the last epoch among the b queued keys
+        none *= np.clip((m - b - j) / (m - j), 0, 1)
+    return float(1.0 - none.mean())
 
 
 def mlp_head(fc, bn=False):

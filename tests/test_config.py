@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import os
 import re
 
 import pytest
@@ -22,10 +23,17 @@ def test_authors_defaults():
     assert (cfg.temporal_decay, cfg.crop_size, cfg.frame_per_clip, cfg.step_between_clips) == (0.99999, 112, 16, 1)
     assert (cfg.lr, cfg.lr_decay, cfg.wp_lr, cfg.schedule) == (0.03, 0.1, 0.0025, [120, 160])
     assert (cfg.momentum, cfg.weight_decay, cfg.print_freq) == (0.9, 1e-4, 10)
-    assert (cfg.log_dir, cfg.ckp_dir, cfg.dist_backend) == ("logs_moco", "checkpoints_moco", "nccl")
+    assert (cfg.log_dir, cfg.ckp_dir, cfg.dist_backend) == ("logs_moco", os.path.join("logs_moco", "ckp"), "nccl")
     assert (cfg.moco_dim, cfg.moco_k, cfg.moco_m, cfg.moco_t) == (128, 65536, 0.999, 0.07)
     assert (cfg.world_size, cfg.rank, cfg.seed, cfg.gpu) == (-1, -1, None, None)
     assert not (cfg.mlp or cfg.aug_plus or cfg.cos or cfg.warmup or cfg.multiprocessing_distributed)
+
+
+def test_checkpoints_go_beside_the_logs_unless_given():
+    assert parse(["d", "--log_dir", "runs/mine"]).ckp_dir == os.path.join("runs/mine", "ckp")
+    assert parse(["d", "--log_dir", "runs/mine", "--ckp_dir", "elsewhere"]).ckp_dir == "elsewhere"
+    # the resolved config (config.yaml) reloads to the same place
+    assert PretrainConfig(**dataclasses.asdict(parse(["d", "--log_dir", "L"]))).ckp_dir == os.path.join("L", "ckp")
 
 
 def test_authors_short_flags():

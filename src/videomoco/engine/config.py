@@ -72,7 +72,7 @@ class PretrainConfig:
     weight_decay: float = 1e-4
     print_freq: int = 10
     log_dir: str = "logs_moco"
-    ckp_dir: str = "checkpoints_moco"
+    ckp_dir: str = ""  # empty: LOG_DIR/ckp, beside the logs (the authors' default is ./checkpoints_moco)
     resume: str = ""
     resumeG: str = ""
     world_size: int = -1
@@ -120,8 +120,8 @@ class PretrainConfig:
     max_steps: int = 0  # 0: no limit
     save_every: int = 10
     save_every_steps: int = 0
-    keep_last: int = 20
-    keep_every: int = 0
+    keep_last: int = 3  # with keep_every 100: 4 files of a 200-epoch run (~1.6 GB for r2plus1d_18)
+    keep_every: int = 100  # epoch 100: where the authors' recipe starts the generator (--adv_start_epoch)
     image_every: int = 10
     device: str = "auto"
     deterministic: bool = False
@@ -129,6 +129,7 @@ class PretrainConfig:
     memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
 
     def __post_init__(self):
+        self.ckp_dir = self.ckp_dir or os.path.join(self.log_dir, "ckp")
         _check(self)  # every way of making a config (flags, YAML, Python, the demo) gets the same one-line errors
 
 
@@ -154,7 +155,7 @@ _FLAGS = [
     (SHARED["weight_decay"], "weight_decay", "weight decay", {"type": NON_NEGATIVE}),
     (("-p", "--print_freq"), "print_freq", "log every N steps (the only host syncs)", {"type": POSITIVE_INT}),
     (("--log_dir",), "log_dir", "TensorBoard, metrics.jsonl and config.yaml", {}),
-    (("--ckp_dir",), "ckp_dir", "checkpoint directory", {}),
+    (("--ckp_dir",), "ckp_dir", "checkpoint directory; empty: LOG_DIR/ckp", {}),
     (("--resume",), "resume", "checkpoint to resume from (ours or the authors'); 'auto' = newest in --ckp_dir", {}),
     (("--resumeG",), "resumeG", "the authors' generator checkpoint (not loadable: different architecture)", {}),
     (("--world_size",), "world_size", "number of nodes (with --multiprocessing_distributed)",

@@ -25,8 +25,9 @@ def args(folder, out):
             "--workers", "0", "--device", "cpu"]
 
 
-def test_extract_writes_features_and_paths(tmp_path, folder):
+def test_extract_writes_features_and_paths(tmp_path, folder, capsys):
     assert cli(args(folder, tmp_path / "feats")) == 0
+    assert "6/6" in capsys.readouterr().err  # the bar counts videos (the broken one is counted, then skipped), not chunks
     feats = np.load(tmp_path / "feats.npy")
     with open(tmp_path / "feats.csv") as f:
         rows = list(csv.DictReader(f))

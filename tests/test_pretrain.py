@@ -513,14 +513,21 @@ def test_nonfinite_weights_are_never_saved(videos, tmp_path, monkeypatch, caplog
                       "last good checkpoint: none"]
 
 
-def test_fewer_videos_than_a_batch_names_the_fix_and_clips_per_video_runs(videos, tmp_path, capsys):
-    """8 videos, -b 16: one line with both fixes; --clips_per_video 2 makes 16 clips an epoch, one step."""
+def test_fewer_videos_than_a_batch_names_the_fix_and_clips_per_video_runs(videos, tmp_path, capsys, caplog):
+    """8 videos, -b 16: one line with both fixes; --clips_per_video 2 makes 16 clips an epoch, one step. The log
+    says when the generator joins, and each epoch's line the run's progress and time left."""
     assert cli_run(videos, tmp_path / "a", "-b", "16", "--moco-k", "32") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("videomoco pretrain: error: ") and "8 videos x 1 clips per video give 8 clips" in err
     assert "lower -b to at most 8, or draw several clips per video per epoch with --clips_per_video 2" in err
-    assert cli_run(videos, tmp_path / "b", "-b", "16", "--moco-k", "32", "--clips_per_video", "2", "--epochs", "1",
-                   "--micro_batch", "16", "-sbc", "3") == 0
-    assert [m["step"] for m in metrics(tmp_path / "b")] == [1]
+    caplog.set_level("INFO")
+    assert cli_run(videos, tmp_path / "b", "-b", "16", "--moco-k", "32", "--clips_per_video", "2", "--epochs", "2",
+                   "--adv_start_epoch", "1", "--micro_batch", "16", "-sbc", "3") == 0
+    assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2]
+    log = caplog.text
+    assert "epochs 1-1: plain MoCo with temporal decay, no generator" in log
+    assert "joins at epoch 2 (--adv_start_epoch 1)" in log and "epoch 2: the generator joins" in log
+    assert re.search(r"epoch 1/2 step 1 \(G off until 2\): .* this epoch, about \S+ left for the run", log)
+    assert re.search(r"epoch 2/2 step 2 \(G on\): .*about 0s left for the run", log)
     config = yaml.safe_load((tmp_path / "b" / "log" / "config.yaml").read_text())
     assert (config["clips_per_video"], config["step_between_clips"]) == (2, 3)

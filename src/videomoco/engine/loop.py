@@ -110,6 +110,27 @@ def _flush(sums, count, times, *, epoch, step, lr, world_size, logger):
     return metrics
 
 
+def duration(seconds):
+    """`seconds` as a short human string: 45s, 12m05s, 3h07m, 2d04h."""
+    seconds = max(int(round(seconds)), 0)
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if days:
+        return f"{days}d{hours % 24:02d}h"
+    if hours:
+        return f"{hours}h{minutes % 60:02d}m"
+    return f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
+
+
+def run_eta(seconds_per_step, steps_left_in_epoch, epochs_after, steps_per_epoch):
+    """Seconds left in the run at this rate: the rest of this epoch plus `epochs_after` whole epochs."""
+    return seconds_per_step * (steps_left_in_epoch + epochs_after * steps_per_epoch)
+
+
+def generator_state(epoch, cfg):
+    """The progress bar's word for the generator in `epoch`: "on", or "off until E" (--adv_start_epoch)."""
+    return "on" if epoch >= cfg.adv_start_epoch else f"off until {cfg.adv_start_epoch + 1}"
+
+
 def train_one_epoch(trainer, loader, augment, cfg, info, epoch, step, *, batch, logger, after_step):
     """Train `epoch` from the loader's position with `trainer`; `step`: the steps done before it.
 
@@ -124,8 +145,9 @@ def train_one_epoch(trainer, loader, augment, cfg, info, epoch, step, *, batch, 
     lr = trainer.opt_d.param_groups[0]["lr"]  # logged; set once per epoch (engine.schedule)
     num_batches = len(loader.sampler) // batch
     start = loader.sampler.start // batch
-    bar = tqdm(total=num_batches, initial=start, desc=f"epoch {epoch}", mininterval=2.0, dynamic_ncols=True,
-               disable=not du.is_main_process(), leave=False)
+    bar = tqdm(total=num_batches, initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}", mininterval=2.0,
+               dynamic_ncols=True, disable=not du.is_main_process(), leave=False)
+    epoch_start, steps_in_epoch = time.perf_counter(), 0
     sums, count, times, metrics = {}, 0, [0.0, 0.0, 0, 0.0], None  # data s, step s, clips, end of the last step
     end = time.perf_counter()
     status = "done"
@@ -151,11 +173,15 @@ def train_one_epoch(trainer, loader, augment, cfg, info, epoch, step, *, batch, 
         times[1] += times[3] - end
         times[2] += im_q.shape[0]
         bar.update(1)
+        steps_in_epoch += 1
         last = i + 1 == num_batches
         if step % cfg.print_freq == 0 or last:
             metrics = _flush(sums, count, times, epoch=epoch, step=step, lr=lr, world_size=info.world_size,
                              logger=logger)
-            bar.set_postfix(loss_d=f"{metrics['loss_d']:.3f}", acc1=f"{metrics['acc1']:.1f}")
+            left = run_eta((time.perf_counter() - epoch_start) / steps_in_epoch, num_batches - i - 1,
+                           cfg.epochs - epoch - 1, num_batches)
+            bar.set_postfix(loss_d=f"{metrics['loss_d']:.3f}", acc1=f"{metrics['acc1']:.1f}",
+                            G=generator_state(epoch, cfg), run_left=duration(left))
             sums, count, times = {}, 0, [0.0, 0.0, 0, 0.0]
         status = after_step(step, i + 1, last) or "done"
         if last or status != "done":
@@ -166,6 +192,10 @@ def train_one_epoch(trainer, loader, augment, cfg, info, epoch, step, *, batch, 
     if count:
         metrics = _flush(sums, count, times, epoch=epoch, step=step, lr=lr, world_size=info.world_size, logger=logger)
     if metrics is not None:
-        log.info("epoch %d step %d: %s", epoch, step,
-                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss_d", "loss_g", "acc1", "lr")))
+        seconds = time.perf_counter() - epoch_start
+        left = run_eta(seconds / max(steps_in_epoch, 1), 0, cfg.epochs - epoch - 1, num_batches)
+        log.info("epoch %d/%d step %d (G %s): %s; %s this epoch, about %s left for the run", epoch + 1, cfg.epochs,
+                 step, generator_state(epoch, cfg),
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss_d", "loss_g", "acc1", "lr")),
+                 duration(seconds), duration(left))
     return status, metrics

@@ -329,8 +329,21 @@ def _train_epochs(run, cfg, info):
             run.save(run.epoch, mid_epoch=True)
         return None
 
+    first = run.epoch
+    if du.is_main_process():
+        if run.epoch >= cfg.adv_start_epoch:
+            log.info("the generator trains from this run's first step (--adv_start_epoch %d)", cfg.adv_start_epoch)
+        elif cfg.adv_start_epoch < cfg.epochs:
+            log.info("epochs %d-%d: plain MoCo with temporal decay, no generator (loss_g and drop_fraction are 0); "
+                     "the generator joins at epoch %d (--adv_start_epoch %d)", run.epoch + 1, cfg.adv_start_epoch,
+                     cfg.adv_start_epoch + 1, cfg.adv_start_epoch)
+        else:
+            log.info("no generator in this run: --adv_start_epoch %d is not below --epochs %d (plain MoCo with "
+                     "temporal decay; loss_g and drop_fraction stay 0)", cfg.adv_start_epoch, cfg.epochs)
     for epoch in range(run.epoch, cfg.epochs):
         info.progress.set(f"starting epoch {epoch}", run.step + 1)
+        if epoch == cfg.adv_start_epoch and epoch > first and du.is_main_process():
+            log.info("epoch %d: the generator joins (--adv_start_epoch %d)", epoch + 1, cfg.adv_start_epoch)
         if run.stop.is_set(info.device):  # signalled during the last step of the previous epoch
             if run.saved_step != run.step:
                 run.save(epoch)

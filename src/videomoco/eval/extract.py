@@ -103,10 +103,11 @@ def _save_chunk(path, features, rows, ok):
 
 
 @torch.inference_mode()
-def extract_chunk(encoder, dataset, rows, cfg, micro_batch=None):
+def extract_chunk(encoder, dataset, rows, cfg, micro_batch=None, bar=None):
     """Video features `(len(rows), D)` (mean over clips) and ok flags of the videos `rows`.
 
-    micro_batch: clips per forward; None: planned (once per encoder) for batches of batch_size x num_clips."""
+    micro_batch: clips per forward; None: planned (once per encoder) for batches of batch_size x num_clips.
+    bar: a progress bar counting videos, advanced after every batch."""
     if micro_batch is None:
         micro_batch = common.plan_micro_batch(cfg, encoder, cfg.batch_size * cfg.num_clips)
     loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=cfg.batch_size, num_workers=cfg.workers)
@@ -119,6 +120,8 @@ def extract_chunk(encoder, dataset, rows, cfg, micro_batch=None):
         out = torch.cat([encoder.forward_features(part) for part in x.split(micro_batch)])
         feats.append(out.float().view(b, n, -1).mean(1).cpu())  # (B, D)
         oks.append(ok)
+        if bar is not None:
+            bar.update(b)
     return torch.cat(feats).numpy(), torch.cat(oks).numpy()
 
 
@@ -143,11 +146,14 @@ def run(cfg):
     done = sum((parts / f"chunk_{k:05d}.npz").is_file() for k in range(len(chunks)))
     if done:
         log.info("resuming: %d of %d chunks already done", done, len(chunks))
-    for k, rows in enumerate(tqdm(chunks, desc="extract", unit="chunk", initial=0)):
-        path = parts / f"chunk_{k:05d}.npz"
-        if not path.is_file():
-            features, ok = extract_chunk(encoder, dataset, rows, cfg)
-            _save_chunk(path, features, np.array(rows), ok)
+    with tqdm(total=len(records), desc="extract", unit="video", dynamic_ncols=True) as bar:
+        for k, rows in enumerate(chunks):
+            path = parts / f"chunk_{k:05d}.npz"
+            if path.is_file():
+                bar.update(len(rows))  # done before an interruption
+            else:
+                features, ok = extract_chunk(encoder, dataset, rows, cfg, bar=bar)
+                _save_chunk(path, features, np.array(rows), ok)
 
     loaded = [np.load(parts / f"chunk_{k:05d}.npz") for k in range(len(chunks))]
     features = np.concatenate([c["features"] for c in loaded])

@@ -525,6 +525,8 @@ def test_fewer_videos_than_a_batch_names_the_fix_and_clips_per_video_runs(videos
                    "--adv_start_epoch", "1", "--micro_batch", "16", "-sbc", "3") == 0
     assert [m["step"] for m in metrics(tmp_path / "b")] == [1, 2]
     log = caplog.text
+    # the queue advice agrees with --moco-k >= batch: both shrink (item 2 of issue 26)
+    assert "the queue holds at least a batch, so lower both, e.g. -b 3 --moco-k 3 (40% of the videos)" in log
     assert "epochs 1-1: plain MoCo with temporal decay, no generator" in log
     assert "joins at epoch 2 (--adv_start_epoch 1)" in log and "epoch 2: the generator joins" in log
     assert re.search(r"epoch 1/2 step 1 \(G off until 2\): .* this epoch, about \S+ left for the run", log)

@@ -39,6 +39,7 @@ def test_table_is_mean_and_std_over_splits_and_seeds(tmp_path, monkeypatch):
         return types.SimpleNamespace(run=run)
 
     monkeypatch.setattr(suite, "PROTOCOLS", {p: fake(p) for p in suite.PROTOCOLS})
+    monkeypatch.setattr(suite, "check_layout", lambda dataset, root: None)  # "U" and "H" are not on disk
     cfg = suite.SuiteConfig(ucf101="U", hmdb51="H", splits=[1, 2, 3], seeds=[0, 1, 2], out=str(tmp_path))
     record = suite.run(cfg)
     assert sum(c[0] == "finetune" for c in calls) == 2 * 3 * 3 and sum(c[0] == "knn" for c in calls) == 2 * 3
@@ -54,3 +55,31 @@ def test_suite_rejects_bad_split(tmp_path, capsys):
     assert cli(["evaluate", "--ucf101", str(tmp_path), "--splits", "0", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("videomoco evaluate: error: ") and "--splits: must be an integer in [1, 3]" in err and err.count("\n") == 1
+
+
+def own_labels(tmp_path, make_video, train=2, test=1):
+    """The layout for one's own labels: DIR/train/<class>/ and DIR/test/<class>/."""
+    for subset, count in (("train", train), ("test", test)):
+        for c, cls in enumerate(("cats", "dogs")):
+            for i in range(count):
+                make_video(f"mine/{subset}/{cls}/{i}.mp4", num_frames=12, size=40, seed=10 * c + i)
+    return tmp_path / "mine"
+
+
+def test_evaluate_takes_a_folder_of_ones_own_labels_with_a_gallery_caveat(tmp_path, make_video, capsys):
+    mine = own_labels(tmp_path, make_video)
+    out = tmp_path / "suite"
+    assert cli(["evaluate", "--suite", "quick", "--folder", str(mine), "--protocols", "knn", *TINY,
+                "--out", str(out)]) == 0
+    record = json.loads((out / "results.json").read_text())
+    assert [(r["dataset"], r["split"], r["protocol"]) for r in record["runs"]] == [("folder", 1, "knn")]
+    summary = (out / "folder" / "split1" / "knn_seed0" / "summary.md").read_text()
+    assert "Caveat: k=20, R@5, R@10, R@20, R@50 not below the 4 train videos" in summary
+
+
+def test_a_folder_given_as_ucf101_names_the_flag_evaluate_has(tmp_path, make_video, capsys):
+    mine = own_labels(tmp_path, make_video, train=1, test=1)
+    assert cli(["evaluate", "--ucf101", str(mine), *TINY, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("videomoco evaluate: error: --ucf101 ") and "--dataset" not in err
+    assert "is indexed as kinetics, not ucf101: give it as --folder" in err

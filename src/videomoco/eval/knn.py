@@ -7,6 +7,7 @@ Retrieval: a test video is a hit at k when any of its k nearest train videos sha
     videomoco knn DATA --dataset ucf101 --split 1 --pretrained CKPT --out runs/knn
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from videomoco.eval import common, features
+
+log = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10, 20, 50)
 
@@ -86,7 +89,20 @@ def run(cfg):
     metrics = {"num_train_videos": len(train_y), "num_test_videos": len(test_y)}
     metrics.update(knn_accuracy(train_x, train_y, test_x, test_y, cfg.ks, cfg.temperature))
     metrics.update(retrieval_recall(train_x, train_y, test_x, test_y))
-    return common.write_results(cfg, "knn", metrics)
+    return common.write_results(cfg, "knn", metrics, table=gallery_caveat(cfg.ks, len(train_y)))
+
+
+def gallery_caveat(ks, gallery):
+    """A warning (logged, and returned for the summary) when a k of the kNN vote or of R@k is not below the
+    `gallery` of train videos: such a k takes the whole gallery (R@k is then 100% for every class it holds)."""
+    vote = [f"k={k}" for k in ks if k >= gallery]
+    recall = [f"R@{k}" for k in RECALL_KS if k >= gallery]
+    if not vote + recall:
+        return None
+    text = (f"Caveat: {', '.join(vote + recall)} not below the {gallery} train videos: they take every train video, "
+            "so they measure the class balance, not the features; give more train videos, or read the smaller k.")
+    log.warning("%s", text)
+    return text
 
 
 def main(args):

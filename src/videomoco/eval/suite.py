@@ -3,6 +3,7 @@ HMDB51, over splits and seeds, reported as mean +- std.
 
     videomoco evaluate --suite paper --ucf101 DIR --hmdb51 DIR --pretrained CKPT \
         [--splits 1 2 3] [--seeds 0 1 2] [--protocols finetune linear knn] --out runs/eval
+    videomoco evaluate --folder MYDATA --pretrained CKPT ...    # your own labels: MYDATA/{train,test}/<class>/
 
 Each run writes its own directory `OUT/<dataset>/split<k>/<protocol>_seed<n>/`; the table goes to
 `OUT/results.md` and `OUT/results.json` (every run's metrics plus the aggregates). kNN has no
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from videomoco import markdown
+from videomoco.data.index import open_index
 from videomoco.eval import common, finetune, knn, linear
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class SuiteConfig(common.EvalConfig):
     suite: str = "paper"
     ucf101: str = ""
     hmdb51: str = ""
+    folder: str = ""  # one's own labelled videos: DIR/train/<class>/ and DIR/test/<class>/ (or val/)
     splits: list = field(default_factory=lambda: [1, 2, 3])
     seeds: list = field(default_factory=lambda: [0])
     protocols: list = field(default_factory=lambda: ["finetune", "linear", "knn"])
@@ -55,11 +58,29 @@ def add_arguments(parser):
     flag("suite", "paper schedules or a quick smoke test", choices=sorted(PRESETS))
     flag("ucf101", "UCF101 root (with ucfTrainTestlist/) or its index")
     flag("hmdb51", "HMDB51 root (with testTrainMulti_7030_splits/) or its index")
+    flag("folder", "your own labelled videos: DIR/train/<class>/ and DIR/test/<class>/ (or DIR/val/<class>/)")
     flag("splits", "official splits (1 = authors' parity)", nargs="+")
     flag("seeds", "seeds of the fine-tuning and linear runs", nargs="+")
     flag("protocols", "protocols to run", nargs="+", choices=list(PROTOCOLS))
     flag("finetune_epochs", "override the suite's fine-tuning epochs (0: the preset's)")
     flag("finetune_lr", "fine-tuning learning rate")
+
+
+LAYOUTS = {"ucf101": "ucf101", "hmdb51": "hmdb51", "folder": "kinetics"}  # flag -> the index layout it reads
+
+
+def check_layout(dataset, root):
+    """One line naming the right flag when `root` (given as --ucf101 / --hmdb51 / --folder) holds another layout;
+    before any run, so no protocol's error names a flag that `evaluate` does not have."""
+    index = open_index(root)
+    if index.layout == LAYOUTS[dataset]:
+        return
+    if LAYOUTS[dataset] == "kinetics":
+        raise ValueError(f"--folder {root} has no train/ and test/ (or val/) class folders ({index.layout} layout): "
+                         "evaluation needs DIR/train/<class>/<video> and DIR/test/<class>/<video>")
+    fix = next((f"give it as --{name} {root}" for name, layout in LAYOUTS.items() if layout == index.layout),
+               "give your own labelled videos as --folder DIR (DIR/train/<class>/, DIR/test/<class>/)")
+    raise ValueError(f"--{dataset} {root} is indexed as {index.layout}, not {dataset}: {fix}")
 
 
 def protocol_config(cfg, protocol, dataset, root, split, seed):
@@ -97,15 +118,18 @@ def results_table(rows):
 
 
 def run(cfg):
-    datasets = {name: root for name, root in (("ucf101", cfg.ucf101), ("hmdb51", cfg.hmdb51)) if root}
+    datasets = {name: getattr(cfg, name) for name in LAYOUTS if getattr(cfg, name)}
     if not datasets:
-        raise ValueError("give --ucf101 DIR and/or --hmdb51 DIR")
+        raise ValueError("give --ucf101 DIR, --hmdb51 DIR and/or --folder DIR (your own DIR/train/<class>/ and "
+                         "DIR/test/<class>/)")
     bad = [s for s in cfg.splits if s not in (1, 2, 3)]
     if bad:
         raise ValueError(f"--splits must be 1, 2 or 3, got {bad[0]}")
+    for dataset, root in datasets.items():
+        check_layout(dataset, root)
     runs = []
     for dataset, root in datasets.items():
-        for split in cfg.splits:
+        for split in cfg.splits if dataset != "folder" else cfg.splits[:1]:  # a folder has one train/test split
             for protocol in cfg.protocols:
                 for seed in cfg.seeds[:1] if protocol == "knn" else cfg.seeds:  # kNN is deterministic
                     run_cfg = protocol_config(cfg, protocol, dataset, root, split, seed)

@@ -5,6 +5,12 @@ them) and without gradients; its clip features are cached in `--out` (`features_
 `labels_train.npy`, `video_ids_train.npy`, same for test) and the classifier trains on that cache
 in seconds. After training we check that no encoder weight or BN statistic changed.
 
+The classifier sees the features standardised with the train set's per-dimension mean and standard
+deviation (a BatchNorm without affine, as in MAE's and MoCo v3's probes; folded into the returned
+`nn.Linear`). Pooled post-ReLU features share a large common component; after L2 normalisation
+the class signal is a few hundredths per dimension, and a probe on them underfits (loss near ln C)
+even where the classes are linearly separable (tests/test_linear.py).
+
     videomoco linear DATA --dataset ucf101 --split 1 --pretrained CKPT --out runs/linear
 """
 
@@ -36,6 +42,7 @@ class LinearConfig(common.EvalConfig):
     weight_decay: float = 0.0
     classifier_batch_size: int = 1024
     l2_normalize: bool = True
+    standardize: bool = True
     cache_dir: str = ""  # where the feature cache lives; empty = --out
     out: str = "runs/linear"
 
@@ -49,6 +56,8 @@ def add_arguments(parser):
     flag("classifier_batch_size", "features per classifier step")
     parser.add_argument("--no-l2-normalize", dest="l2_normalize", action="store_false",
                         help="train on raw features instead of L2-normalised ones")
+    parser.add_argument("--no-standardize", dest="standardize", action="store_false",
+                        help="do not standardise the features per dimension (train mean and std) for the classifier")
     flag("cache_dir", "feature cache directory (default: --out)")
 
 
@@ -80,21 +89,45 @@ def cached_features(cfg, encoder, subset):
     return rows
 
 
-def train_classifier(x, y, num_classes, epochs=100, lr=0.01, weight_decay=0.0, batch_size=1024, seed=0):
-    """Fit `nn.Linear(D, C)` on features `x (N, D)` / labels `y (N,)` with Adam and cross-entropy."""
+def standardizer(x, eps=1e-6):
+    """Per-dimension `(mean (D,), std (D,))` of features `x (N, D)`; `eps` keeps constant dimensions finite."""
+    return x.mean(0), x.std(0, unbiased=False) + eps
+
+
+def fold_standardization(clf, mean, std):
+    """`clf` trained on `(x - mean) / std`, rewritten as one `nn.Linear` on `x` (the same logits)."""
+    with torch.no_grad():
+        weight = clf.weight / std  # (C, D)
+        clf.bias.sub_(weight @ mean)
+        clf.weight.copy_(weight)
+    return clf
+
+
+def train_classifier(x, y, num_classes, epochs=100, lr=0.01, weight_decay=0.0, batch_size=1024, seed=0,
+                     standardize=True):
+    """Fit `nn.Linear(D, C)` on features `x (N, D)` / labels `y (N,)` with Adam and cross-entropy.
+
+    standardize: train on `(x - mean) / std` per dimension (the train set's), returned folded into the
+    `nn.Linear`, so it applies to features as `x` comes. Returns `(classifier, last batch loss)`."""
     g = torch.Generator().manual_seed(seed)
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
+    mean, std = standardizer(x) if standardize else (torch.zeros(x.shape[1]), torch.ones(x.shape[1]))
+    z = (x - mean) / std
     clf = nn.Linear(x.shape[1], num_classes)
+    with torch.no_grad():  # nn.Linear's init, drawn from `seed`: the same probe whatever ran before it
+        bound = x.shape[1] ** -0.5
+        clf.weight.uniform_(-bound, bound, generator=g)
+        clf.bias.uniform_(-bound, bound, generator=g)
     opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
     for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(batch_size):
-            loss = F.cross_entropy(clf(x[idx]), y[idx])
+        for idx in torch.randperm(len(z), generator=g).split(batch_size):
+            loss = F.cross_entropy(clf(z[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         sched.step()
-    return clf, float(loss.detach())
+    return fold_standardization(clf, mean, std), float(loss.detach())
 
 
 def _prepare(x, l2_normalize):
@@ -111,7 +144,8 @@ def run(cfg):
     num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
 
     clf, loss = train_classifier(_prepare(train["features"], cfg.l2_normalize), train["labels"], num_classes,
-                                 cfg.epochs, cfg.lr, cfg.weight_decay, cfg.classifier_batch_size, cfg.seed)
+                                 cfg.epochs, cfg.lr, cfg.weight_decay, cfg.classifier_batch_size, cfg.seed,
+                                 cfg.standardize)
     with torch.no_grad():
         logits = clf(_prepare(test["features"], cfg.l2_normalize)).numpy()
     changed = changed_tensors(encoder, before)

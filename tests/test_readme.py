@@ -8,6 +8,7 @@ checkpoint_0200 the next lines read. The Python block of "Your own videos" then 
 """
 
 import csv
+import json
 import re
 import shlex
 import sys
@@ -44,6 +45,7 @@ def block(after, lang):
 
 
 def commands(text):
+    text = text.replace("\\\n", " ")  # continued lines
     return [shlex.split(line, comments=True)[1:] for line in text.splitlines() if line.startswith("videomoco ")]
 
 
@@ -92,6 +94,8 @@ def test_your_own_videos_runs_as_written_and_python_gives_extracts_features(tmp_
     expected = np.load(tmp_path / "runs" / "mine" / "features.npy")[row]
     np.testing.assert_allclose(namespace["feature"].numpy(), expected, rtol=1e-5, atol=1e-6)
     assert namespace["enc"].preprocessing["frames"] == 8 and not namespace["enc"].training
+    monitored = [json.loads(line) for line in (tmp_path / "runs" / "mine" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in monitored if "knn_top1" in r] == [200]  # --monitor my_labels: at the end
     for run in ("eval", "eval_random"):
         assert (tmp_path / "runs" / "mine" / run / "results.md").is_file()
     assert torch.load(tmp_path / "runs" / "mine" / "ckp" / "checkpoint_0200.pth.tar", weights_only=True)["epoch"] == 200

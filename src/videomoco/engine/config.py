@@ -116,6 +116,8 @@ class PretrainConfig:
     views: str = "same"  # the authors': two crops of one clip
     subset: str = "train"  # the authors read DATA/train
     clips_per_video: int = 1  # items per video per epoch (the authors' train.py: RandomClipSampler(..., 1))
+    monitor: str = ""  # labelled DATA/train/<class>/ + DATA/test/<class>/: kNN top-1 of frozen features (engine.monitor)
+    monitor_every: int = 10  # epochs between monitor evaluations (and one at the start and at the end)
     config: str = ""
     max_steps: int = 0  # 0: no limit
     save_every: int = 10
@@ -212,6 +214,10 @@ _FLAGS = [
     (("--clips_per_video",), "clips_per_video", "clips drawn from every video per epoch, each with its own start "
      "and crops (for a folder of fewer videos than a batch; PySlowFast's and the authors' eval use 1 to 10)",
      {"type": POSITIVE_INT}),
+    (("--monitor",), "monitor", "labelled videos (DATA/train/<class>/ and DATA/test/<class>/, or a UCF101 / HMDB51 "
+     "root): kNN top-1 of the encoder's frozen features at the start, every --monitor_every epochs and at the end, "
+     "to TensorBoard and metrics.jsonl", {}),
+    (("--monitor_every",), "monitor_every", "epochs between --monitor evaluations", {"type": POSITIVE_INT}),
     (("--max_steps",), "max_steps", "stop after N steps in total (0: no limit)", {"type": COUNT}),
     (("--save_every",), "save_every", "checkpoint every N epochs", {"type": POSITIVE_INT}),
     (("--save_every_steps",), "save_every_steps", "also checkpoint every N steps (0: off)", {"type": COUNT}),
@@ -331,6 +337,8 @@ def check_paths(cfg):
         raise ConfigError(f"DATA {cfg.data} does not exist")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         raise ConfigError(f"--resume {cfg.resume}: no such file")
+    if cfg.monitor and not Path(cfg.monitor).is_dir():
+        raise ConfigError(f"--monitor {cfg.monitor}: no such directory")
     check_output_dir("--log_dir", cfg.log_dir)
     check_output_dir("--ckp_dir", cfg.ckp_dir)
     resolve_device(cfg.device)

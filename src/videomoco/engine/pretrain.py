@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from videomoco.engine import checkpoint as ck
 from videomoco.engine import retention
 from videomoco.engine import distributed as du
 from videomoco.engine import memory
+from videomoco.engine import monitor
 from videomoco.engine.config import ConfigError, PretrainConfig, check_paths, config_from_args, error_line, save_config
 from videomoco.engine.config import add_arguments as _add_config_arguments
 from videomoco.engine.logger import MetricLogger, environment, setup_logging
@@ -138,6 +140,7 @@ class Run:
         self.ckp_dir_prepared = False  # the first save sets aside newer checkpoints (checkpoint.prepare_ckp_dir)
         self.ckp_dir = Path(cfg.ckp_dir)
         self.logger = MetricLogger(cfg.log_dir, enabled=du.is_main_process())
+        self.monitor = None  # engine.monitor.Monitor with --monitor (rank 0)
 
     # --- checkpoints ---
     def state(self, epoch, mid_epoch):
@@ -309,6 +312,24 @@ def _failed(message):
     return {"status": "distributed_failure", "error": message, "exit_code": fail("pretrain", message, code=1)}
 
 
+def _monitor(run, cfg, epoch, epoch_seconds):
+    """--monitor: rank 0 measures kNN top-1 after `epoch` epochs and logs it with its cost (in epochs of
+    `epoch_seconds`); the other ranks wait for it."""
+    if run.monitor is None:
+        return
+    if du.is_main_process():
+        result = run.monitor(run.model.encoder_q)
+        values = {"knn_top1": result["knn_top1"], "seconds": result["seconds"], "epoch": epoch}
+        cost = ""
+        if epoch_seconds:
+            values["cost_epochs"] = result["seconds"] / epoch_seconds
+            cost = f", {values['cost_epochs']:.2f} of an epoch"
+        run.logger.scalars(run.step, values, prefix="monitor")
+        log.info("monitor after epoch %d: kNN top-1 %.1f%% (%d labelled videos, k<=%d; %.1f s%s)", epoch,
+                 result["knn_top1"], len(run.monitor), monitor.MONITOR_K, result["seconds"], cost)
+    du.barrier()
+
+
 def _train_epochs(run, cfg, info):
     """Train from `run.epoch` to --epochs: the one place that decides when to save and when to stop.
 
@@ -330,6 +351,8 @@ def _train_epochs(run, cfg, info):
         return None
 
     first = run.epoch
+    if first == 0:
+        _monitor(run, cfg, 0, None)  # the random-init baseline of the curve
     if du.is_main_process():
         if run.epoch >= cfg.adv_start_epoch:
             log.info("the generator trains from this run's first step (--adv_start_epoch %d)", cfg.adv_start_epoch)
@@ -351,12 +374,15 @@ def _train_epochs(run, cfg, info):
         set_epoch(run.loader, epoch)
         set_lr(run.trainer.opt_d, lr_for(cfg, epoch))
         set_lr(run.trainer.opt_g, lr_for(cfg, epoch, cfg.g_lr))
+        started = time.perf_counter()
         status, _ = train_one_epoch(run.trainer, run.loader, run.augment, cfg, info, epoch, run.step,
                                     batch=run.per_process_batch, logger=run.logger, after_step=after_step)
         if status != "done":
             run.save(epoch, mid_epoch=True)
             return status
         run.epoch, run.batch_in_epoch = epoch + 1, 0
+        if run.epoch % cfg.monitor_every == 0 or run.epoch == cfg.epochs:
+            _monitor(run, cfg, run.epoch, time.perf_counter() - started)
         if run.epoch % cfg.save_every == 0 or run.epoch == cfg.epochs:
             run.save(run.epoch)
         if cfg.max_steps and run.step >= cfg.max_steps:
@@ -389,6 +415,13 @@ def _train(cfg, info):
         log.warning("--deterministic: %s has no deterministic CUDA kernel in torch %s; it runs nondeterministically "
                     "(with a warning), every other op deterministically", ", ".join(missing), torch.__version__)
     dataset = _build_data(run, cfg, info, workers)
+    if cfg.monitor and du.is_main_process():
+        try:
+            run.monitor = monitor.Monitor(cfg.monitor, cfg.frame_per_clip, cfg.frame_stride, cfg.crop_size,
+                                          run.augment.mean, run.augment.std, info.device,
+                                          amp_dtype=run.trainer.amp_dtype)
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(e)) from None
     if cfg.resume:
         run.resume(cfg.resume)
     if info.distributed:  # every rank starts from the same weights and queue (the same checkpoint, if any)

@@ -11,37 +11,13 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+from videomoco.engine.monitor import knn_scores, neighbours  # the vote pretraining's --monitor uses too
 from videomoco.eval import common, features
 
 log = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10, 20, 50)
-
-
-def _neighbours(train_feats, test_feats, k, chunk=1024):
-    """Top-k cosine similarities and indices `(N_test, k)` of test rows among train rows, in chunks."""
-    train = F.normalize(torch.as_tensor(train_feats, dtype=torch.float32), dim=1)
-    test = F.normalize(torch.as_tensor(test_feats, dtype=torch.float32), dim=1)
-    k = min(k, train.shape[0])
-    sims, idx = [], []
-    for start in range(0, test.shape[0], chunk):
-        s, i = (test[start : start + chunk] @ train.T).topk(k, dim=1)  # (n, k), sorted high to low
-        sims.append(s)
-        idx.append(i)
-    return torch.cat(sims), torch.cat(idx)
-
-
-def knn_scores(train_feats, train_labels, test_feats, k, num_classes, temperature=0.07):
-    """Class scores `(N_test, C)` from the weighted vote of the k nearest train rows."""
-    sims, idx = _neighbours(train_feats, test_feats, k)
-    neighbour_labels = torch.as_tensor(np.asarray(train_labels), dtype=torch.long)[idx]  # (N, k)
-    weights = (sims / temperature).exp()
-    scores = torch.zeros(sims.shape[0], num_classes, dtype=weights.dtype)
-    scores.scatter_add_(1, neighbour_labels, weights)
-    return scores.numpy()
 
 
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=(1, 20), temperature=0.07):
@@ -56,7 +32,7 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=(1, 20),
 
 def retrieval_recall(train_feats, train_labels, test_feats, test_labels, ks=RECALL_KS):
     """Recall@k (%): the share of test rows with a same-class train row among their k nearest."""
-    _, idx = _neighbours(train_feats, test_feats, max(ks))
+    _, idx = neighbours(train_feats, test_feats, max(ks))
     same = np.asarray(train_labels)[idx.numpy()] == np.asarray(test_labels)[:, None]  # (N, k)
     return {f"R@{k}": float(100.0 * np.mean(same[:, :k].any(axis=1))) for k in ks}
 

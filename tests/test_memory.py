@@ -83,3 +83,34 @@ def test_a_model_with_batchnorm1d_is_planned_in_micro_batches_of_two_or_more():
     assert 32 // plan.micro_batches >= 2
     assert memory.smallest_trainable(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))) == 2
     assert memory.smallest_trainable(torch.nn.Conv3d(3, 3, 1)) == 1
+
+
+def test_a_restart_reuses_the_measured_step_and_another_configuration_measures_again(tmp_path, caplog):
+    """memory_plan.json of the first run: the same configuration and device reuse its estimate, no probe."""
+    import json
+
+    from test_pretrain import TINY, moving_square_frames
+    from videomoco import cli
+    from videomoco.data.encode import write_video
+    from videomoco.engine.config import PretrainConfig
+
+    (tmp_path / "v").mkdir()
+    for i in range(4):
+        write_video(tmp_path / "v" / f"{i}.mp4", moving_square_frames(12, 40, seed=i), fps=25, codec="h264")
+    caplog.set_level("INFO")
+    argv = ["pretrain", str(tmp_path / "v"), *TINY, "--log_dir", str(tmp_path / "log"), "--resume", "auto"]
+    assert cli.main([*argv, "--epochs", "1"]) == 0
+    first = json.loads((tmp_path / "log" / "memory_plan.json").read_text())
+    assert not first["reused"] and "measuring a" in caplog.text
+    caplog.clear()
+    assert cli.main([*argv, "--epochs", "2"]) == 0  # the restart: no probe
+    second = json.loads((tmp_path / "log" / "memory_plan.json").read_text())
+    assert second["reused"] and "reusing the step measured" in caplog.text and "measuring a" not in caplog.text
+    assert [second[k] for k in ("fixed", "per_clip", "micro_batches")] == [first[k] for k in
+                                                                         ("fixed", "per_clip", "micro_batches")]
+    cfg = PretrainConfig(**{**{k: first["probe_key"][k] for k in memory.STEP_FIELDS}, "data": "x",
+                            "moco_k": 64, "log_dir": str(tmp_path / "log")})  # another queue: measure again
+    key = memory.probe_key(cfg, "cpu", 1, first["probe_key"]["adversarial"])
+    assert memory.saved_estimate(tmp_path / "log", key) is None
+    assert memory.saved_estimate(tmp_path / "log", first["probe_key"]) == StepEstimate(
+        first["fixed"], first["per_clip"], first["per_input_clip"])

@@ -13,8 +13,10 @@ that later steps reuse, so only the second and third peaks are comparable.
 
 import copy
 import gc
+import json
 import logging
 import math
+import os
 import re
 from contextlib import contextmanager
 import dataclasses
@@ -332,6 +334,50 @@ def _pretrain_fitting_options(cfg, estimate, usable, batch):
     return ", ".join(hints + (["a larger --memory_budget"] if cfg.memory_budget else []))
 
 
+PLAN_FILE = "memory_plan.json"  # in --log_dir: the plan, its estimate and the key that lets a restart reuse it
+# the PretrainConfig fields that shape a training step's memory
+STEP_FIELDS = ("arch", "width", "frame_per_clip", "crop_size", "batch_size", "precision", "channels_last",
+               "grad_checkpointing", "compile", "mlp", "mlp_bn", "moco_dim", "moco_k", "views", "shuffle_bn",
+               "drop_ratio", "fill", "g_loss", "real_query_loss")
+
+
+def probe_key(cfg, device, world, adversarial):
+    """What a measured `StepEstimate` depends on: the step's configuration, the device and the software."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}"
+    return {**{f: getattr(cfg, f) for f in STEP_FIELDS}, "processes": world, "adversarial": adversarial,
+            "device": str(device), "device_name": name, "torch": torch.__version__}
+
+
+def saved_estimate(log_dir, key):
+    """The `StepEstimate` that `LOG_DIR/memory_plan.json` recorded for `key`, or None (no file, another key)."""
+    try:
+        saved = json.loads((Path(log_dir) / PLAN_FILE).read_text())
+        if saved.get("probe_key") == key:
+            return StepEstimate(*(int(saved[f]) for f in ("fixed", "per_clip", "per_input_clip")))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def _step_estimate(trainer, cfg, device, world, adversarial, clip):
+    """(estimate, key, reused): the estimate `memory_plan.json` holds for this configuration and device when
+    every rank has it (a restart, `--resume auto`), else a measured probe (three small steps)."""
+    key = probe_key(cfg, device, world, adversarial)
+    estimate = saved_estimate(cfg.log_dir, key)
+    if world > 1:  # all ranks reuse, or all probe (the probe is collective)
+        t = torch.tensor([int(estimate is not None)], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        estimate = estimate if t.item() else None
+    if estimate is not None:
+        log.info("--micro_batch auto: reusing the step measured for this configuration and device (%s; delete it "
+                 "to measure again)", Path(cfg.log_dir) / PLAN_FILE)
+        return estimate, key, True
+    log.info("--micro_batch auto: measuring a %s step of %d and %d clips", "VideoMoCo" if adversarial else "MoCo",
+             smallest_trainable(trainer.model), 2 * smallest_trainable(trainer.model))
+    return probe_step(trainer, clip, adversarial, device, cfg.channels_last, world), key, False
+
+
 def plan_training_step(trainer, cfg, device, b, world, workers, start_epoch):
     """Set `trainer.micro_batches` for pretraining (`cfg`: a `PretrainConfig`) from --micro_batch N, or plan it
     from a measured probe (auto), the same on every rank. b: clips per process; world: processes.
@@ -351,9 +397,7 @@ def plan_training_step(trainer, cfg, device, b, world, workers, start_epoch):
         return {"micro_batches": n, "per_process_batch": b}
     clip = (3, cfg.frame_per_clip, cfg.crop_size, cfg.crop_size)
     adversarial = cfg.epochs > max(cfg.adv_start_epoch, start_epoch)  # plan for the costlier step if it will run
-    log.info("--micro_batch auto: measuring a %s step of %d and %d clips", "VideoMoCo" if adversarial else "MoCo",
-             smallest, 2 * smallest)
-    estimate = probe_step(trainer, clip, adversarial, device, cfg.channels_last, world)
+    estimate, key, reused = _step_estimate(trainer, cfg, device, world, adversarial, clip)
     limit = parse_size(cfg.memory_budget) if cfg.memory_budget else None
     budget = budget_bytes(device, limit)
     reserve = worker_reserve(workers, 2 * b * math.prod(clip)) if device.type == "cpu" else 0
@@ -377,5 +421,5 @@ def plan_training_step(trainer, cfg, device, b, world, workers, start_epoch):
     what = f"batch {cfg.batch_size} ({b} per process{f' x {world}' if world > 1 else ''})"
     log.info("%s", plan_line(plan, estimate, what, b))
     return {"micro_batches": n, "per_process_batch": b, "budget_bytes": budget, "reserve_bytes": reserve,
-            "margin": MARGIN, **dataclasses.asdict(estimate),
+            "margin": MARGIN, "probe_key": key, "reused": reused, **dataclasses.asdict(estimate),
             **{f"plan_{k}": v for k, v in dataclasses.asdict(plan).items()}}

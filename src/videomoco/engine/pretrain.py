@@ -440,7 +440,7 @@ def _train(cfg, info):
     if du.is_main_process():
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.log_dir) / "config.yaml")
-        (Path(cfg.log_dir) / "memory_plan.json").write_text(json.dumps(memory_plan, indent=1) + "\n")
+        (Path(cfg.log_dir) / memory.PLAN_FILE).write_text(json.dumps(memory_plan, indent=1) + "\n")
         run.logger.text("config", "\n".join(f"    {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
     if du.is_main_process():
         _warn_own_key_negatives(cfg, dataset.num_videos)

@@ -75,6 +75,16 @@ def test_clips_per_video_gives_several_items_of_each_video(index, monkeypatch):
     assert not torch.equal(items[0][0], items[1][0])
 
 
+def test_clamp_workers_says_it_once(monkeypatch, caplog):
+    from videomoco.data import datasets
+
+    monkeypatch.setattr(datasets, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(datasets, "_CLAMPED", set())
+    caplog.set_level("INFO")
+    assert [datasets.clamp_workers(w) for w in (1, 7, 7)] == [1, 2, 2]
+    assert caplog.text.count("clamping -j 7 to 2 workers") == 1
+
+
 def test_items_are_indexable_like_a_sequence(index):
     ds = LabeledDataset(index, frames_per_clip=T, crop_size=CROP, mode="test", num_clips=2)
     assert ds[-1][2] == len(index) - 1

@@ -56,6 +56,7 @@ def test_cli_indexes_good_and_quarantines_broken(broken_mix, capsys):
     rows = {r["path"]: r for r in read_csv(broken_mix / "index/index.csv")}
     reasons = {r["path"]: r["reason"] for r in read_csv(broken_mix / "index/quarantine.csv")}
     assert len(lines) == 1 and lines[0].startswith(f"indexed {len(rows)} videos, quarantined {len(reasons)}: see ")
+    assert lines[0].endswith(f"; index in {broken_mix / 'index'}")  # says where it wrote, inside the folder
     assert {name for name, _ in GOOD} | {"train/walk/tiny.mp4"} <= set(rows)
     assert rows["train/walk/tiny.mp4"]["frames"] == "3"
     assert {rows[name]["codec"] for name, _ in GOOD} == {"h264", "mpeg4", "vp8", "vp9", "mjpeg"}

@@ -520,6 +520,7 @@ def test_fewer_videos_than_a_batch_names_the_fix_and_clips_per_video_runs(videos
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("videomoco pretrain: error: ") and "8 videos x 1 clips per video give 8 clips" in err
     assert "lower -b to at most 8, or draw several clips per video per epoch with --clips_per_video 2" in err
+    assert not (tmp_path / "a" / "log").exists()  # a failed start leaves no empty TensorBoard run
     caplog.set_level("INFO")
     assert cli_run(videos, tmp_path / "b", "-b", "16", "--moco-k", "32", "--clips_per_video", "2", "--epochs", "2",
                    "--adv_start_epoch", "1", "--micro_batch", "16", "-sbc", "3") == 0

@@ -311,6 +311,20 @@ class _RingLoader(DataLoader):
             yield self.ring.hand_over(batch, self.pin_memory) if isinstance(batch, _InRing) else batch
 
 
+_CLAMPED = set()  # (asked, cpus) already reported: a command that builds several loaders says it once
+
+
+def clamp_workers(workers):
+    """`workers` capped at the usable CPUs, said once per process (torch's DataLoader would warn at every loader)."""
+    cpus = usable_cpus()
+    if workers > cpus:
+        if (workers, cpus) not in _CLAMPED:
+            _CLAMPED.add((workers, cpus))
+            log.info("clamping -j %d to %d workers (%d CPUs)", workers, cpus, cpus)
+        return cpus
+    return workers
+
+
 def build_loader(dataset, batch_size, workers, shuffle=True, drop_last=True, seed=0, rank=0, world_size=1,
                  pin_memory=None):
     """A DataLoader over `dataset` with an `EpochSampler` (`loader.sampler`), persistent workers.
@@ -319,10 +333,7 @@ def build_loader(dataset, batch_size, workers, shuffle=True, drop_last=True, see
     With workers, the clips of the datasets here travel through a `_BatchRing`.
     Call `set_epoch(loader, epoch)` before each epoch.
     """
-    cpus = usable_cpus()
-    if workers > cpus:
-        log.info("clamping -j %d to %d workers (%d CPUs)", workers, cpus, cpus)
-        workers = cpus
+    workers = clamp_workers(workers)
     sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
                            drop_last=drop_last, batch_size=batch_size)
     if drop_last and len(sampler) < batch_size:

@@ -245,6 +245,8 @@ def build_index(root, out=None, layout="auto", split_dir=None, annotations=None,
     if not root.is_dir():
         raise NotADirectoryError(f"dataset root {root} is not a directory")
     out = Path(out) if out else default_out(root)
+    if Path(root).resolve() not in out.resolve().parents and not os.access(root, os.W_OK):
+        log.info("%s is not writable: its index goes to %s (or give --out)", root, out)
     scan = scan_layout(root, layout, split_dir, annotations, exclude=[out], follow_symlinks=follow_symlinks)
     if scan.outside:
         log.warning("skipped %d directory symlinks that point outside %s (use --follow-symlinks)", scan.outside, root)
@@ -295,6 +297,8 @@ def summary(index):
         where = os.path.join(index.dir, "quarantine.csv")
         rel = os.path.relpath(where)
         line += f": see {where if rel.startswith('..') else rel}"
+    rel = os.path.relpath(index.dir)
+    line += f"; index in {index.dir if rel.startswith('..') else rel}"
     if counts["missing"]:
         line += f"; split files name {counts['missing']:,} videos that are not on disk"
     return line

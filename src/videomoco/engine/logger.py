@@ -78,26 +78,32 @@ def drop_strip(clip, keep_mask, border=2, mean=None, std=None):
 class MetricLogger:
     """Scalars to TensorBoard and `metrics.jsonl` (one JSON object per logging step) in `log_dir`.
 
-    A no-op on ranks other than 0, so call sites need no rank checks.
+    A no-op on ranks other than 0, so call sites need no rank checks. The files are opened at the first
+    write, so a run that fails before it logs anything leaves no empty TensorBoard run behind.
     """
 
     def __init__(self, log_dir, enabled=True):
-        self.enabled = enabled
-        self.writer = None
+        self.enabled, self.log_dir = enabled, Path(log_dir)
+        self._writer = None
         self.jsonl = None
-        if enabled:
+
+    @property
+    def writer(self):
+        if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(log_dir))
-            self.jsonl = open(Path(log_dir) / "metrics.jsonl", "a")
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(str(self.log_dir))
+            self.jsonl = open(self.log_dir / "metrics.jsonl", "a")
+        return self._writer
 
     def scalars(self, step, values, prefix="train"):
         """Log a dict of floats at global `step`."""
         if not self.enabled:
             return
+        writer = self.writer  # opens metrics.jsonl too
         for name, value in values.items():
-            self.writer.add_scalar(f"{prefix}/{name}", value, step)
+            writer.add_scalar(f"{prefix}/{name}", value, step)
         self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
         self.jsonl.flush()
 
@@ -111,6 +117,6 @@ class MetricLogger:
             self.writer.add_text(tag, text)
 
     def close(self):
-        if self.enabled:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()
             self.jsonl.close()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from videomoco.data.datasets import DataFailureError, LabeledDataset
+from videomoco.data.datasets import DataFailureError, LabeledDataset, clamp_workers
 from videomoco.data.decode import VideoError
 from videomoco.data.index import open_index
 from videomoco.engine.checkpoint import CheckpointError, load_encoder
@@ -257,7 +257,7 @@ def labeled_dataset(cfg, subset, mode="test"):
 
 def make_loader(cfg, dataset):
     """An in-order loader for evaluation (every item once, last batch kept)."""
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=cfg.workers,
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, num_workers=clamp_workers(cfg.workers),
                       pin_memory=str(cfg.device).startswith("cuda"))
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from videomoco.data.augment import input_norm, normalize
-from videomoco.data.datasets import DECODE_ERRORS
+from videomoco.data.datasets import DECODE_ERRORS, clamp_workers
 from videomoco.data.index import open_index
 from videomoco.eval import common
 from videomoco.transforms import crop_clips, read_clips
@@ -110,7 +110,8 @@ def extract_chunk(encoder, dataset, rows, cfg, micro_batch=None, bar=None):
     bar: a progress bar counting videos, advanced after every batch."""
     if micro_batch is None:
         micro_batch = common.plan_micro_batch(cfg, encoder, cfg.batch_size * cfg.num_clips)
-    loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=cfg.batch_size, num_workers=cfg.workers)
+    loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=cfg.batch_size,
+                        num_workers=clamp_workers(cfg.workers))
     # what the encoder was trained with (a random-init baseline has no record: Kinetics')
     norm = getattr(encoder, "preprocessing", {}).get("input_norm") or input_norm("kinetics")
     feats, oks = [], []

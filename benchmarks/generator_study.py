@@ -33,7 +33,8 @@ config has it); `replicate_pad` (the encoder's convolutions pad by replicating t
 softmax(scores), so other drop sets get tried); `explore_hold` and `diff_hold` (those with hold fill);
 `frames16_diff` (`diff_mlp` on 16-frame clips).
 G and the encoder variants are swapped in for the run with `swap` (the pretraining code builds
-`videomoco.method.FrameDropGenerator` / `VideoMoCo` by name). `--reuse` analyses the checkpoints of
+`videomoco.method.generator.GENERATORS["authors"]` / `videomoco.method.VideoMoCo` by name). `diff_mlp` is the
+design of the library's `--generator motion` (`MotionDropGenerator`). `--reuse` analyses the checkpoints of
 an earlier run again; `--quick` is the smoke test (12 videos, 2 steps, a few seconds).
 """
 
@@ -55,7 +56,7 @@ from benchmarks import common
 from videomoco import method
 from videomoco.data import synthetic
 from videomoco.data.augment import normalize
-from videomoco.method.generator import FrameDropGenerator, drop_frames, num_dropped
+from videomoco.method.generator import GENERATORS, FrameDropGenerator, drop_frames, num_dropped
 from videomoco.method.moco import VideoMoCo
 
 VARIANTS = {
@@ -139,14 +140,14 @@ def model_class(spec):
 
 @contextmanager
 def swap(spec):
-    """Pretraining builds `videomoco.method.FrameDropGenerator(drop_ratio, fill)` and `VideoMoCo(...)`:
-    the variant's classes stand in for them during the run."""
-    saved = method.FrameDropGenerator, method.VideoMoCo
-    method.FrameDropGenerator, method.VideoMoCo = generator_class(spec), model_class(spec)
+    """Pretraining builds `videomoco.method.generator.GENERATORS["authors"](drop_ratio, fill)` (`--generator
+    authors`) and `videomoco.method.VideoMoCo(...)`: the variant's classes stand in for them during the run."""
+    saved = GENERATORS["authors"], method.VideoMoCo
+    GENERATORS["authors"], method.VideoMoCo = generator_class(spec), model_class(spec)
     try:
         yield
     finally:
-        method.FrameDropGenerator, method.VideoMoCo = saved
+        GENERATORS["authors"], method.VideoMoCo = saved
 
 
 def pretrain(args, spec, data, out, seed):

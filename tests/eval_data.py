@@ -89,5 +89,6 @@ def pretrain_checkpoint(path, arch="r3d_18", width=8, mlp=False, generator=None,
             "config": {"width": width, "dim": 16, "mlp": mlp, "mlp_bn": mlp_bn}, "state_dict": sd}
     if generator is not None:
         ckpt["generator"] = generator.state_dict()
+        ckpt["config"]["generator"] = generator.kind
     torch.save(ckpt, path)
     return q.eval()

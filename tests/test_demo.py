@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+import pytest
 import torch
 
 from videomoco.cli import main as cli_main
@@ -52,36 +54,48 @@ def test_time_baseline_transforms_remove_order_and_motion():
     assert torch.equal(single, x[:, :, 3:4].expand_as(x))
 
 
-def test_ablation_shares_the_first_epochs_of_each_decay_and_pairs_the_seeds(tmp_path, monkeypatch):
-    import videomoco.demo as demo
+def test_ablation_shares_the_first_epochs_of_each_decay_and_pairs_the_seeds():
+    from videomoco.demo import ablation
     from videomoco.demo.report import ablation_lines
 
-    budget, calls = BUDGETS["quick"], []
+    variants, calls = ablation.fixed_variants(0.99), []
 
-    def fake_pretrain(cfg, budget, data, out, decay, adversarial, seed, resume="", max_steps=0):
-        calls.append((out.name, decay, adversarial, seed, resume, max_steps))
-        return f"{out.name}.pth"
+    def train(variant, seed, tag, resume="", max_steps=0):
+        calls.append((variant, seed, tag, resume, max_steps))
+        return f"{tag}.pth"
 
-    def fake_evaluate(ecfg, ratios, generator_ckpt=""):
-        bonus = 5.0 * ("VideoMoCo" in ecfg.pretrained)  # one variant better on every seed
-        return {"knn_top1_k20": 40.0 + ecfg.seed + bonus, "linear_top1": 20.0 + ecfg.seed, "robustness": [
-            {"dropper": "random", "ratio": r, "cosine": 0.9, "knn_top1_k20": 30.0 + ecfg.seed} for r in ratios]}
+    def measure(ckpt, seed):  # the motion generator +5 kNN on every seed, the paper's decay +1 on even seeds
+        knn = 40.0 + seed + 5.0 * ("motion" in ckpt) + 1.0 * ("key" in ckpt and seed % 2 == 0)
+        return [knn, 20.0 + seed, *[0.5] * (len(ablation.METRICS) - 2)]
 
-    monkeypatch.setattr(demo, "pretrain", fake_pretrain)
-    monkeypatch.setattr(demo, "evaluate", fake_evaluate)
-    # 30 train videos, batch 10: 3 steps per epoch
-    result = demo.ablation(demo.DemoConfig(), budget, "data", "index_train", 30, tmp_path, "cpu", 0.5)
-    variants = demo.ablation_variants(budget)
-    assert list(result["runs"]) == list(variants) and result["seeds"] == list(demo.ABLATION_SEEDS)
-    assert all(len(runs) == len(demo.ABLATION_SEEDS) for runs in result["runs"].values())
-    decays = {decay for decay, _ in variants.values()}
-    starts = [c for c in calls if c[5]]
-    assert len(starts) == len(decays) * len(demo.ABLATION_SEEDS)  # one shared start per decay and seed
-    assert all(c[5] == 3 * budget.adv_start_epoch and not c[2] for c in starts)  # no generator before it starts
-    for name, (decay, adversarial) in variants.items():  # every variant resumes its decay's start, same seed
-        for seed in demo.ABLATION_SEEDS:
-            branch = next(c for c in calls if not c[5] and c[1] == decay and c[2] == adversarial and c[3] == seed)
-            assert branch[4] == f"t{decay:g}_seed{seed}_start.pth"
-    text = "\n".join(ablation_lines(result))
-    assert "| VideoMoCo | +5.0 ± 0.0 (p 0.00) |" in text  # the same +5 on every seed: resolved
-    assert "| + generator | +0.0 ± 0.0 (p 1.00) |" in text
+    result = ablation.run(variants, [0, 1, 2], 9, train, measure)
+    combination = ablation.Variant("best: decay (paper) + motion generator", 0.99, "key", "motion")
+    assert list(result["runs"]) == [v.name for v in variants] + [combination.name]
+    assert result["variants"][combination.name] == vars(combination)
+    assert all(len(runs) == 3 for runs in result["runs"].values()) and result["seeds"] == [0, 1, 2]
+    starts = [c for c in calls if c[4]]
+    assert all(c[4] == 9 and not c[0].generator for c in starts)  # no generator before it starts
+    assert len(starts) == 3 * 3  # one per decay (none, per step, per key) and seed, shared by the combination too
+    for variant in [*variants, combination]:  # every run resumes the start of its decay, same seed
+        for seed in range(3):
+            run = next(c for c in calls if c[0] == variant and c[1] == seed)
+            start = next(c for c in starts if c[0].start == variant.start and c[1] == seed)
+            assert run[3] == f"{start[2]}.pth" and not run[4]
+    assert len(calls) == len(starts) + 6 * 3
+
+    text = "\n".join(ablation_lines(result, ablation.GROUPS))
+    assert "| + motion generator | +5.0 ± 0.0 (p 0.00) | +0.0 ± 0.0 (p 1.00) |" in text  # resolved, every seed
+    assert "| + decay (paper) | +0.7 ± 0.6 (p 0.18) |" in text  # +1 on two seeds of three: not resolved
+    assert "### the window scene: moving vs still frames dropped" in text
+    assert "so 3 seeds resolve a mean difference of" in text and "+ motion generator: kNN top-1 +5.0" in text
+
+
+def test_the_smallest_resolvable_difference():
+    from videomoco.demo.stats import paired_test, resolvable, t_critical
+
+    assert t_critical(4) == pytest.approx(2.776, abs=1e-3) and t_critical(9) == pytest.approx(2.262, abs=1e-3)
+    diff = resolvable(3.0, 10)  # a mean difference this large, with this std, has p = 0.05 exactly
+    rng = np.random.default_rng(0)
+    noise = rng.standard_normal(10)
+    noise = (noise - noise.mean()) / noise.std(ddof=1) * 3.0
+    assert paired_test(diff + noise, np.zeros(10))["p"] == pytest.approx(0.05, abs=1e-6)

@@ -1,8 +1,11 @@
+import json
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from videomoco.method.generator import FrameDropGenerator, drop_frames, num_dropped, random_drop
+from videomoco.method.generator import (GENERATORS, FrameDropGenerator, MotionDropGenerator, build_generator,
+                                        drop_frames, generator_kind, num_dropped, random_drop)
 from videomoco.models import build_encoder
 
 
@@ -14,11 +17,12 @@ def dropped_sets(keep):
     return [set((row == 0).nonzero().flatten().tolist()) for row in keep]
 
 
+@pytest.mark.parametrize("kind", list(GENERATORS))
 @pytest.mark.parametrize("t,h,w", [(8, 16, 16), (7, 20, 28), (10, 12, 40), (3, 8, 8)])
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
-def test_drops_exactly_the_top_k_scores(t, h, w, ratio):
+def test_drops_exactly_the_top_k_scores(kind, t, h, w, ratio):
     torch.manual_seed(0)
-    gen = FrameDropGenerator(drop_ratio=ratio, hidden=16, input_size=8)
+    gen = build_generator(kind, drop_ratio=ratio, hidden=16, input_size=8)
     x = clip(t=t, h=h, w=w)
     out, keep = gen(x)
     assert out.shape == x.shape and keep.shape == (2, t)
@@ -83,24 +87,47 @@ def test_bad_arguments_raise():
         drop_frames(clip(), torch.randn(2, 8), 0.25, fill="nearest")
 
 
-def test_generator_gets_gradient_through_the_encoder():
+def test_motion_generator_scores_a_frame_by_itself_and_its_predecessor_wherever_it_is():
     torch.manual_seed(0)
-    gen = FrameDropGenerator(hidden=16, input_size=16)
+    gen = MotionDropGenerator(hidden=16, input_size=8).eval()
+    x = clip(b=1, t=8)
+    moved = torch.cat([x[:, :, 5:7], x[:, :, :5], x[:, :, 7:]], dim=2)  # frames 5, 6 first: 6 keeps its predecessor
+    torch.testing.assert_close(gen.scores(moved)[0, 1], gen.scores(x)[0, 6])
+    still = x[:, :, :1].expand_as(x).clone()  # one frame repeated: every frame after the first scores alike
+    scores = gen.scores(still)[0]
+    torch.testing.assert_close(scores[1:], scores[1:2].expand(7))
+    authors = FrameDropGenerator(hidden=16, input_size=8).eval()
+    assert authors.scores(still)[0].std() > 1e-4  # the BiGRU's scores depend on the position
+
+
+def test_generator_kinds_and_their_state_dicts():
+    for kind, cls in GENERATORS.items():
+        gen = build_generator(kind, 0.5, "hold", hidden=16)
+        assert isinstance(gen, cls) and gen.kind == kind and (gen.drop_ratio, gen.fill) == (0.5, "hold")
+        assert generator_kind(gen.state_dict()) == kind
+    with pytest.raises(ValueError, match="unknown generator 'lstm'; expected one of authors, motion"):
+        build_generator("lstm")
+
+
+@pytest.mark.parametrize("kind", list(GENERATORS))
+def test_generator_gets_gradient_through_the_encoder(kind):
+    torch.manual_seed(0)
+    gen = build_generator(kind, hidden=16, input_size=16)
     encoder = build_encoder("r3d_18", num_classes=8, width=4)
     out, keep = gen(clip(b=2, t=8, h=32, w=32))
     loss = encoder(out).pow(2).sum()
     loss.backward()
     for name, p in gen.named_parameters():
         assert p.grad is not None, name
-    assert gen.score.weight.grad.abs().sum() > 0
-    assert gen.features[0].weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in gen.parameters())
     assert encoder.stem[0].weight.grad is not None
 
 
-def test_generator_cost_is_small_next_to_the_encoder():
+@pytest.mark.parametrize("kind", list(GENERATORS))
+def test_generator_cost_is_small_next_to_the_encoder(kind):
     with torch.device("meta"):  # full-size r2plus1d_18, nothing allocated
         encoder = build_encoder("r2plus1d_18", num_classes=128, width=64)
-        gen = FrameDropGenerator()
+        gen = build_generator(kind)
         x = torch.empty(1, 3, 32, 112, 112)
         with FlopCounterMode(display=False) as enc_flops, torch.no_grad():
             encoder(x)
@@ -111,17 +138,16 @@ def test_generator_cost_is_small_next_to_the_encoder():
     assert params(gen) < 0.01 * params(encoder)
 
 
-def test_scores_are_float32_under_bf16_autocast():
-    """G scores in fp32 under autocast (cuDNN's GRU would autocast to fp16; bf16 scores tie in top-k)."""
-    torch.manual_seed(0)
-    gen = FrameDropGenerator(hidden=16, input_size=16)
-    x = clip(b=2, t=8, h=32, w=32)
-    expected = gen.scores(x)
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        got = gen.scores(x)
-        got_bf16_input = gen.scores(x.bfloat16())
-        dropped, keep = gen(x)
-    assert got.dtype == torch.float32 and keep.dtype == torch.float32
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    torch.testing.assert_close(got_bf16_input, gen.scores(x.bfloat16().float()), rtol=0, atol=0)
-    torch.testing.assert_close(dropped, gen(x)[0], rtol=0, atol=0)
+def test_models_reports_every_generator_under_one_percent_of_a_step(capsys):
+    from videomoco.cli import main as cli_main
+    from videomoco.method.costs import format_generators, generator_rows
+
+    rows = generator_rows([100.0])  # against an encoder of 100 GFLOPs per clip
+    assert [r["kind"] for r in rows] == list(GENERATORS)
+    for r in rows:
+        assert r["step_share"] == pytest.approx(r["gflops"], rel=1e-3)  # 100 x gflops / 100
+    assert "% of step" in format_generators(rows) and "\nmotion " in format_generators(rows)
+    assert cli_main(["models", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {r["kind"] for r in result["generators"]} == set(GENERATORS)
+    assert all(0 < r["step_share"] < 1.0 for r in result["generators"])  # at width 64, of the cheapest encoder

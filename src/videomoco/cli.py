@@ -14,7 +14,7 @@ from videomoco.flags import Parser
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "models": ("videomoco.models.registry", "list the encoders with their parameter counts"),
+    "models": ("videomoco.method.costs", "list the encoders and the generators with their parameters and FLOPs"),
     "index": ("videomoco.data.index", "scan a dataset root and write an index (quarantining broken videos)"),
     "transcode": ("videomoco.data.transcode", "re-encode a dataset for fast random access"),
     "synth": ("videomoco.data.synthetic", "render the synthetic motion dataset"),

@@ -288,6 +288,17 @@ def make_video(label, seed, split, index, frames=24, size=32, appearance_classes
     return render(appearance, *trajectory(motion, np.random.default_rng(streams[1]), frames, size), size)
 
 
+def window_clips(seed, split, count, frames=8, size=32):
+    """`count` window-scene videos as long as a clip, in memory: frames `(N, T, H, W, 3)` uint8, labels `(N,)`
+    (indices into MOTIONS, class i % 6 for video i) and windows `(N, T)` bool (the frames that move)."""
+    clips, windows = [], np.zeros((count, frames), bool)
+    for i in range(count):
+        clips.append(make_video(MOTIONS[i % len(MOTIONS)], seed, split, i, frames, size, scene="window"))
+        start, length = motion_window(seed, split, i, frames)
+        windows[i, start:start + length] = True
+    return np.stack(clips), np.arange(count) % len(MOTIONS), windows
+
+
 def _write_one(job):
     path, label, cfg, split, index = job
     frames = make_video(label, cfg.seed, split, index, cfg.frames, cfg.size, cfg.appearance_classes, cfg.scene)

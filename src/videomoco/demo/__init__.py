@@ -4,9 +4,10 @@
       -> supervised reference (videomoco.eval.finetune) -> kNN / linear / robustness of random init,
       MoCo, VideoMoCo and supervised -> do the classes need time? -> report.md + PNGs in --out
 
-`--quick` shrinks everything (used by the tests, about a minute); `--ablation` adds MoCo, + temporal
-decay, + generator, both, and a strong decay, over 5 seeds, compared with MoCo seed by seed (a paired
-t-test, `demo.stats`). Every phase prints its elapsed time.
+`--quick` shrinks everything (used by the tests, about a minute); `--ablation` adds MoCo, + each form of
+the decay, + each generator and the best combination over paired seeds (`demo.ablation`), compared with
+MoCo seed by seed (a paired t-test, `demo.stats`), with the robustness to dropped moving vs still frames
+on the window scene. Every phase prints its elapsed time.
 """
 
 import dataclasses
@@ -18,8 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from videomoco.data import synthetic
+from videomoco.demo import ablation as ablation_runs
 from videomoco.demo import report
-from videomoco.demo.evaluate import KNN_K, evaluate, time_baselines
+from videomoco.demo.evaluate import KNN_K, evaluate, evaluate_window, time_baselines
 from videomoco.engine.config import ConfigError, resolve_device
 from videomoco.flags import COUNT, POSITIVE_INT, SEED, SHARED, config_from, fail
 from videomoco.models import list_encoders
@@ -58,24 +60,19 @@ class Budget:
     supervised_lr: float = 0.01
     num_clips: int = 2  # test clips per video
     ratios: tuple = (0.0, 0.25, 0.5)
+    generator: str = "motion"  # VideoMoCo's G: the one that reads the clip (docs/demo.md, "What the generator learns")
+    # --ablation: paired seeds, and its own test set of the same scene (more videos: a tighter paired difference)
+    ablation_seeds: int = 5
+    ablation_test_per_class: int = 100
+    window_videos: int = 360  # --ablation: window-scene clips for the kNN bank and the test, each
 
 
 BUDGETS = {
     "default": Budget(),
     "quick": Budget(train_per_class=5, test_per_class=2, video_frames=12, size=32, clip_frames=4, batch_size=10,
-                    epochs=2, adv_start_epoch=1, queue=40, supervised_epochs=1, num_clips=1, ratios=(0.0, 0.5)),
+                    epochs=2, adv_start_epoch=1, queue=40, supervised_epochs=1, num_clips=1, ratios=(0.0, 0.5),
+                    ablation_seeds=2, ablation_test_per_class=2, window_videos=12),
 }
-ABLATION_SEEDS = (0, 1, 2, 3, 4)
-# t with which the queue's ages (0 to K/B - 1 = 3 steps in the demo) reach about 1/(1 - t): a decay that can matter
-STRONG_DECAY = 0.7
-ABLATION_METRICS = ("kNN top-1", "linear top-1", "kNN, {ratio:.0%} dropped", "cosine, {ratio:.0%} dropped")
-
-
-def ablation_variants(budget):
-    """name -> (temporal decay t of the queue, generator on); t = 1: no decay. The first is the baseline."""
-    t = budget.temporal_decay
-    return {"MoCo": (1.0, False), "+ temporal decay": (t, False), "+ generator": (1.0, True), "VideoMoCo": (t, True),
-            f"+ strong decay (t = {STRONG_DECAY})": (STRONG_DECAY, False)}
 
 
 class DemoError(RuntimeError):
@@ -117,10 +114,12 @@ class Timer:
         print(f"[demo] {phase}: {self.seconds[phase]:.1f} s", flush=True)
 
 
-def pretrain(cfg, budget, data, out, temporal_decay, adversarial, seed, resume="", max_steps=0):
+def pretrain(cfg, budget, data, out, temporal_decay, adversarial, seed, resume="", max_steps=0, generator="",
+             decay_unit="step"):
     """One pretraining run (the `videomoco pretrain` entry point) -> its final checkpoint path.
 
-    resume: a checkpoint to continue (the ablation's shared first epochs); max_steps: stop there."""
+    resume: a checkpoint to continue (the ablation's shared first epochs); max_steps: stop there;
+    generator: its kind ("": the budget's); decay_unit: "step" (the authors' code) or "key" (the paper)."""
     from videomoco.engine.config import PretrainConfig
     from videomoco.engine.pretrain import run as run_pretrain
 
@@ -133,7 +132,8 @@ def pretrain(cfg, budget, data, out, temporal_decay, adversarial, seed, resume="
         adv_start_epoch=budget.adv_start_epoch if adversarial else budget.epochs, views=budget.views,
         aug_jitter=budget.aug_jitter, aug_hue=budget.aug_hue, aug_grayscale=budget.aug_grayscale, aug_scale_min=budget.aug_scale_min,
         print_freq=5, log_dir=str(out / "logs"), ckp_dir=str(out / "checkpoints"), save_every=budget.epochs,
-        keep_last=1, image_every=1, device=cfg.device, seed=seed)
+        keep_last=1, image_every=1, device=cfg.device, seed=seed, generator=generator or budget.generator,
+        **({"decay_unit": decay_unit} if decay_unit != "step" else {}))
     shutil.rmtree(out, ignore_errors=True)  # a rerun starts clean: no old checkpoints, no appended logs
     result = run_pretrain(pcfg)
     expected = "max_steps" if max_steps else "done"
@@ -164,27 +164,39 @@ def supervised(cfg, budget, data, out, device):
     return str(out / "checkpoint.pth")
 
 
-def ablation(cfg, budget, data, train_index, num_train, out, device, ratio):
-    """Every `ablation_variants` x ABLATION_SEEDS -> {"metrics", "seeds", "runs": {variant: [[metric, ...] per seed]}}.
+def run_ablation(cfg, budget, train_index, num_train, out, device):
+    """`demo.ablation.run` on the demo's recipe: `budget.ablation_seeds` paired seeds, evaluated on a test set of
+    `budget.ablation_test_per_class` videos per class of the demo's scene and on window-scene clips."""
+    import torch
 
-    The variants of one decay are the same run for their first `adv_start_epoch` epochs (the generator is not
-    on yet), so that run is made once per seed and resumed by each: the comparison is paired, and cheaper."""
-    variants = ablation_variants(budget)
+    from videomoco.data.augment import normalize
+
+    root = out / "ablation"
+    data = synthetic.run(synthetic.SynthConfig(
+        out=str(root / "data"), train_per_class=budget.train_per_class, val_per_class=budget.ablation_test_per_class,
+        frames=budget.video_frames, size=budget.size, seed=cfg.seed, workers=cfg.workers, scene=budget.scene))["root"]
+    window = {}
+    for split in ("train", "val"):  # clips as long as the videos: the window is where the clip moves
+        x, labels, windows = synthetic.window_clips(cfg.seed, split, budget.window_videos, budget.clip_frames,
+                                                    budget.crop)
+        window[split] = (normalize(torch.from_numpy(x).permute(0, 4, 1, 2, 3)), labels, torch.from_numpy(windows))
+
+    def train(variant, seed, tag, resume="", max_steps=0):
+        return pretrain(cfg, budget, train_index, root / tag, variant.decay, bool(variant.generator), seed,
+                        resume=resume, max_steps=max_steps, generator=variant.generator, decay_unit=variant.decay_unit)
+
+    def measure(ckpt, seed):
+        ecfg = eval_config(cfg, budget, data, device, ckpt, seed)
+        m = evaluate(ecfg, [0.0, *ablation_runs.RATIOS])
+        rows = {r["ratio"]: r for r in m["robustness"] if r["dropper"] == "random"}
+        w = {r["dropper"]: r for r in evaluate_window(ecfg, window["train"][:2], window["val"])}
+        k = f"knn_top1_k{KNN_K}"
+        return [m[k], m["linear_top1"], *(rows[r][key] for r in ablation_runs.RATIOS for key in (k, "cosine")),
+                w["none"][k], w["moving"][k], w["still"][k], w["moving"]["cosine"], w["still"]["cosine"]]
+
     shared_steps = num_train // budget.batch_size * budget.adv_start_epoch  # the loader drops the last partial batch
-    runs = {name: [] for name in variants}
-    for seed in ABLATION_SEEDS:
-        start = {}
-        for name, (decay, adversarial) in variants.items():
-            if decay not in start:
-                start[decay] = pretrain(cfg, budget, train_index, out / "ablation" / f"t{decay:g}_seed{seed}_start",
-                                        decay, False, seed, max_steps=shared_steps)
-            run_dir = out / "ablation" / f"{name.strip('+ ').split(' (')[0].replace(' ', '_')}_seed{seed}"
-            ckpt = pretrain(cfg, budget, train_index, run_dir, decay, adversarial, seed, resume=start[decay])
-            m = evaluate(eval_config(cfg, budget, data, device, ckpt, seed), [0.0, ratio])
-            dropped = next(r for r in m["robustness"] if r["ratio"] == ratio and r["dropper"] == "random")
-            runs[name].append([m[f"knn_top1_k{KNN_K}"], m["linear_top1"], dropped[f"knn_top1_k{KNN_K}"],
-                               dropped["cosine"]])
-    return {"metrics": [m.format(ratio=ratio) for m in ABLATION_METRICS], "seeds": list(ABLATION_SEEDS), "runs": runs}
+    variants = ablation_runs.fixed_variants(budget.temporal_decay)
+    return ablation_runs.run(variants, range(budget.ablation_seeds), shared_steps, train, measure)
 
 
 def run(cfg):
@@ -223,10 +235,10 @@ def run(cfg):
     with timer("time baselines"):
         ecfg = eval_config(cfg, budget, data, device, checkpoints["supervised"], cfg.seed)
         baselines = time_baselines(ecfg, results["supervised"][f"knn_top1_k{KNN_K}"])
-    ablation_runs = None
+    ablation_result = None
     if cfg.ablation:
         with timer("ablation"):
-            ablation_runs = ablation(cfg, budget, data, train_index, len(index.select("train")), out, device, ratio)
+            ablation_result = run_ablation(cfg, budget, train_index, len(index.select("train")), out, device)
 
     with timer("plots"):
         report.training_curves({n: out / n.lower() / "logs" for n in ("MoCo", "VideoMoCo")}, out / "training_curves.png")
@@ -240,7 +252,7 @@ def run(cfg):
         "num_train": len(index.select("train")), "num_test": len(index.select("val")),
         "arch": cfg.arch, "width": cfg.width, "device": device, "budget": asdict(budget),
         "checkpoints": checkpoints, "results": results, "baselines": baselines, "baseline_model": "supervised",
-        "report_ratio": ratio, "ablation": ablation_runs,
+        "report_ratio": ratio, "ablation": ablation_result,
         "seconds": timer.seconds,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -254,8 +266,8 @@ def add_arguments(parser):
     parser.add_argument("--out", default=d.out, help="output directory (data, checkpoints, report.md, PNGs)")
     parser.add_argument("--quick", action="store_true", help="a tiny run of every phase (about a minute)")
     parser.add_argument("--ablation", action="store_true",
-                        help=f"also MoCo / + decay / + generator / both / a strong decay, {len(ABLATION_SEEDS)} seeds "
-                             "each, compared with MoCo seed by seed")
+                        help="also MoCo, + the decay (two forms), + each generator and the best combination over paired "
+                             "seeds, each compared with MoCo seed by seed (about 45 minutes on 2 cores)")
     parser.add_argument(*SHARED["device"], default=d.device, help="auto, cpu, cuda or cuda:N")
     parser.add_argument(*SHARED["arch"], default=d.arch, choices=list_encoders(), help="encoder from the registry")
     parser.add_argument(*SHARED["width"], type=POSITIVE_INT, default=d.width, help="encoder base width")

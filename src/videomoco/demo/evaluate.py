@@ -63,6 +63,14 @@ def evaluate(ecfg, ratios, generator_ckpt=""):
     return metrics
 
 
+def evaluate_window(ecfg, train, test):
+    """`robustness.window_rows` of the encoder `ecfg.pretrained`: train = (clips, labels), test = (clips, labels,
+    windows), normalised window-scene clips as long as the encoder's clips."""
+    common.seed_everything(ecfg.seed)
+    encoder = common.load_model(ecfg).to(ecfg.device).eval()
+    return robustness.window_rows(encoder, train, test[:2], test[2], ks=(KNN_K,), seed=ecfg.seed)
+
+
 def shuffle_frames(x, seed=0):
     """The frames of every clip `(B, C, T, H, W)` in a random order (one permutation per clip)."""
     g = torch.Generator().manual_seed(seed)

@@ -9,7 +9,8 @@ from matplotlib.figure import Figure
 
 from videomoco.data.augment import normalize
 from videomoco import markdown
-from videomoco.demo.stats import paired_test
+from videomoco.demo.ablation import GROUPS as ABLATION_GROUPS
+from videomoco.demo.stats import paired_test, resolvable
 from videomoco.engine.logger import drop_strip
 from videomoco.eval.robustness import load_generator
 from videomoco.method.generator import drop_frames
@@ -93,7 +94,7 @@ def dropped_frames_strip(checkpoint, dataset, path, num_clips=4, drop_ratio=0.25
     ax = fig.subplots()
     ax.imshow(image, interpolation="nearest")
     ax.set_axis_off()
-    ax.set_title("frames the VideoMoCo generator drops (red)", fontsize=9)
+    ax.set_title(f"frames the VideoMoCo generator ({generator.kind}) drops (red)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -114,23 +115,50 @@ def robustness_lines(results, a="MoCo", b="VideoMoCo"):
     return lines + markdown.table(["frames dropped", f"cosine {a} / {b}", f"kNN {a} / {b}", b], cells)
 
 
-def ablation_lines(ablation):
-    """The ablation's tables: mean ± std over seeds, and each variant minus the first (MoCo) seed by seed."""
+def _digits(metric):
+    return 3 if "cosine" in metric else 1
+
+
+def ablation_lines(ablation, groups=None):
+    """The ablation's tables (`demo.ablation.run`'s result): per group of metrics, mean ± std over seeds and each
+    variant minus the first (MoCo) seed by seed with its p; then what the seeds resolve, and which variants are
+    resolved as better or worse than MoCo."""
     names, metrics, seeds = list(ablation["runs"]), ablation["metrics"], ablation["seeds"]
     runs = {name: np.asarray(values, dtype=float) for name, values in ablation["runs"].items()}  # (seeds, metrics)
-    digits = [1, 1, 1, 3]
-    lines = ["## Ablation", "", f"Seeds {', '.join(map(str, seeds))} for every variant, mean ± std:", ""]
-    lines += markdown.table(["variant", *metrics], [[name, *(f"{mu:.{d}f} ± {sd:.{d}f}" for mu, sd, d in
-                                                      zip(r.mean(0), r.std(0, ddof=1) if len(r) > 1 else 0 * r[0], digits))]
-                                            for name, r in runs.items()])
-    base = names[0]
-    lines += ["", f"Each variant minus {base}, seed by seed: mean difference ± std (p of a paired t-test, "
-              f"{len(seeds) - 1} degrees of freedom; p < 0.05 is a difference this many seeds resolve):", ""]
-    rows = []
-    for name in names[1:]:
-        tests = [paired_test(runs[name][:, j], runs[base][:, j]) for j in range(len(metrics))]
-        rows.append([name, *(f"{t['diff']:+.{d}f} ± {t['std']:.{d}f} (p {t['p']:.2f})" for t, d in zip(tests, digits))])
-    return lines + markdown.table(["variant", *metrics], rows)
+    base, n = names[0], len(seeds)
+    tests = {name: [paired_test(runs[name][:, j], runs[base][:, j]) for j in range(len(metrics))]
+             for name in names[1:]}
+    lines = ["## Ablation", "",
+             f"Seeds {', '.join(map(str, seeds))} for every variant. Each table: mean ± std over seeds, then each "
+             f"variant minus {base} seed by seed, mean ± std of the difference (p of a paired t-test, {n - 1} degrees "
+             f"of freedom). The last variant is the best decay with the best generator, chosen after the others ran.",
+             ""]
+    for title, group in (groups or {"metrics": metrics}).items():
+        cols = [metrics.index(m) for m in group]
+        lines += [f"### {title}", ""]
+        lines += markdown.table(["variant", *group], [
+            [name, *(f"{r[:, j].mean():.{_digits(metrics[j])}f} ± "
+                     f"{r[:, j].std(ddof=1) if n > 1 else 0:.{_digits(metrics[j])}f}" for j in cols)]
+            for name, r in runs.items()])
+        lines += [""] + markdown.table([f"minus {base}", *group], [
+            [name, *(f"{tests[name][j]['diff']:+.{_digits(metrics[j])}f} ± {tests[name][j]['std']:.{_digits(metrics[j])}f}"
+                     f" (p {tests[name][j]['p']:.2f})" for j in cols)] for name in names[1:]]) + [""]
+    return lines + resolution_lines(tests, metrics, n)
+
+
+def resolution_lines(tests, metrics, n, p=0.05):
+    """What the seeds resolve: the paired std of kNN (pooled over variants), the smallest difference it
+    resolves at `p`, and every difference with p < `p`."""
+    stds = [t[0]["std"] for t in tests.values() if np.isfinite(t[0]["std"])]
+    pooled = float(np.sqrt(np.mean(np.square(stds)))) if stds else float("nan")
+    lines = [f"Resolution: the paired std of {metrics[0]} is {pooled:.1f} points (root mean square over the "
+             f"variants; per variant {', '.join(f'{s:.1f}' for s in stds)}), so {n} seeds resolve a mean difference "
+             f"of {resolvable(pooled, n, p):.1f} points at p < {p}.", ""]
+    found = [f"{name}: {m} {t['diff']:+.{_digits(m)}f} (p {t['p']:.3f})"
+             for name, ts in tests.items() for m, t in zip(metrics, ts) if t["p"] < p]
+    lines += ["Differences to the baseline with p < 0.05 (before any correction for the "
+              f"{len(tests) * len(metrics)} comparisons): " + ("; ".join(found) if found else "none") + ".", ""]
+    return lines
 
 
 def write_report(out, summary):
@@ -164,7 +192,7 @@ def write_report(out, summary):
               "## Robustness to dropped frames", "", "![robustness](robustness.png)", "",
               *robustness_lines(results), ""]
     if summary.get("ablation"):
-        lines += ablation_lines(summary["ablation"]) + [""]
+        lines += ablation_lines(summary["ablation"], ABLATION_GROUPS) + [""]
     lines += ["## Time", ""]
     lines += markdown.table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
     lines += ["", f"Total: {sum(summary['seconds'].values()):.0f} s.", ""]

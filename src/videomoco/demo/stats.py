@@ -58,3 +58,17 @@ def paired_test(variant, baseline):
     std = float(diff.std(ddof=1))
     t = mean / (std / math.sqrt(n)) if std > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
     return {"diff": mean, "std": std, "t": t, "p": t_two_sided_p(t, n - 1)}
+
+
+def t_critical(df, p=0.05):
+    """The |t| a two-sided test with `df` degrees of freedom needs for `p` (bisection on `t_two_sided_p`)."""
+    lo, hi = 0.0, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > p else (lo, mid)
+    return hi
+
+
+def resolvable(std, n, p=0.05):
+    """The smallest mean paired difference that `n` seeds with a paired std `std` resolve at `p` (two-sided)."""
+    return t_critical(n - 1, p) * std / math.sqrt(n) if n > 1 else math.inf

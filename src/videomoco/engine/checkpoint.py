@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from videomoco.data.augment import NORMALIZATIONS, input_norm
+from videomoco.method.generator import GENERATORS
 from videomoco.method.moco import mlp_head
 from videomoco.models import build_encoder, list_encoders
 
@@ -246,6 +247,22 @@ def checkpoint_input_norm(ckpt):
         return input_norm("imagenet")
     return input_norm("kinetics")
 
+
+
+def checkpoint_generator_kind(ckpt):
+    """The kind of frame-dropping generator (`method.generator.GENERATORS`) `ckpt` was trained with: its config's
+    `generator` if recorded, else "authors" (our files that predate the choice, and the authors' own)."""
+    config = ckpt.get("config")
+    recorded = config.get("generator") if isinstance(config, dict) else None
+    return recorded if recorded in GENERATORS else "authors"
+
+
+def generator_trained(ckpt):
+    """Whether the generator of our pretraining checkpoint `ckpt` has taken a step: its run had reached its
+    `adv_start_epoch` (a checkpoint written at that epoch's start has not)."""
+    adv = int(ckpt["config"].get("adv_start_epoch", 0))
+    epoch, batch = int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch", 0))
+    return epoch > adv or (epoch == adv and batch > 0)
 
 # --- RNG state, stored as plain types so that weights_only=True loads it ---
 

@@ -16,7 +16,7 @@ import yaml
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, RATIO, SEED,
                              SHARED, Number)
 from videomoco.method.adversarial import G_GRADS, G_LOSSES
-from videomoco.method.generator import FILL_MODES
+from videomoco.method.generator import FILL_MODES, GENERATORS
 from videomoco.method.moco import SHUFFLE_BN
 from videomoco.models import list_encoders
 
@@ -100,6 +100,9 @@ class PretrainConfig:
     aug_grayscale: float = 0.2
     aug_scale_min: float = 0.2
     adv_start_epoch: int = 100
+    # authors: the authors' design (per-frame CNN + a recurrence over time); motion: each frame scored from itself
+    # and its difference to the previous one, no position (docs/method.md, "Does the generator read the clip?")
+    generator: str = "authors"
     drop_ratio: float = 0.25
     fill: str = "mean"
     g_loss: str = "feature_l1"
@@ -192,6 +195,9 @@ _FLAGS = [
     (("--aug_grayscale",), "aug_grayscale", "probability of grayscale", {"type": PROBABILITY}),
     (("--aug_scale_min",), "aug_scale_min", "smallest crop area (fraction of the frame)", {"type": FACTOR}),
     (("--adv_start_epoch",), "adv_start_epoch", "first epoch with the adversarial generator", {"type": COUNT}),
+    (("--generator",), "generator", "frame-dropping generator: authors (per-frame CNN + BiGRU over time, the "
+     "paper's design) or motion (each frame scored from itself and |x_t - x_{t-1}|, blind to its position)",
+     {"choices": tuple(GENERATORS)}),
     (("--drop_ratio",), "drop_ratio", "fraction of frames the generator drops", {"type": RATIO}),
     (("--fill",), "fill", "what replaces dropped frames", {"choices": FILL_MODES}),
     (("--g_loss",), "g_loss", "generator objective", {"choices": G_LOSSES}),

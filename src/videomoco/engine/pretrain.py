@@ -92,14 +92,14 @@ def build_trainer(cfg, device):
     """VideoMoCo, its frame-dropping generator, their SGD optimisers (fused on CUDA) and fp16 GradScalers, seeded
     by `cfg.seed`, in one `AdversarialTrainer` (`.model`, `.generator`, `.opt_d`, `.opt_g`, `.scaler_d`,
     `.scaler_g`): what `videomoco pretrain` and `benchmarks.train_step` train."""
-    from videomoco.method import AdversarialConfig, AdversarialTrainer, FrameDropGenerator, VideoMoCo
+    from videomoco.method import AdversarialConfig, AdversarialTrainer, VideoMoCo, build_generator
     from videomoco.models import set_grad_checkpointing
 
     torch.manual_seed(cfg.seed)  # the same initial weights and queue on every rank
     model = VideoMoCo(arch=cfg.arch, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
                       temporal_decay=cfg.temporal_decay, width=cfg.width, mlp_bn=cfg.mlp_bn,
                       shuffle_bn=cfg.shuffle_bn).to(device)
-    generator = FrameDropGenerator(drop_ratio=cfg.drop_ratio, fill=cfg.fill).to(device)
+    generator = build_generator(cfg.generator, drop_ratio=cfg.drop_ratio, fill=cfg.fill).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)
     if cfg.grad_checkpointing:  # the query encoder's backward; the key encoder runs without grad
@@ -203,9 +203,10 @@ class Run:
             self.start = (self.epoch, 0, False)
             return
         t = self.trainer
-        self.generator.load_state_dict(ckpt["generator"])
         load_optimizer_state(t.opt_d, ckpt["optimizer"])
-        load_optimizer_state(t.opt_g, ckpt["optimizer_g"])
+        if self._resume_generator(ckpt, path):
+            self.generator.load_state_dict(ckpt["generator"])
+            load_optimizer_state(t.opt_g, ckpt["optimizer_g"])
         if t.scaler_d is not None and ckpt.get("scaler"):
             t.scaler_d.load_state_dict(ckpt["scaler"]["d"])
             t.scaler_g.load_state_dict(ckpt["scaler"]["g"])
@@ -216,6 +217,18 @@ class Run:
         self.last_checkpoint = Path(path)
         self.start = (self.epoch, self.step, self.batch_in_epoch > 0)
         log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
+
+    def _resume_generator(self, ckpt, path):
+        """Whether to load `ckpt`'s generator: yes if it is of `--generator`'s kind; if not, a fresh one of that
+        kind when the checkpoint's has never stepped (runs that share their first epochs), else CheckpointError."""
+        kind, wanted = ck.checkpoint_generator_kind(ckpt), self.cfg.generator
+        if kind == wanted:
+            return True
+        if ck.generator_trained(ckpt):
+            raise ck.CheckpointError(f"--resume {path}: its generator is a trained {kind!r} one, not --generator "
+                                     f"{wanted}")
+        log.info("--resume %s: its %s generator has not trained yet; a fresh %s generator", path, kind, wanted)
+        return False
 
 
 def _resolve_seed(cfg, info):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
@@ -23,11 +24,11 @@ from tqdm import tqdm
 
 from videomoco import markdown
 from videomoco.data.augment import normalize
-from videomoco.engine.checkpoint import CheckpointError, read_checkpoint
+from videomoco.engine.checkpoint import CheckpointError, checkpoint_generator_kind, read_checkpoint
 from videomoco.eval import common
 from videomoco.eval.features import video_average
 from videomoco.eval.knn import knn_accuracy
-from videomoco.method.generator import FILL_MODES, FrameDropGenerator, drop_frames, random_drop
+from videomoco.method.generator import FILL_MODES, build_generator, drop_frames, random_drop
 
 
 @dataclass
@@ -50,13 +51,13 @@ def add_arguments(parser):
 
 
 def load_generator(path, fill="mean"):
-    """The `FrameDropGenerator` stored under "generator" in our pretraining checkpoint `path`."""
+    """The generator stored under "generator" in our pretraining checkpoint `path`, of the kind it records."""
     ckpt = read_checkpoint(path)
     state = ckpt.get("generator") if isinstance(ckpt, dict) else None
     if not state:
         raise CheckpointError(f"{path} has no 'generator' state (only our pretraining checkpoints carry one)")
-    hidden = state["score.weight"].shape[1]
-    generator = FrameDropGenerator(fill=fill, hidden=hidden)
+    hidden = state["features.4.weight"].shape[0]  # the CNN's last conv: (hidden, hidden / 2, 3, 3)
+    generator = build_generator(checkpoint_generator_kind(ckpt), fill=fill, hidden=hidden)
     generator.load_state_dict(state)
     return generator.eval()
 
@@ -105,6 +106,47 @@ def robustness_rows(clean, dropped, labels, ids, train_x, train_y, ks):
         _, test_x, test_y = video_average(feats, ids, labels)
         rows.append({"dropper": name, "ratio": ratio, "cosine": cosine,
                      **knn_accuracy(train_x, train_y, test_x, test_y, ks)})
+    return rows
+
+
+def mask_drop(clip, drops, fill="mean"):
+    """Drop the frames marked True in `drops` (N, T) bool (the same count in every row) from `clip`
+    (N, C, T, H, W) and fill them -> the dropped clip."""
+    k = int(drops[0].sum())
+    return drop_frames(clip, drops.float(), k / drops.shape[1], fill)[0]  # the True frames score highest
+
+
+def still_frames(windows, seed=0):
+    """(N, T) bool: as many random frames outside each row's window as the window has (`windows` (N, T) bool)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(windows.shape, generator=g) - 2.0 * windows.float()  # still frames first
+    k = int(windows[0].sum())
+    return torch.zeros_like(windows).scatter(1, scores.topk(k, dim=1).indices, True)
+
+
+@torch.inference_mode()
+def window_rows(encoder, train, test, windows, fill="mean", ks=(20,), batch=64, seed=0):
+    """Robustness where dropping removes information: test clips whose motion is confined to a known window.
+
+    train: (normalised clips (N, C, T, H, W), labels (N,)), the kNN bank; test: the same for the test clips,
+    windows: (M, T) bool, the frames of each test clip that move. Drops the moving frames, or as many still
+    frames (`still_frames`), and compares with the clean clips -> `[{"dropper": "none" | "moving" | "still",
+    "cosine", "knn_top1_k<k>", ...}]` (cosine with the clean clip's feature; kNN against the clean bank)."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+
+    def features(x):
+        return torch.cat([encoder.forward_features(part.to(device)).float().cpu() for part in x.split(batch)])
+
+    bank = features(train[0]).numpy()
+    x, labels = test
+    clean = features(x)
+    rows = []
+    for name, drops in (("none", None), ("moving", windows), ("still", still_frames(windows, seed))):
+        feats = clean if drops is None else features(mask_drop(x, drops, fill))
+        cosine = F.cosine_similarity(clean, feats, dim=1).mean().item()
+        rows.append({"dropper": name, "cosine": cosine,
+                     **knn_accuracy(bank, np.asarray(train[1]), feats.numpy(), np.asarray(labels), ks)})
     return rows
 
 

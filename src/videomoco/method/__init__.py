@@ -2,15 +2,20 @@
 and the adversarial training step."""
 
 from videomoco.method.adversarial import AdversarialConfig, AdversarialTrainer
-from videomoco.method.generator import FrameDropGenerator, drop_frames, num_dropped, random_drop
+from videomoco.method.generator import (GENERATORS, DropGenerator, FrameDropGenerator, MotionDropGenerator,
+                                        build_generator, drop_frames, num_dropped, random_drop)
 from videomoco.method.losses import contrastive_loss, decayed_logits, feature_l1, positive_rank_accuracy
 from videomoco.method.moco import VideoMoCo, concat_all_gather
 
 __all__ = [
     "AdversarialConfig",
     "AdversarialTrainer",
+    "DropGenerator",
     "FrameDropGenerator",
+    "GENERATORS",
+    "MotionDropGenerator",
     "VideoMoCo",
+    "build_generator",
     "concat_all_gather",
     "contrastive_loss",
     "decayed_logits",

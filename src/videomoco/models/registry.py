@@ -1,4 +1,4 @@
-"""The encoder registry and the `videomoco models` command.
+"""The encoder registry and the encoder table of `videomoco models` (the command: `videomoco.method.costs`).
 
 Each architecture registers its constructor once with `@register_encoder`; everything else
 (VideoMoCo, evaluation, the CLI, the tests) builds encoders by name through `build_encoder`.
@@ -10,13 +10,12 @@ FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` on the meta devi
 compute), and are true FLOPs: one multiply-add counts 2.
 """
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from videomoco.flags import POSITIVE_INT, config_from
+from videomoco.flags import POSITIVE_INT
 
 _ENCODERS = {}
 
@@ -115,13 +114,3 @@ def add_arguments(parser):
     parser.add_argument("--num-classes", type=POSITIVE_INT, default=ModelsConfig.num_classes, help="outputs of the fc head")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-
-def main(args):
-    cfg = config_from(ModelsConfig, args)
-    result = run(cfg)
-    if cfg.json:
-        print(json.dumps({"config": asdict(cfg), **result}, indent=2))
-    else:
-        print(f"width={cfg.width} num_classes={cfg.num_classes}; GFLOPs for one {'x'.join(map(str, CLIP_SHAPE))} clip")
-        print(format_table(result["encoders"]))
-    return 0

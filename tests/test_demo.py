@@ -74,14 +74,13 @@ def test_ablation_shares_the_first_epochs_of_each_decay_and_pairs_the_seeds():
     assert result["variants"][combination.name] == vars(combination)
     assert all(len(runs) == 3 for runs in result["runs"].values()) and result["seeds"] == [0, 1, 2]
     starts = [c for c in calls if c[4]]
-    assert all(c[4] == 9 and not c[0].generator for c in starts)  # no generator before it starts
-    assert len(starts) == 3 * 3  # one per decay (none, per step, per key) and seed, shared by the combination too
-    for variant in [*variants, combination]:  # every run resumes the start of its decay, same seed
+    assert [c[1] for c in starts] == [0, 1, 2]  # one start per seed, shared by every variant
+    assert all(c[4] == 9 and c[0] == ablation.Variant("start") for c in starts)  # plain MoCo: no decay, no G
+    for variant in [*variants, combination]:  # every run resumes its seed's start
         for seed in range(3):
             run = next(c for c in calls if c[0] == variant and c[1] == seed)
-            start = next(c for c in starts if c[0].start == variant.start and c[1] == seed)
-            assert run[3] == f"{start[2]}.pth" and not run[4]
-    assert len(calls) == len(starts) + 6 * 3
+            assert run[3] == f"start_seed{seed}.pth" and not run[4]
+    assert len(calls) == 3 + 6 * 3
 
     text = "\n".join(ablation_lines(result, ablation.GROUPS))
     assert "| + motion generator | +5.0 ± 0.0 (p 0.00) | +0.0 ± 0.0 (p 1.00) |" in text  # resolved, every seed

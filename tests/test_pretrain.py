@@ -147,6 +147,25 @@ def test_resume_from_official_checkpoint(videos, tmp_path):
     assert int(ckpt["state_dict"]["queue_ptr"]) == 5 + 2 * 4  # the loaded queue went on from its pointer
 
 
+def test_resume_records_the_generator_and_swaps_it_only_before_it_trained(videos, tmp_path, capsys):
+    # one plain epoch (G would join at epoch 2), then resumed with the other kind of G from epoch 1
+    assert cli_run(videos, tmp_path / "a", "--epochs", "1", "--adv_start_epoch", "2") == 0
+    first = ck.load_checkpoint(tmp_path / "a" / "ckp" / "checkpoint_0001.pth.tar")
+    assert ck.checkpoint_generator_kind(first) == "authors" and not ck.generator_trained(first)
+    assert cli_run(videos, tmp_path / "b", "--resume", str(tmp_path / "a" / "ckp" / "checkpoint_0001.pth.tar"),
+                   "--epochs", "2", "--adv_start_epoch", "1", "--generator", "motion") == 0
+    second = ck.load_checkpoint(tmp_path / "b" / "ckp" / "checkpoint_0002.pth.tar")
+    assert ck.checkpoint_generator_kind(second) == "motion" and ck.generator_trained(second)
+    assert not any(k.startswith("rnn.") for k in second["generator"])
+    capsys.readouterr()
+    code = cli_run(videos, tmp_path / "c", "--resume", str(tmp_path / "b" / "ckp" / "checkpoint_0002.pth.tar"),
+                   "--epochs", "3", "--adv_start_epoch", "1")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and err.endswith("its generator is a trained 'motion' one, not --generator authors")
+    del second["config"]["generator"]  # a file from before the choice: the authors' kind
+    assert ck.checkpoint_generator_kind(second) == "authors" and ck.checkpoint_generator_kind({}) == "authors"
+
+
 def test_mismatched_arch_is_a_one_line_error(videos, tmp_path, capsys):
     _official_checkpoint(tmp_path / "r3d.pth.tar", arch="r3d_18")
     code = cli_run(videos, tmp_path, "-a", "r2plus1d_18", "--resume", str(tmp_path / "r3d.pth.tar"))

@@ -158,7 +158,7 @@ def test_motion_generator_drops_inside_the_moving_window(tmp_path):
     """The window scene (dots move in a random quarter of each 8-frame clip): after the demo's recipe
     (benchmarks/generator_study.py's, 144 adversarial steps), >= 90% of the motion G's drops are in the window.
     About 70 s on 2 idle cores: the short tiny runs tried (40-60 steps, 16 px, width 4) reach it on some seeds
-    only (docs/method.md, "What the motion generator learns")."""
+    only (docs/method.md, "The motion generator")."""
     from videomoco.data import synthetic
     from videomoco.data.augment import normalize
     from videomoco.engine.config import PretrainConfig

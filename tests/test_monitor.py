@@ -39,6 +39,7 @@ def test_monitor_leaves_the_encoder_as_it_was(labelled):
     result = monitor(encoder)
     assert len(monitor) == 6 and 0.0 <= result["knn_top1"] <= 100.0 and result["seconds"] > 0
     assert encoder.training and all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert monitor.clips[0] is not None and monitor(encoder)["knn_top1"] == result["knn_top1"]  # decoded once
 
 
 def test_pretrain_monitor_logs_knn_at_start_every_n_epochs_and_its_cost(videos, labelled, tmp_path):  # noqa: F811

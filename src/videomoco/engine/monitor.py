@@ -62,25 +62,42 @@ def monitor_subsets(data):
     return train, test
 
 
-class Monitor:
-    """kNN top-1 of an encoder's features on (gallery, queries); `__call__(encoder) -> {"knn_top1", "seconds"}`."""
+CACHE_BYTES = 2**30  # decoded clips up to this size are kept in memory: later evaluations only run the encoder
 
-    def __init__(self, data, frames, frame_stride, crop, mean, std, device, batch_size=8, amp_dtype=None):
+
+class Monitor:
+    """kNN top-1 of an encoder's features on (gallery, queries); `__call__(encoder) -> {"knn_top1", "seconds"}`.
+
+    The clips are fixed (centre clip, no augmentation), so they are decoded once (with `workers`) and kept while
+    they fit `CACHE_BYTES`; larger sets are decoded at every evaluation."""
+
+    def __init__(self, data, frames, frame_stride, crop, mean, std, device, batch_size=8, amp_dtype=None, workers=0):
         train, test = monitor_subsets(data)
         self.sets = [LabeledDataset(s, frames, frame_stride, crop, mode="test", num_clips=1) for s in (train, test)]
         self.num_classes = max(int(d.labels.max()) for d in self.sets) + 1
         self.mean, self.std = mean, std  # (1, 3, 1, 1) as GpuAugment holds them
-        self.device, self.batch_size, self.amp_dtype = device, batch_size, amp_dtype
+        self.device, self.batch_size, self.amp_dtype, self.workers = device, batch_size, amp_dtype, workers
+        self.cache = len(self) * 3 * frames * crop * crop <= CACHE_BYTES
+        self.clips = [None, None]  # per set: [(uint8 (B, 3, T, S, S), labels (B,))] once decoded
 
     def __len__(self):
         return sum(d.num_videos for d in self.sets)
 
+    def batches(self, which):
+        """The decoded batches of set `which` (0: gallery, 1: queries), from the cache when it holds them."""
+        if self.clips[which] is not None:
+            return self.clips[which]
+        loader = torch.utils.data.DataLoader(self.sets[which], batch_size=self.batch_size, num_workers=self.workers)
+        batches = [(clip, label) for clip, label, _ in loader]
+        if self.cache:
+            self.clips[which] = batches
+        return batches
+
     @torch.no_grad()
-    def features(self, encoder, dataset):
-        """`(V, D)` features and `(V,)` labels: one centre clip per video."""
+    def features(self, encoder, which):
+        """`(V, D)` features and `(V,)` labels of set `which`: one centre clip per video."""
         feats, labels = [], []
-        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, num_workers=0)
-        for clip, label, _ in loader:
+        for clip, label in self.batches(which):
             x = (clip.to(self.device).float().div_(255) - self.mean.unsqueeze(2)) / self.std.unsqueeze(2)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 feats.append(encoder.forward_features(x).float().cpu())
@@ -91,7 +108,7 @@ class Monitor:
         start, was_training = time.perf_counter(), encoder.training
         encoder.eval()
         try:
-            (train_x, train_y), (test_x, test_y) = (self.features(encoder, d) for d in self.sets)
+            (train_x, train_y), (test_x, test_y) = (self.features(encoder, which) for which in (0, 1))
         finally:
             encoder.train(was_training)
         k = min(MONITOR_K, len(train_y))

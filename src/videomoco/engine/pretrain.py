@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from videomoco.data.datasets import DataFailureError, set_epoch
+from videomoco.data.datasets import DataFailureError, clamp_workers, set_epoch
 from videomoco.engine import checkpoint as ck
 from videomoco.engine import retention
 from videomoco.engine import distributed as du
@@ -432,7 +432,7 @@ def _train(cfg, info):
         try:
             run.monitor = monitor.Monitor(cfg.monitor, cfg.frame_per_clip, cfg.frame_stride, cfg.crop_size,
                                           run.augment.mean, run.augment.std, info.device,
-                                          amp_dtype=run.trainer.amp_dtype)
+                                          amp_dtype=run.trainer.amp_dtype, workers=clamp_workers(workers))
         except (OSError, ValueError) as e:
             raise ConfigError(str(e)) from None
     if cfg.resume:

@@ -81,6 +81,18 @@ def test_identity_settings_reduce_to_normalize():
     assert torch.allclose(aug(clips), normalize(clips), atol=1e-6)
 
 
+def test_invert_gives_the_negative_and_draws_nothing_when_off():
+    clips = static_clips(b=8)
+    off = dict(color_jitter=(0, 0, 0, 0), grayscale_p=0, blur_p=0)
+    assert torch.allclose(GpuAugment(**off, flip_p=0, invert_p=1.0)(clips), normalize(255 - clips), atol=1e-5)
+    half = GpuAugment(**off, flip_p=0, invert_p=0.5)(clips, generator=torch.Generator().manual_seed(0))
+    negative = torch.tensor([torch.allclose(h, n, atol=1e-5) for h, n in zip(half, normalize(255 - clips))])
+    assert 0 < negative.sum() < len(clips)  # a draw per clip
+    # invert_p=0 leaves the other draws as they were: the same flips as an augmentation without the argument
+    flips = [GpuAugment(**off, **kw)(clips, generator=torch.Generator().manual_seed(1)) for kw in ({}, {"invert_p": 0})]
+    assert torch.equal(*flips)
+
+
 @pytest.mark.parametrize("aug_plus", [True, False])
 def test_frames_of_a_clip_share_parameters(aug_plus):
     """Identical input frames stay identical; the clips (and two calls, i.e. two views) differ."""

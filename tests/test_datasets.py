@@ -51,7 +51,7 @@ def break_video(index, i):
         f.write(b"not a video" * 50)
 
 
-@pytest.mark.parametrize("views", ["same", "distinct"])
+@pytest.mark.parametrize("views", ["same", "distinct", "disjoint"])
 def test_pretrain_item_is_two_uint8_views_from_one_decode(index, views, monkeypatch):
     calls = count_reads(monkeypatch)
     ds = PretrainDataset(index, frames_per_clip=T, crop_size=CROP, views=views)
@@ -61,8 +61,10 @@ def test_pretrain_item_is_two_uint8_views_from_one_decode(index, views, monkeypa
     (path, starts), = calls  # one open / decoding pass for both views
     assert path == index.path(2)
     assert len(starts) == (1 if views == "same" else 2)
-    if views == "distinct":
+    if views != "same":
         assert starts[0] != starts[1]
+    if views == "disjoint":
+        assert abs(starts[1] - starts[0]) >= T
 
 
 def test_clips_per_video_gives_several_items_of_each_video(index, monkeypatch):

@@ -123,3 +123,19 @@ def test_batch_size_one_is_every_world_size_th_index():
     assert collect(EpochSampler(12, seed=2, rank=1, world_size=3)) == order[1::3]
     with pytest.raises(ValueError, match="batch_size"):
         EpochSampler(12, batch_size=0)
+
+
+def test_distinct_clip_starts_with_a_gap_are_uniform_over_the_disjoint_pairs():
+    rng = np.random.default_rng(0)
+    pairs = [tuple(distinct_clip_starts(24, 8, rng, gap=8)) for _ in range(4000)]
+    assert all(b - a >= 8 and b <= 16 for a, b in pairs)  # two 8-frame clips of 24 frames that share no frame
+    counts = np.unique(pairs, axis=0, return_counts=True)[1]
+    assert len(counts) == 45 and counts.min() > 0.5 * counts.mean()  # every one of the 45 disjoint pairs, evenly
+    steps = [distinct_clip_starts(100, 16, rng, step=5, gap=16) for _ in range(200)]
+    assert all(b - a >= 20 and a % 5 == b % 5 == 0 for a, b in steps)  # the gap rounded up to whole steps
+    assert distinct_clip_starts(12, 8, rng, gap=8) != [0, 0]  # too short for the gap: merely different starts
+
+
+def test_distinct_clip_starts_without_a_gap_draw_as_before():
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert distinct_clip_starts(50, 8, a) == sorted(int(s) for s in b.choice(43, size=2, replace=False))

@@ -164,14 +164,18 @@ class GpuAugment(nn.Module):
     Each random decision and factor is drawn once per clip and repeated for its T frames
     (`per_frame=False`), or drawn per frame (`per_frame=True`, the authors' behaviour, which
     breaks temporal consistency). `aug_plus=False` switches to the MoCo v1 recipe (jitter
-    always, no blur). `forward(clips, generator)` accepts a `torch.Generator` on the clips'
-    device for reproducible draws.
+    always, no blur). `invert_p`: probability of the photographic negative (1 - x), before the rest: with
+    a few palettes shared by many videos (the demo's dots) it takes away the palette, which contrastive
+    learning otherwise matches views by (docs/demo.md, "Tuning"); 0 (the default) draws nothing, so the
+    other draws are those of a GpuAugment without it. `forward(clips, generator)` accepts a
+    `torch.Generator` on the clips' device for reproducible draws.
     """
 
     def __init__(self, color_jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5,
                  blur_sigma=(0.1, 2.0), flip_p=0.5, mean=KINETICS_MEAN, std=KINETICS_STD,
-                 per_frame=False, aug_plus=True):
+                 per_frame=False, aug_plus=True, invert_p=0.0):
         super().__init__()
+        self.invert_p = invert_p
         if not aug_plus:
             jitter_p, blur_p = 1.0, 0.0
         self.brightness, self.contrast, self.saturation, self.hue = color_jitter
@@ -185,7 +189,7 @@ class GpuAugment(nn.Module):
 
     def extra_repr(self):
         return (f"jitter={self.brightness, self.contrast, self.saturation, self.hue} p={self.jitter_p}, "
-                f"grayscale_p={self.grayscale_p}, blur_p={self.blur_p}, flip_p={self.flip_p}, "
+                f"grayscale_p={self.grayscale_p}, blur_p={self.blur_p}, flip_p={self.flip_p}, invert_p={self.invert_p}, "
                 f"per_frame={self.per_frame}")
 
     @torch.no_grad()
@@ -205,6 +209,8 @@ class GpuAugment(nn.Module):
             return uniform(0.0, 1.0) < p
 
         # Every op runs on the whole batch and torch.where picks per sample: no host syncs on the GPU.
+        if self.invert_p > 0:
+            x = torch.where(chance(self.invert_p).view(-1, 1, 1, 1), 1.0 - x, x)
         x = self._jitter(x, chance(self.jitter_p), uniform, generator)
         gray = chance(self.grayscale_p).view(-1, 1, 1, 1)
         x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)

@@ -150,12 +150,16 @@ class VideoClipDataset(Dataset):
                                  threads=self.threads)
 
 
+VIEWS = ("same", "distinct", "disjoint")  # PretrainDataset: where the two views of a video come from
+
+
 class PretrainDataset(VideoClipDataset):
     """Two views of one video for contrastive pretraining: item i -> `(q, k)` uint8 `(3, T, S, S)`.
 
     views="same" (the authors'): one clip, two independent random resized crops (one box per
     clip, shared by its frames). views="distinct": two different clips of the video, decoded in
-    one pass, each with its own crop. `clips_per_video` N: N items per video per epoch, each with its
+    one pass, each with its own crop; views="disjoint": the same with two clips that share no frame
+    (when the video is at least two clips long; else as "distinct"). `clips_per_video` N: N items per video per epoch, each with its
     own draws (torchvision's `RandomClipSampler(video_clips, N)`; the authors' train.py uses 1), item i
     of video i // N. `start_step`: clip starts are multiples of it (the authors' `-sbc`).
     """
@@ -165,8 +169,8 @@ class PretrainDataset(VideoClipDataset):
     def __init__(self, index, frames_per_clip=16, frame_stride=1, crop_size=112, scale=(0.2, 1.0),
                  short_side=None, views="same", seed=0, max_failures=0.01, threads=None, clips_per_video=1,
                  start_step=1):
-        if views not in ("same", "distinct"):
-            raise ValueError(f"views must be 'same' or 'distinct', got {views!r}")
+        if views not in VIEWS:
+            raise ValueError(f"views must be one of {', '.join(VIEWS)}, got {views!r}")
         if clips_per_video < 1 or start_step < 1:
             raise ValueError(f"need clips_per_video >= 1 and start_step >= 1, got {clips_per_video}, {start_step}")
         super().__init__(index, frames_per_clip, frame_stride, crop_size, short_side, seed, max_failures, threads)
@@ -180,7 +184,8 @@ class PretrainDataset(VideoClipDataset):
             clip = self.read(video, [random_clip_start(num_frames, self.span, rng, self.start_step)])[0]
             clips = [clip, clip]
         else:
-            clips = self.read(video, distinct_clip_starts(num_frames, self.span, rng, step=self.start_step))
+            gap = self.span if self.views == "disjoint" else 1
+            clips = self.read(video, distinct_clip_starts(num_frames, self.span, rng, step=self.start_step, gap=gap))
             if rng.random() < 0.5:  # starts are sorted: do not make the query always the earlier clip
                 clips = clips[::-1]
         h, w = clips[0].shape[1:3]

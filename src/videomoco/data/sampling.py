@@ -39,16 +39,22 @@ def uniform_clip_starts(num_frames, span, num_clips=10):
     return [round(i * last / (num_clips - 1)) for i in range(num_clips)]
 
 
-def distinct_clip_starts(num_frames, span, rng, count=2, step=1):
+def distinct_clip_starts(num_frames, span, rng, count=2, step=1, gap=1):
     """`count` different random start frames among 0, step, 2 step, ..., sorted (one decoding pass reads them
-    in order). Clips may overlap; when the video has fewer than `count` possible starts, starts repeat.
+    in order), uniform over the sets whose starts are at least `gap` frames apart (gap=span: clips that share
+    no frame). A video too short for that gap gets merely different starts (clips may overlap); when it has
+    fewer than `count` possible starts, starts repeat.
     """
     last = max(0, num_frames - span) // step
+    units = -(-gap // step)  # the gap in steps, rounded up
+    if (count - 1) * units > last:
+        units = 1
     if last + 1 >= count:
-        starts = rng.choice(last + 1, size=count, replace=False)
-    else:
-        starts = rng.integers(0, last + 1, size=count)
-    return sorted(step * int(s) for s in starts)
+        # count distinct sorted p in [0, last - (count - 1)(units - 1)], spread by units - 1 steps each:
+        # one to one with the start sets of gap >= units steps, so uniform over them
+        picks = sorted(int(p) for p in rng.choice(last + 1 - (count - 1) * (units - 1), size=count, replace=False))
+        return [step * (p + i * (units - 1)) for i, p in enumerate(picks)]
+    return sorted(step * int(s) for s in rng.integers(0, last + 1, size=count))
 
 
 class EpochSampler(Sampler):

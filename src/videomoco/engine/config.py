@@ -15,6 +15,7 @@ import yaml
 
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, RATIO, SEED,
                              SHARED, Number)
+from videomoco.data.datasets import VIEWS
 from videomoco.method.adversarial import G_GRADS, G_LOSSES
 from videomoco.method.generator import FILL_MODES, GENERATORS
 from videomoco.method.moco import SHUFFLE_BN
@@ -98,6 +99,7 @@ class PretrainConfig:
     aug_jitter: float = 0.4
     aug_hue: float = 0.1
     aug_grayscale: float = 0.2
+    aug_invert: float = 0.0  # ours: probability of the negative image (not in MoCo's recipe)
     aug_scale_min: float = 0.2
     adv_start_epoch: int = 100
     # authors: the authors' design (per-frame CNN + a recurrence over time); motion: each frame scored from itself
@@ -193,6 +195,7 @@ _FLAGS = [
     (("--aug_jitter",), "aug_jitter", "brightness / contrast / saturation jitter amount", {"type": PROBABILITY}),
     (("--aug_hue",), "aug_hue", "hue jitter amount (fraction of a turn, at most 0.5)", {"type": Number(float, 0, 0.5)}),
     (("--aug_grayscale",), "aug_grayscale", "probability of grayscale", {"type": PROBABILITY}),
+    (("--aug_invert",), "aug_invert", "probability of the negative image (1 - x)", {"type": PROBABILITY}),
     (("--aug_scale_min",), "aug_scale_min", "smallest crop area (fraction of the frame)", {"type": FACTOR}),
     (("--adv_start_epoch",), "adv_start_epoch", "first epoch with the adversarial generator", {"type": COUNT}),
     (("--generator",), "generator", "frame-dropping generator: authors (per-frame CNN + BiGRU over time, the "
@@ -214,7 +217,8 @@ _FLAGS = [
      "activation checkpointing per residual block: less memory, ~33%% more FLOPs", {"action": "store_true"}),
     (SHARED["frame_stride"], "frame_stride", "take every N-th frame", {"type": POSITIVE_INT}),
     (SHARED["width"], "width", "encoder base width (64 = torchvision)", {"type": POSITIVE_INT}),
-    (("--views",), "views", "query and key from the same clip or two clips", {"choices": ("same", "distinct")}),
+    (("--views",), "views", "query and key from the same clip, two clips, or two clips that share no frame",
+     {"choices": VIEWS}),
     (("--subset",), "subset", "videos to pretrain on: the train subset (Kinetics train/, UCF101/HMDB51 split-1 "
      "train list), val, test or all", {"choices": ("train", "val", "test", "all")}),
     (("--clips_per_video",), "clips_per_video", "clips drawn from every video per epoch, each with its own start "

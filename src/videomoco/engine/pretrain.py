@@ -132,7 +132,7 @@ class Run:
         self.trainer = build_trainer(cfg, info.device)
         self.model, self.generator = self.trainer.model, self.trainer.generator
         self.augment = GpuAugment(color_jitter=(cfg.aug_jitter,) * 3 + (cfg.aug_hue,), grayscale_p=cfg.aug_grayscale,
-                                  flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus).to(info.device)
+                                  flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus, invert_p=cfg.aug_invert).to(info.device)
         self.stop = StopFlag()
         self.epoch, self.step, self.batch_in_epoch = cfg.start_epoch, 0, 0
         self.last_checkpoint, self.saved_step = None, None

@@ -584,10 +584,10 @@ def goal_config(ctx):
 def part_data(ctx, doc):
     """Per worker count: clips/s of the loader + GPU augmentation, and the step fed by it against ready clips."""
     from benchmarks import train_step
-    from videomoco.data.augment import GpuAugment
     from videomoco.data.datasets import PretrainDataset, build_loader, set_epoch
     from videomoco.data.index import build_index
     from videomoco.engine.config import PretrainConfig
+    from videomoco.engine.pretrain import build_augmentation
 
     s, device, res = ctx.sizes, ctx.device, doc["results"]
     frames, b = s.frames[0], s.batch
@@ -597,8 +597,7 @@ def part_data(ctx, doc):
     needed = b * (2 + s.data_batches + s.e2e_steps)
     index = replace(index, records=index.records * math.ceil(needed / len(index)))  # one epoch covers a round
     cfg = PretrainConfig()
-    augment = GpuAugment(color_jitter=(cfg.aug_jitter,) * 3 + (cfg.aug_hue,), grayscale_p=cfg.aug_grayscale,
-                         flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus).to(device)
+    augment = build_augmentation(cfg, device)
     args = train_step.parse_args(train_step_argv(s, device, s.archs[0], frames, b, config))
     trainer, _ = train_step.build_trainer(args, device)
     fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format

@@ -197,3 +197,54 @@ def test_blur_sigma_is_checked_at_construction():
     with pytest.raises(ValueError, match="blur_sigma"):
         GpuAugment(blur_sigma=(0.0, 2.0))
     GpuAugment(blur_sigma=(0.0, 2.0), aug_plus=False)  # no blur: not checked
+
+
+def test_authors_recipes_have_their_loaders_numbers():
+    """tinapan-pt/VideoMoCo 42e069a moco/loader.py: MoCoAugment lines 25-33 (ImageNet mean/std, RandomGrayscale
+    p=0.2, then ColorJitter(0.4, 0.4, 0.4, 0.4) with kornia's p=1, RandomHorizontalFlip p=0.5); MoCoAugmentV2
+    lines 51-62 (ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, RandomGrayscale p=0.2, GaussianBlur [0.1, 2] p=0.5, flip);
+    lines 39-41 view the batch as B*T images: per-frame draws."""
+    theirs = augment.build_augment("authors")
+    assert (theirs.brightness, theirs.contrast, theirs.saturation, theirs.hue) == (0.4, 0.4, 0.4, 0.4)
+    assert (theirs.jitter_p, theirs.grayscale_p, theirs.blur_p, theirs.flip_p) == (1.0, 0.2, 0.0, 0.5)
+    assert theirs.grayscale_first and theirs.per_frame
+    plus = augment.build_augment("authors_plus")
+    assert (plus.brightness, plus.contrast, plus.saturation, plus.hue) == (0.4, 0.4, 0.4, 0.1)
+    assert (plus.jitter_p, plus.grayscale_p, plus.blur_p, plus.blur_sigma, plus.flip_p) == (0.8, 0.2, 0.5, (0.1, 2.0), 0.5)
+    assert not plus.grayscale_first and plus.per_frame
+    for aug in (theirs, plus):
+        torch.testing.assert_close(aug.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+        torch.testing.assert_close(aug.std.flatten(), torch.tensor([0.229, 0.224, 0.225]))
+    ours = augment.build_augment("ours")
+    assert (ours.hue, ours.jitter_p, ours.blur_p, ours.grayscale_first, ours.per_frame) == (0.1, 1.0, 0.0, False, False)
+    torch.testing.assert_close(ours.mean.flatten(), torch.tensor(augment.KINETICS_MEAN))
+    assert not augment.build_augment("authors", draw="clip").per_frame and augment.build_augment("ours", "frame").per_frame
+    assert augment.AUGMENTATIONS == {"ours": "kinetics", "authors": "imagenet", "authors_plus": "imagenet"}
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment.build_augment("simclr")
+
+
+def test_authors_grayscale_comes_before_the_jitter():
+    """With grayscale always on, their recipe is the jitter of the gray clip (same draws); jittering first and
+    graying after (ours, MoCo v2's order) gives another clip."""
+    clips = static_clips(b=3, t=2)
+    kw = dict(color_jitter=(0.4, 0.4, 0.4, 0.4), flip_p=0, mean=(0, 0, 0), std=(1, 1, 1), aug_plus=False)
+    seed = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    gray_first = GpuAugment(grayscale_p=1.0, grayscale_first=True, **kw)(clips, seed())
+    frames = (clips.float() / 255).transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W)
+    gray = augment.kornia.color.rgb_to_grayscale(frames).view(3, 2, 1, 32, 32).transpose(1, 2)  # (B, 1, T, H, W)
+    jitter_of_gray = GpuAugment(grayscale_p=0.0, grayscale_first=True, **kw)(gray.expand(-1, 3, -1, -1, -1), seed())
+    torch.testing.assert_close(gray_first, jitter_of_gray, atol=1e-6, rtol=0)
+    gray_after = GpuAugment(grayscale_p=1.0, grayscale_first=False, **kw)(clips, seed())
+    assert (gray_after - gray_first).abs().max() > 1e-2
+    described = augment.build_augment("authors").describe()
+    assert described.index("grayscale p 0.2") < described.index("colour jitter 0.4/0.4/0.4 hue 0.4 (p 1)")
+    assert described.endswith("drawn per frame")
+
+
+def test_authors_recipe_draws_per_frame_and_ours_per_clip():
+    clips = static_clips(b=2, t=8)
+    for recipe, draw, per_frame in (("authors", "auto", True), ("ours", "auto", False), ("authors", "clip", False)):
+        out = augment.build_augment(recipe, draw)(clips, generator=torch.Generator().manual_seed(0))
+        frame_diff = (out - out[:, :, :1]).abs().amax()
+        assert (frame_diff > 1e-3) == per_frame, (recipe, draw)

@@ -303,3 +303,19 @@ def test_checkpoint_input_norm_by_format():
     ours = {**ours_old, "input_norm": {"name": "imagenet", "mean": [0.0] * 3, "std": [1.0] * 3}}
     assert checkpoint_input_norm(ours)["mean"] == list(IMAGENET_MEAN)  # the name is trusted, not the numbers
     assert checkpoint_input_norm({"state_dict": {"conv1.weight": torch.zeros(1)}})["mean"] == list(KINETICS_MEAN)
+
+
+def test_pretraining_checkpoints_record_their_normalisation_and_decay():
+    from videomoco.engine.checkpoint import checkpoint_decay, checkpoint_input_norm, pretrain_state
+    from videomoco.method.generator import FrameDropGenerator
+
+    model, gen = torch.nn.Linear(2, 2), FrameDropGenerator()
+    opt = torch.optim.SGD(model.parameters(), 0.1)
+    for aug, norm in (("ours", "kinetics"), ("authors", "imagenet"), ("authors_plus", "imagenet")):
+        config = {"arch": "r3d_18", "aug": aug, "decay_unit": "key", "decay_on": "exp"}
+        state = pretrain_state(config, epoch=1, step=1, batch_in_epoch=0, model=model, generator=gen, optimizer=opt,
+                               optimizer_g=opt, scheduler={}, sampler={})
+        assert state["input_norm"]["name"] == norm and checkpoint_input_norm(state)["name"] == norm
+        assert checkpoint_decay(state) == {"unit": "key", "on": "exp"}
+    authors = {"epoch": 100, "arch": "r2plus1d_18", "state_dict": {"module.queue": torch.zeros(1)}}
+    assert checkpoint_decay(authors) == {"unit": "step", "on": "logit"}

@@ -191,3 +191,18 @@ def test_pretrain_refuses_an_output_path_that_is_a_file_before_any_work(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and err == f"videomoco pretrain: error: {flag} {tmp_path / 'taken'} is a file, not a directory\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "taken"]  # no index, no log, no checkpoint
+
+
+def test_recipe_choices_and_the_authors_defaults():
+    cfg = parse(["d"])
+    assert (cfg.aug, cfg.aug_draw, cfg.decay_unit, cfg.decay_on) == ("ours", "auto", "step", "logit")
+    assert (cfg.shuffle_groups, cfg.adv_optimizer) == (0, "carry")
+    from videomoco.engine.config import authors_flags
+
+    theirs = parse([*authors_flags(), "d"])  # what train.py parses
+    assert (theirs.aug, theirs.shuffle_groups, theirs.adv_optimizer) == ("authors", 1, "fresh")
+    assert parse([*authors_flags(), "d", "--aug_plus"]).aug == "authors_plus"  # their --aug_plus: MoCoAugmentV2
+    assert parse([*authors_flags(), "d", "--aug", "ours", "--shuffle_groups", "0"]).shuffle_groups == 0  # flags win
+    assert parse(["d", "--decay_unit", "key", "--decay_on", "exp"]).decay_unit == "key"
+    with pytest.raises(ConfigError, match="decay_unit='age' is not one of step, key"):
+        PretrainConfig(data="d", decay_unit="age")

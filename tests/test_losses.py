@@ -22,29 +22,48 @@ def random_inputs(b=4, dim=8, k=12, seed=0):
     return q, key, queue, ages
 
 
-def naive_logits(q, k, queue, ages, decay, T):
-    """The formula, one key at a time, in float64."""
+def naive_logits(q, k, queue, ages, decay, T, on="logit"):
+    """The formula, one key at a time, in float64: t**a on the logit (the authors' code) or on exp(logit)
+    (the paper's sum_i t^i exp(q . k_i / T), i.e. log(t**a exp(x)) = x + a log t)."""
     q, k, queue = q.double(), k.double(), queue.double()
     out = torch.empty(q.shape[0], 1 + queue.shape[1], dtype=torch.float64)
     for i in range(q.shape[0]):
         out[i, 0] = (q[i] * k[i]).sum() / T
         for j in range(queue.shape[1]):
-            out[i, 1 + j] = decay ** int(ages[j]) * (q[i] * queue[:, j]).sum() / T
+            weight, logit = decay ** int(ages[j]), (q[i] * queue[:, j]).sum() / T
+            out[i, 1 + j] = weight * logit if on == "logit" else torch.log(weight * torch.exp(logit))
     return out
 
 
+@pytest.mark.parametrize("on", ["logit", "exp"])
 @pytest.mark.parametrize("decay", [0.9, 0.99999, 1.0])
-def test_decayed_logits_match_naive_formula(decay):
+def test_decayed_logits_match_naive_formula(decay, on):
     q, k, queue, ages = random_inputs()
-    logits = decayed_logits(q, k, queue, ages, decay, T=0.07)
+    logits = decayed_logits(q, k, queue, ages, decay, T=0.07, on=on)
     assert logits.shape == (4, 13) and logits.dtype == torch.float32
-    torch.testing.assert_close(logits.double(), naive_logits(q, k, queue, ages, decay, 0.07), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.double(), naive_logits(q, k, queue, ages, decay, 0.07, on), rtol=1e-5, atol=1e-5)
 
 
-def test_decay_one_is_plain_moco_exactly():
+@pytest.mark.parametrize("on", ["logit", "exp"])
+def test_decay_one_is_plain_moco_exactly(on):
     q, k, queue, ages = random_inputs()
     plain = torch.cat([torch.einsum("nc,nc->n", q, k).unsqueeze(-1), q @ queue], dim=1) / 0.07
-    assert torch.equal(decayed_logits(q, k, queue, ages, 1.0, 0.07), plain)
+    assert torch.equal(decayed_logits(q, k, queue, ages, 1.0, 0.07, on=on), plain)
+
+
+def test_the_two_placements_differ_in_sign_for_negatives_below_zero():
+    """On the logit, t**a < 1 moves a negative's logit toward 0: a negative with q.n < 0 rises (it gets harder);
+    on exp(logit) every decayed negative falls by a |log t|."""
+    q, k, queue, ages = random_inputs()
+    ages = torch.full_like(ages, 1000)
+    plain, logit, exp = (decayed_logits(q, k, queue, ages, d, 0.07, on=on)[:, 1:]
+                         for d, on in ((1.0, "logit"), (0.999, "logit"), (0.999, "exp")))
+    below = plain < 0
+    assert below.any() and (~below).any()
+    assert (logit[below] > plain[below]).all() and (logit[~below] < plain[~below]).all()
+    torch.testing.assert_close(exp - plain, torch.full_like(plain, 1000 * math.log(0.999)))
+    with pytest.raises(ValueError, match="decay placement"):
+        decayed_logits(q, k, queue, ages, 0.9, 0.07, on="loss")
 
 
 def test_decay_weights():

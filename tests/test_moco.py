@@ -382,3 +382,104 @@ def test_all_to_all_shuffle_gives_the_all_gather_keys(world, batch):
 def test_unknown_shuffle_scheme_is_refused():
     with pytest.raises(ValueError, match="shuffle_bn"):
         tiny_moco(shuffle_bn="broadcast")
+
+
+def reference_exponents(K, batches, unit):
+    """Float-free reference of each unit's exponents after enqueues of `batches` keys: "step" = enqueues since
+    written (`simulate_queue`); "key" = how many keys were written after it, counting the initial random keys
+    as written in slot order before the first step."""
+    if unit == "step":
+        return simulate_queue(K, batches)[1]
+    written, ptr, count = list(range(-K, 0)), 0, 0  # slot -> the number of its write
+    for n in batches:
+        for j in range(n):
+            written[(ptr + j) % K], count = count, count + 1
+        ptr = (ptr + n) % K
+    return [max(written) - w for w in written]
+
+
+@pytest.mark.parametrize("unit", ["step", "key"])
+@pytest.mark.parametrize("batches", [[4] * 7, [5] * 7, [3, 5, 2, 7]])
+def test_decay_exponents_follow_their_unit(unit, batches):
+    model = tiny_moco(K=24, decay_unit=unit)
+    for n in batches:
+        model.enqueue(F.normalize(torch.randn(n, 8), dim=1))
+    assert model.decay_exponents().tolist() == reference_exponents(24, batches, unit)
+
+
+@pytest.mark.parametrize("on", ["logit", "exp"])
+def test_logits_use_the_key_positions_in_float64(on):
+    """The paper's form end to end: t**position on exp(logit / T), against the formula in float64."""
+    model = tiny_moco(K=24, temporal_decay=0.9, T=0.2, decay_unit="key", decay_on=on)
+    batches = [4, 4, 4, 4, 4, 4, 4]  # 28 keys: wrapped around
+    for n in batches:
+        model.enqueue(F.normalize(torch.randn(n, 8), dim=1))
+    q, k = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(3, 8), dim=1)
+    logits, _ = model.contrastive_logits(q, k)
+    position = reference_exponents(24, batches, "key")
+    queue = model.queue.double()
+    expected = torch.empty(3, 25, dtype=torch.float64)
+    for i in range(3):
+        expected[i, 0] = (q[i].double() * k[i].double()).sum() / 0.2
+        for j in range(24):
+            logit = (q[i].double() * queue[:, j]).sum() / 0.2
+            expected[i, 1 + j] = 0.9 ** position[j] * logit if on == "logit" else logit + position[j] * np.log(0.9)
+    torch.testing.assert_close(logits.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_key_exponents_do_not_depend_on_the_batch_size():
+    """48 keys as 12 x 4, 8 x 6 or 4 x 12: the same key positions; their ages in steps differ by batch."""
+    exponents = {}
+    for unit, b in itertools.product(("step", "key"), (4, 6, 12)):
+        model = tiny_moco(K=24, decay_unit=unit)
+        for _ in range(48 // b):
+            model.enqueue(F.normalize(torch.randn(b, 8), dim=1))
+        exponents[unit, b] = model.decay_exponents().tolist()
+    assert exponents["key", 4] == exponents["key", 6] == exponents["key", 12] == list(range(23, -1, -1))
+    assert max(exponents["step", 4]) == 5 and max(exponents["step", 6]) == 3 and max(exponents["step", 12]) == 1
+
+
+def _key_steps(model, steps, batch, micro_batches, rank=0, world=1):
+    """`steps` plain MoCo steps of a trainer on `batch` clips per process (this rank's share of a global batch)."""
+    from videomoco.method import AdversarialTrainer
+
+    trainer = AdversarialTrainer(model, None, torch.optim.SGD(model.encoder_q.parameters(), lr=0.1), None,
+                                 micro_batches=micro_batches)
+    for step in range(steps):
+        x = clips(b=batch * world, seed=step)[rank * batch:(rank + 1) * batch]
+        trainer.step(x, x, adversarial=False)
+    return model.decay_exponents(), model.queue_ptr
+
+
+def _key_worker(rank, world, init_file, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        exponents, ptr = _key_steps(tiny_moco(K=12, decay_unit="key"), steps=5, batch=2, micro_batches=1,
+                                    rank=rank, world=world)
+        torch.save({"exponents": exponents, "ptr": ptr}, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # spawns two processes (~15 s on 2 cores)
+def test_key_weights_are_the_same_on_one_or_two_processes_and_with_micro_batches(tmp_path):
+    import torch.multiprocessing as mp
+
+    from videomoco.method.losses import decay_weights
+
+    mp.spawn(_key_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in (0, 1)]
+    torch.manual_seed(0)
+    one = _key_steps(tiny_moco(K=12, decay_unit="key"), steps=5, batch=4, micro_batches=1)
+    torch.manual_seed(0)
+    micro = _key_steps(tiny_moco(K=12, decay_unit="key"), steps=5, batch=4, micro_batches=2)
+    torch.manual_seed(0)
+    halves = _key_steps(tiny_moco(K=12, decay_unit="key"), steps=10, batch=2, micro_batches=1)  # batch size 2
+    for exponents, ptr in [(r["exponents"], r["ptr"]) for r in ranks] + [micro, halves]:
+        assert int(ptr) == int(one[1]) == 20 % 12
+        assert torch.equal(exponents, one[0])
+        assert torch.equal(decay_weights(exponents, 0.99999), decay_weights(one[0], 0.99999))

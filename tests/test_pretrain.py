@@ -105,6 +105,25 @@ def test_resume_is_exact(videos, reference, tmp_path, stop_step, workers):
     _assert_same_run(reference, tmp_path)
 
 
+def test_fresh_optimizers_at_the_boundary_are_a_resume_without_optimizer_state(videos, reference, tmp_path, caplog):
+    """--adv_optimizer fresh: straight through, the run equals the authors' two phases (stop at the boundary,
+    resume without the optimisers' state); carrying the momentum (the reference) is another run."""
+    args = ("--epochs", "2", "--adv_start_epoch", "1")
+    fresh, phases = tmp_path / "fresh", tmp_path / "phases"
+    assert cli_run(videos, fresh, *args, "--adv_optimizer", "fresh") == 0
+    assert "optimisers of D and G start afresh at epoch 1" in caplog.text
+    assert cli_run(videos, phases, *args, "--max_steps", "2") == 0
+    path = phases / "ckp" / "checkpoint_0001.pth.tar"
+    ckpt = ck.load_checkpoint(path)
+    assert ckpt["optimizer"]["state"]  # momentum carried so far
+    ckpt["optimizer"]["state"], ckpt["optimizer_g"]["state"] = {}, {}
+    ck.save_checkpoint(ckpt, path)
+    assert cli_run(videos, phases, *args, "--resume", "auto") == 0
+    _assert_same_run(fresh, phases)
+    ours, carried = (ck.load_checkpoint(o / "ckp" / "checkpoint_0002.pth.tar") for o in (fresh, reference))
+    assert not torch.equal(ours["state_dict"]["encoder_q.fc.weight"], carried["state_dict"]["encoder_q.fc.weight"])
+
+
 def test_sigterm_saves_and_exits_zero(videos, tmp_path):
     cmd = [sys.executable, "-m", "videomoco", "pretrain", str(videos), *TINY, "--epochs", "50",
            "--log_dir", str(tmp_path / "log"), "--ckp_dir", str(tmp_path / "ckp"), "--save_every", "100"]
@@ -191,6 +210,20 @@ def test_authors_command_verbatim(videos, tmp_path):
     assert "--moco-k 65536 is 8192.0x the 8 videos" in proc.stderr  # their queue on a tiny set: warned
     ckpt = ck.load_checkpoint(tmp_path / "C" / retention.checkpoint_name(100, step=1))
     assert ckpt["arch"] == "r2plus1d_18" and ckpt["config"]["lr"] == 0.005 and ckpt["sampler"]["position"] == 4
+    # their recipe, said in one block at the start and recorded in the checkpoint
+    block = proc.stderr[proc.stderr.index("what this run computes:"):].splitlines()[1:6]
+    assert block[0].strip().startswith("augmentation: --aug authors: grayscale p 0.2 -> colour jitter 0.4/0.4/0.4 "
+                                       "hue 0.4 (p 1) -> flip p 0.5; drawn per frame")
+    assert block[1].strip().startswith("normalisation: imagenet, mean (0.485, 0.456, 0.406)")
+    assert "a = enqueue steps since the key was written (the authors' code)" in block[2]
+    assert "t**16383 = 0.8489 at batch 4" in block[2]  # K 65536, batch 4: 16384 steps of keys
+    assert block[3].strip().startswith("BatchNorm batches per process (1 x 4 clips, 1 micro-batch): query encoder "
+                                       "4, key encoder 4")
+    assert block[4].strip() == "optimisers at --adv_start_epoch 100: fresh"
+    assert "fresh optimiser" in proc.stderr  # their checkpoint: weights and queue only, as their train.py loads it
+    assert ckpt["input_norm"]["name"] == "imagenet" and ck.checkpoint_decay(ckpt) == {"unit": "step", "on": "logit"}
+    assert (ckpt["config"]["aug"], ckpt["config"]["shuffle_groups"], ckpt["config"]["adv_optimizer"]) == (
+        "authors", 1, "fresh")
 
 
 def test_nan_loss_stops_with_message(videos, tmp_path, monkeypatch):

@@ -9,6 +9,10 @@ Device side (per batch, after the transfer): `GpuAugment` turns uint8 `(B, 3, T,
 normalised float with colour jitter, grayscale, blur and flip. Parameters are drawn per CLIP and
 shared by its T frames, so the augmentation changes appearance but never adds flicker that the
 network could use to tell frames apart; `per_frame=True` reproduces the authors' per-frame draw.
+
+Recipes by name (`videomoco pretrain --aug`, `build_augment`): "ours" (per clip, Kinetics statistics,
+strengths from the --aug_* flags), "authors" and "authors_plus" (the authors' MoCoAugment and
+MoCoAugmentV2, tinapan-pt/VideoMoCo moco/loader.py: per frame, ImageNet statistics).
 """
 
 import functools
@@ -29,6 +33,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # The input normalisations an encoder can be trained with, by name: the one source for the checkpoint field
 # `input_norm` = {"name", "mean", "std"} (pretraining checkpoints, exports' sidecars, fine-tuned checkpoints).
 NORMALIZATIONS = {"kinetics": (KINETICS_MEAN, KINETICS_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+# `--aug` recipe -> the normalisation it ends with (the checkpoint's `input_norm`)
+AUGMENTATIONS = {"ours": "kinetics", "authors": "imagenet", "authors_plus": "imagenet"}
+AUG_DRAWS = ("auto", "clip", "frame")  # parameters per clip or per frame; auto: the recipe's own
 
 
 def input_norm(name):
@@ -167,13 +176,14 @@ class GpuAugment(nn.Module):
     always, no blur). `invert_p`: probability of the photographic negative (1 - x), before the rest: with
     a few palettes shared by many videos (the demo's dots) it takes away the palette, which contrastive
     learning otherwise matches views by (docs/demo.md, "Tuning"); 0 (the default) draws nothing, so the
-    other draws are those of a GpuAugment without it. `forward(clips, generator)` accepts a
+    other draws are those of a GpuAugment without it. `grayscale_first`: grayscale before the jitter (the
+    authors' MoCoAugment), not after (MoCo v2's order). `forward(clips, generator)` accepts a
     `torch.Generator` on the clips' device for reproducible draws.
     """
 
     def __init__(self, color_jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5,
                  blur_sigma=(0.1, 2.0), flip_p=0.5, mean=KINETICS_MEAN, std=KINETICS_STD,
-                 per_frame=False, aug_plus=True, invert_p=0.0):
+                 per_frame=False, aug_plus=True, invert_p=0.0, grayscale_first=False):
         super().__init__()
         self.invert_p = invert_p
         if not aug_plus:
@@ -183,14 +193,27 @@ class GpuAugment(nn.Module):
         if blur_p > 0 and not 0 < blur_sigma[0] <= blur_sigma[1]:
             raise ValueError(f"blur_sigma must be (low, high) with 0 < low <= high, got {blur_sigma}")
         self.blur_sigma = blur_sigma
-        self.per_frame = per_frame
+        self.per_frame, self.grayscale_first = per_frame, grayscale_first
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def extra_repr(self):
         return (f"jitter={self.brightness, self.contrast, self.saturation, self.hue} p={self.jitter_p}, "
                 f"grayscale_p={self.grayscale_p}, blur_p={self.blur_p}, flip_p={self.flip_p}, invert_p={self.invert_p}, "
-                f"per_frame={self.per_frame}")
+                f"per_frame={self.per_frame}, grayscale_first={self.grayscale_first}")
+
+    def describe(self):
+        """The colour ops in their order with their parameters, and the draw (per clip / per frame): one line."""
+        jitter = (f"colour jitter {self.brightness:g}/{self.contrast:g}/{self.saturation:g} hue {self.hue:g} "
+                  f"(p {self.jitter_p:g})")
+        gray = f"grayscale p {self.grayscale_p:g}"
+        ops = [gray, jitter] if self.grayscale_first else [jitter, gray]
+        if self.blur_p > 0:
+            ops.append(f"blur p {self.blur_p:g} sigma {self.blur_sigma[0]:g}-{self.blur_sigma[1]:g}")
+        ops.append(f"flip p {self.flip_p:g}")
+        if self.invert_p > 0:
+            ops.insert(0, f"invert p {self.invert_p:g}")
+        return " -> ".join(ops) + f"; drawn per {'frame' if self.per_frame else 'clip'}"
 
     @torch.no_grad()
     def forward(self, clips, generator=None):
@@ -208,12 +231,18 @@ class GpuAugment(nn.Module):
         def chance(p):
             return uniform(0.0, 1.0) < p
 
+        def grayscale(x):
+            gray = chance(self.grayscale_p).view(-1, 1, 1, 1)
+            return torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
+
         # Every op runs on the whole batch and torch.where picks per sample: no host syncs on the GPU.
         if self.invert_p > 0:
             x = torch.where(chance(self.invert_p).view(-1, 1, 1, 1), 1.0 - x, x)
+        if self.grayscale_first:
+            x = grayscale(x)
         x = self._jitter(x, chance(self.jitter_p), uniform, generator)
-        gray = chance(self.grayscale_p).view(-1, 1, 1, 1)
-        x = torch.where(gray, kornia.color.rgb_to_grayscale(x).expand_as(x), x)
+        if not self.grayscale_first:
+            x = grayscale(x)
         if self.blur_p > 0:
             blur = chance(self.blur_p).view(-1, 1, 1, 1)
             sigma = uniform(*self.blur_sigma)  # (B*T,), positive (checked in __init__, not on the device)
@@ -242,3 +271,33 @@ class GpuAugment(nn.Module):
                 f = uniform(max(0.0, neutral - amount), neutral + amount)
                 x = op(x, torch.where(apply, f, torch.full_like(f, neutral))).clamp_(0, 1)
         return x
+
+
+def build_augment(recipe="ours", draw="auto", *, jitter=0.4, hue=0.1, grayscale_p=0.2, flip_p=0.5, aug_plus=False,
+                  invert_p=0.0):
+    """The `GpuAugment` of an `--aug` recipe (AUGMENTATIONS); draw: "clip", "frame" or "auto" (the recipe's own:
+    ours per clip, the authors' per frame). jitter / hue / grayscale_p / flip_p / aug_plus / invert_p set "ours"
+    only.
+
+    The authors' numbers (tinapan-pt/VideoMoCo 42e069a, moco/loader.py): MoCoAugment (lines 25-33): ImageNet
+    mean/std, RandomGrayscale(p=0.2), then ColorJitter(0.4, 0.4, 0.4, 0.4) (kornia's default p=1: always),
+    RandomHorizontalFlip() (p=0.5). MoCoAugmentV2 (lines 51-62): ColorJitter(0.4, 0.4, 0.4, 0.1) with p=0.8,
+    RandomGrayscale(p=0.2), GaussianBlur sigma [0.1, 2] with p=0.5 (kernel int(0.1 * crop) // 2 * 2 + 1, line
+    13), flip, the same mean/std. Both view the batch as B*T images (lines 39-41), so every frame draws its own.
+    One difference is left: V2's torchvision RandomApply (lines 56, 60) jitters or blurs the whole batch or
+    none of it, with one sigma per batch (line 16); "authors_plus" decides per frame (or clip).
+    """
+    if recipe not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {recipe!r}; choose from {', '.join(AUGMENTATIONS)}")
+    if draw not in AUG_DRAWS:
+        raise ValueError(f"unknown augmentation draw {draw!r}; choose from {', '.join(AUG_DRAWS)}")
+    per_frame = recipe != "ours" if draw == "auto" else draw == "frame"
+    mean, std = NORMALIZATIONS[AUGMENTATIONS[recipe]]
+    if recipe == "authors":
+        return GpuAugment(color_jitter=(0.4, 0.4, 0.4, 0.4), grayscale_p=0.2, flip_p=0.5, mean=mean, std=std,
+                          per_frame=per_frame, aug_plus=False, grayscale_first=True)
+    if recipe == "authors_plus":
+        return GpuAugment(color_jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5,
+                          blur_sigma=(0.1, 2.0), flip_p=0.5, mean=mean, std=std, per_frame=per_frame)
+    return GpuAugment(color_jitter=(jitter,) * 3 + (hue,), grayscale_p=grayscale_p, flip_p=flip_p, mean=mean,
+                      std=std, per_frame=per_frame, aug_plus=aug_plus, invert_p=invert_p)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from videomoco.data.augment import NORMALIZATIONS, input_norm
+from videomoco.data.augment import AUGMENTATIONS, NORMALIZATIONS, input_norm
 from videomoco.method.generator import GENERATORS
 from videomoco.method.moco import mlp_head
 from videomoco.models import build_encoder, list_encoders
@@ -137,12 +137,13 @@ def load_checkpoint(path, map_location="cpu"):
 def pretrain_state(config, *, epoch, step, batch_in_epoch, model, generator, optimizer, optimizer_g, scheduler,
                    sampler, scaler_d=None, scaler_g=None):
     """The pretraining checkpoint after `epoch` epochs and `batch_in_epoch` batches of the next (`step` steps
-    in all): D and G with their optimisers and fp16 scalers, the config (a plain dict), the schedule's and
-    the sampler's state dicts, and this process's RNG states (docs/ARCHITECTURE.md)."""
+    in all): D and G with their optimisers and fp16 scalers, the config (a plain dict, with the decay's form), the
+    input normalisation of its `aug` recipe (`input_norm`), the schedule's and the sampler's state dicts, and this
+    process's RNG states (docs/ARCHITECTURE.md)."""
     return {
         "format": "videomoco", "version": 1,
         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
-        "arch": config["arch"], "config": config,
+        "arch": config["arch"], "config": config, "input_norm": input_norm(AUGMENTATIONS[config.get("aug", "ours")]),
         "state_dict": model.state_dict(), "generator": generator.state_dict(),
         "optimizer": optimizer.state_dict(), "optimizer_g": optimizer_g.state_dict(),
         "scaler": {"d": scaler_d.state_dict(), "g": scaler_g.state_dict()} if scaler_d is not None else {},
@@ -263,6 +264,14 @@ def generator_trained(ckpt):
     adv = int(ckpt["config"].get("adv_start_epoch", 0))
     epoch, batch = int(ckpt["epoch"]), int(ckpt.get("batch_in_epoch", 0))
     return epoch > adv or (epoch == adv and batch > 0)
+
+
+def checkpoint_decay(ckpt):
+    """The temporal decay's form a pretraining checkpoint was trained with: {"unit", "on"} (`decay_unit`,
+    `decay_on`). The authors' files and ours from before the choice: their code's, {"unit": "step", "on": "logit"}."""
+    config = ckpt.get("config") or {}
+    return {"unit": config.get("decay_unit", "step"), "on": config.get("decay_on", "logit")}
+
 
 # --- RNG state, stored as plain types so that weights_only=True loads it ---
 

@@ -17,8 +17,10 @@ from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, PO
                              SHARED, Number)
 from videomoco.data.datasets import VIEWS
 from videomoco.method.adversarial import G_GRADS, G_LOSSES
+from videomoco.data.augment import AUG_DRAWS, AUGMENTATIONS
 from videomoco.method.generator import FILL_MODES, GENERATORS
-from videomoco.method.moco import SHUFFLE_BN
+from videomoco.method.losses import DECAY_ON
+from videomoco.method.moco import DECAY_UNITS, SHUFFLE_BN
 from videomoco.models import list_encoders
 
 
@@ -95,6 +97,12 @@ class PretrainConfig:
     cos: bool = False
     # --- ours ---
     mlp_bn: bool = False  # MLP head with BatchNorm (MoCo v3 style)
+    decay_unit: str = "step"  # t**a, a = enqueue steps since written (authors' code) or "key": position in the queue
+    decay_on: str = "logit"  # t**a multiplies the negative's logit (authors' code) or "exp": its exp(logit) (paper)
+    aug: str = "ours"  # colour recipe: ours, authors (their MoCoAugment), authors_plus (MoCoAugmentV2)
+    aug_draw: str = "auto"  # augmentation parameters per clip or per frame; auto: ours per clip, the authors' per frame
+    shuffle_groups: int = 0  # key-encoder BN groups in one process without micro-batches; 0: 2 from 4 clips, else 1
+    adv_optimizer: str = "carry"  # at --adv_start_epoch: carry the optimisers' momentum, or "fresh" (the authors')
     aug_flip: float = 0.5  # augmentation strengths (GpuAugment / PretrainDataset); the defaults are MoCo's
     aug_jitter: float = 0.4
     aug_hue: float = 0.1
@@ -138,6 +146,17 @@ class PretrainConfig:
     def __post_init__(self):
         self.ckp_dir = self.ckp_dir or os.path.join(self.log_dir, "ckp")
         _check(self)  # every way of making a config (flags, YAML, Python, the demo) gets the same one-line errors
+
+
+# What `python train.py` (the authors' entry point) sets before the user's flags, where their train.py computes
+# otherwise than our defaults: their augmentation and ImageNet statistics (moco/loader.py MoCoAugment), key
+# BatchNorm over a process's whole batch (their one-GPU run), fresh optimisers at the phase boundary.
+AUTHORS_DEFAULTS = {"aug": "authors", "shuffle_groups": 1, "adv_optimizer": "fresh"}
+
+
+def authors_flags():
+    """`AUTHORS_DEFAULTS` as flags, to go before the user's (which win)."""
+    return [arg for dest, value in AUTHORS_DEFAULTS.items() for arg in (f"--{dest}", str(value))]
 
 
 # (flags, dest, help, extra argparse kwargs); order = order in --help. Every number is a `Number`, which
@@ -189,7 +208,14 @@ _FLAGS = [
     (("--mlp",), "mlp", "MLP projection head", {"action": "store_true"}),
     (("--mlp_bn",), "mlp_bn", "MLP projection head with BatchNorm (MoCo v3 style): keeps the embeddings from "
      "collapsing on small or homogeneous data", {"action": "store_true"}),
-    (("--aug_plus",), "aug_plus", "MoCo v2 augmentation (colour jitter, grayscale, blur)", {"action": "store_true"}),
+    (("--aug_plus",), "aug_plus", "MoCo v2 augmentation (colour jitter, grayscale, blur); with --aug authors: "
+     "authors_plus", {"action": "store_true"}),
+    (("--aug",), "aug", "colour augmentation and normalisation: ours (per clip, Kinetics mean/std, --aug_* strengths), "
+     "authors (their moco/loader.py MoCoAugment: grayscale p 0.2, then jitter 0.4/0.4/0.4 hue 0.4 always, flip; "
+     "per frame; ImageNet mean/std; what train.py uses), authors_plus (their MoCoAugmentV2)",
+     {"choices": tuple(AUGMENTATIONS)}),
+    (("--aug_draw",), "aug_draw", "draw augmentation parameters per clip or per frame; auto: the recipe's own "
+     "(ours per clip, the authors' per frame)", {"choices": AUG_DRAWS}),
     (("--cos",), "cos", "cosine lr schedule", {"action": "store_true"}),
     (("--aug_flip",), "aug_flip", "probability of a horizontal flip", {"type": PROBABILITY}),
     (("--aug_jitter",), "aug_jitter", "brightness / contrast / saturation jitter amount", {"type": PROBABILITY}),
@@ -201,6 +227,17 @@ _FLAGS = [
     (("--generator",), "generator", "frame-dropping generator: authors (per-frame CNN + BiGRU over time, the "
      "paper's design) or motion (each frame scored from itself and |x_t - x_{t-1}|, blind to its position)",
      {"choices": tuple(GENERATORS)}),
+    (("--adv_optimizer",), "adv_optimizer", "at --adv_start_epoch the optimisers of D and G carry their momentum "
+     "(carry) or start afresh (fresh: the authors' second phase, resumed without optimiser state)",
+     {"choices": ("carry", "fresh")}),
+    (("--decay_unit",), "decay_unit", "exponent a of the temporal decay t**a: step = enqueue steps since the key was "
+     "written (the authors' code), key = the key's position in the queue from the newest (the paper's t^i; the same "
+     "for any batch size, number of processes or micro-batches)", {"choices": DECAY_UNITS}),
+    (("--decay_on",), "decay_on", "what t**a multiplies: the negative's logit (the authors' code) or exp(logit / T) "
+     "(the paper's equation: adds a log t to the logit)", {"choices": DECAY_ON}),
+    (("--shuffle_groups",), "shuffle_groups", "BatchNorm groups of the key encoder in one process without "
+     "micro-batches (0: 2 from a batch of 4 clips, else 1; 1: BN over the whole batch, the authors' one-GPU run)",
+     {"type": COUNT}),
     (("--drop_ratio",), "drop_ratio", "fraction of frames the generator drops", {"type": RATIO}),
     (("--fill",), "fill", "what replaces dropped frames", {"choices": FILL_MODES}),
     (("--g_loss",), "g_loss", "generator objective", {"choices": G_LOSSES}),
@@ -281,6 +318,8 @@ def _check(cfg):
                     number.check(item, _long_flag(flags))
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
+    if cfg.aug_plus and cfg.aug == "authors":  # their train.py --aug_plus: MoCoAugmentV2
+        cfg.aug = "authors_plus"
     if cfg.moco_k < cfg.batch_size:  # every step enqueues the keys of the whole (global) batch
         raise ConfigError(f"--moco-k {cfg.moco_k} must be at least the batch size {cfg.batch_size}")
     if cfg.g_grad == "authors" and cfg.g_loss == "contrastive":

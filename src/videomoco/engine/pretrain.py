@@ -9,6 +9,7 @@
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -29,7 +30,7 @@ from videomoco.engine.logger import MetricLogger, environment, setup_logging
 from videomoco.engine.loop import StopFlag, TrainingDiverged, train_one_epoch
 from videomoco.engine.schedule import lr_for, schedule_state, set_lr
 from videomoco.flags import fail
-from videomoco.method.moco import own_key_fraction
+from videomoco.method.moco import micro_batch_sizes, own_key_fraction
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def build_trainer(cfg, device):
     torch.manual_seed(cfg.seed)  # the same initial weights and queue on every rank
     model = VideoMoCo(arch=cfg.arch, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
                       temporal_decay=cfg.temporal_decay, width=cfg.width, mlp_bn=cfg.mlp_bn,
-                      shuffle_bn=cfg.shuffle_bn).to(device)
+                      shuffle_bn=cfg.shuffle_bn, decay_unit=cfg.decay_unit, decay_on=cfg.decay_on,
+                      shuffle_groups=cfg.shuffle_groups or None).to(device)
     generator = build_generator(cfg.generator, drop_ratio=cfg.drop_ratio, fill=cfg.fill).to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)
@@ -120,19 +122,24 @@ def build_trainer(cfg, device):
                               scaler_g=scaler_g, bucket_mb=cfg.bucket_mb)
 
 
+def build_augmentation(cfg, device):
+    """The `GpuAugment` of `cfg.aug` (and `--aug_draw`, the `--aug_*` strengths of "ours") on `device`."""
+    from videomoco.data.augment import build_augment
+
+    return build_augment(cfg.aug, cfg.aug_draw, jitter=cfg.aug_jitter, hue=cfg.aug_hue, grayscale_p=cfg.aug_grayscale,
+                         flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus, invert_p=cfg.aug_invert).to(device)
+
+
 class Run:
     """What one process trains with and where it is (epoch, step, batch in the epoch); `save()` writes a
     checkpoint from rank 0."""
 
     def __init__(self, cfg, info, batch):
-        from videomoco.data.augment import GpuAugment
-
         self.cfg, self.info, self.per_process_batch = cfg, info, batch
         self.loader = self.sampler = None  # set by _build_data
         self.trainer = build_trainer(cfg, info.device)
         self.model, self.generator = self.trainer.model, self.trainer.generator
-        self.augment = GpuAugment(color_jitter=(cfg.aug_jitter,) * 3 + (cfg.aug_hue,), grayscale_p=cfg.aug_grayscale,
-                                  flip_p=cfg.aug_flip, aug_plus=cfg.aug_plus, invert_p=cfg.aug_invert).to(info.device)
+        self.augment = build_augmentation(cfg, info.device)
         self.stop = StopFlag()
         self.epoch, self.step, self.batch_in_epoch = cfg.start_epoch, 0, 0
         self.last_checkpoint, self.saved_step = None, None
@@ -197,6 +204,10 @@ class Run:
         ck.check_compatible(self.model.state_dict(), sd, ckpt.get("arch", "?"), cfg.arch)
         self.model.load_state_dict(sd)
         self.epoch = int(ckpt["epoch"])
+        trained = ck.checkpoint_decay(ckpt)
+        if trained != {"unit": cfg.decay_unit, "on": cfg.decay_on} and du.is_main_process():
+            log.warning("%s was trained with --decay_unit %s --decay_on %s; this run goes on with --decay_unit %s "
+                        "--decay_on %s", path, trained["unit"], trained["on"], cfg.decay_unit, cfg.decay_on)
         if ck.is_official(ckpt):
             log.info("loaded the authors' checkpoint %s (epoch %d): weights and queue only, fresh optimiser",
                      path, self.epoch)
@@ -343,6 +354,15 @@ def _monitor(run, cfg, epoch, epoch_seconds):
     du.barrier()
 
 
+def fresh_optimizers(trainer):
+    """Forget both players' optimiser state (SGD's momentum buffers), as the authors' second phase starts: their
+    train.py resumes checkpoint_0100 without loading it (line 238). The fp16 loss scales are kept."""
+    for optimizer in (trainer.opt_d, trainer.opt_g):
+        optimizer.state.clear()
+    if du.is_main_process():
+        log.info("--adv_optimizer fresh: the optimisers of D and G start afresh at epoch %d", trainer.cfg.adv_start_epoch)
+
+
 def _train_epochs(run, cfg, info):
     """Train from `run.epoch` to --epochs: the one place that decides when to save and when to stop.
 
@@ -385,6 +405,8 @@ def _train_epochs(run, cfg, info):
                 run.save(epoch)
             return "stopped"
         set_epoch(run.loader, epoch)
+        if cfg.adv_optimizer == "fresh" and epoch == cfg.adv_start_epoch and run.batch_in_epoch == 0:
+            fresh_optimizers(run.trainer)
         set_lr(run.trainer.opt_d, lr_for(cfg, epoch))
         set_lr(run.trainer.opt_g, lr_for(cfg, epoch, cfg.g_lr))
         started = time.perf_counter()
@@ -403,6 +425,38 @@ def _train_epochs(run, cfg, info):
                 run.save(run.epoch)
             return "max_steps"
     return "done"
+
+
+DECAY_UNIT_TEXT = {"step": "enqueue steps since the key was written (the authors' code)",
+                   "key": "the key's position in the queue from the newest (the paper's t^i)"}
+DECAY_ON_TEXT = {"logit": "multiplies the negative's logit (the authors' code)",
+                 "exp": "multiplies exp(logit / T) (the paper's equation)"}
+
+
+def _sizes(sizes):
+    return " + ".join(map(str, sizes)) if len(sizes) <= 4 else f"{len(sizes)} x {min(sizes)}-{max(sizes)}"
+
+
+def recipe_lines(cfg, run, world_size):
+    """What this run computes where the authors' code and ours can differ (docs/method.md): the augmentation, the
+    normalisation, the decay's form, the BatchNorm batches and the optimisers at --adv_start_epoch."""
+    from videomoco.data.augment import AUGMENTATIONS, input_norm
+
+    norm = input_norm(AUGMENTATIONS[cfg.aug])
+    t, K, B = cfg.temporal_decay, cfg.moco_k, cfg.batch_size
+    oldest = math.ceil(K / B) - 1 if cfg.decay_unit == "step" else K - 1
+    b, n = run.per_process_batch, run.trainer.micro_batches
+    query = micro_batch_sizes(b, min(n, b))
+    key = run.model.key_bn_sizes(b, n, world_size > 1)
+    return [
+        f"augmentation: --aug {cfg.aug}: {run.augment.describe()}",
+        f"normalisation: {norm['name']}, mean {tuple(norm['mean'])}, std {tuple(norm['std'])}",
+        f"temporal decay: t**a with t = {t:g}, a = {DECAY_UNIT_TEXT[cfg.decay_unit]}; t**a "
+        f"{DECAY_ON_TEXT[cfg.decay_on]}; the oldest of {K} keys: t**{oldest} = {t ** oldest:.4g} at batch {B}",
+        f"BatchNorm batches per process ({world_size} x {b} clips, {n} micro-batch{'es' if n > 1 else ''}): "
+        f"query encoder {_sizes(query)}, key encoder {_sizes(key)}",
+        f"optimisers at --adv_start_epoch {cfg.adv_start_epoch}: {cfg.adv_optimizer}",
+    ]
 
 
 def _train(cfg, info):
@@ -445,6 +499,8 @@ def _train(cfg, info):
                     "(different architecture); continuing with a fresh generator", cfg.resumeG)
     memory_plan = memory.plan_training_step(run.trainer, cfg, info.device, run.per_process_batch, info.world_size,
                                             workers, run.epoch)
+    if du.is_main_process():
+        log.info("what this run computes:\n    %s", "\n    ".join(recipe_lines(cfg, run, info.world_size)))
     if cfg.compile:
         # the generator's update back-propagates with retain_graph=True, which donated buffers forbid
         torch._functorch.config.donated_buffer = False

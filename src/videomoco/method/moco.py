@@ -10,6 +10,11 @@ ago has age 1, and so on. `enqueue` first ages every key by 1, then writes the n
 0; logits are computed before the step's enqueue. The authors' `count` is our age + 1 for keys a
 step wrote but equals our age for the initial random keys, so the two differ by one uniform factor
 `t` only after the first K/B steps (docs/method.md, "Ages").
+
+Decay exponents (`decay_unit`). "step" (the authors' code): a key's exponent is its age in enqueue steps,
+so the oldest of K keys gets t**(K/B - 1), which depends on the global batch B. "key" (the paper's
+t^i over the queue's keys): its position in the queue counted from the newest key (0) to the oldest
+(K - 1), the same whatever the batch size, the number of ranks or micro-batches.
 """
 
 import copy
@@ -21,9 +26,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from videomoco.method.losses import contrastive_labels, decayed_logits
+from videomoco.method.losses import DECAY_ON, contrastive_labels, decayed_logits
 
 SHUFFLE_BN = ("all_to_all", "all_gather")  # how key clips reach the rank that encodes them (see exchange_clips)
+DECAY_UNITS = ("step", "key")  # the decay's exponent: enqueue steps since written (authors), or queue position (paper)
 
 
 def is_distributed():
@@ -137,20 +143,23 @@ class VideoMoCo(nn.Module):
     arch/width: encoder built by `videomoco.models.build_encoder(arch, num_classes=dim, width=width)`,
     or by `encoder_fn(dim)` when given. dim: embedding size; K: queue length; m: key-encoder
     momentum; T: temperature; mlp: MoCo v2 head (mlp_bn: with BatchNorm); temporal_decay: t in
-    `t**age`; shuffle_groups: BN groups for the single-process shuffle (default 2 when the batch has
-    >= 4 clips, else 1); shuffle_bn: how key clips travel for the multi-process shuffle (SHUFFLE_BN).
+    `t**a`; decay_unit: what a counts (DECAY_UNITS); decay_on: what t**a multiplies (DECAY_ON);
+    shuffle_groups: BN groups for the single-process shuffle (default 2 when the batch has >= 4 clips,
+    else 1); shuffle_bn: how key clips travel for the multi-process shuffle (SHUFFLE_BN).
     """
 
     def __init__(self, arch="r3d_18", dim=128, K=65536, m=0.999, T=0.07, mlp=False,
                  temporal_decay=0.99999, width=64, shuffle_groups=None, encoder_fn=None, mlp_bn=False,
-                 shuffle_bn="all_to_all"):
+                 shuffle_bn="all_to_all", decay_unit="step", decay_on="logit"):
         super().__init__()
         if not 0.0 < temporal_decay <= 1.0:
             raise ValueError(f"temporal_decay must be in (0, 1], got {temporal_decay}")
-        if shuffle_bn not in SHUFFLE_BN:
-            raise ValueError(f"unknown shuffle_bn {shuffle_bn!r}; expected one of {', '.join(SHUFFLE_BN)}")
+        for name, value, choices in (("shuffle_bn", shuffle_bn, SHUFFLE_BN), ("decay_unit", decay_unit, DECAY_UNITS),
+                                     ("decay_on", decay_on, DECAY_ON)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
         self.arch, self.dim, self.K, self.m, self.T = arch, dim, K, m, T
-        self.temporal_decay = temporal_decay
+        self.temporal_decay, self.decay_unit, self.decay_on = temporal_decay, decay_unit, decay_on
         self.shuffle_groups, self.shuffle_bn = shuffle_groups, shuffle_bn
 
         if encoder_fn is None:
@@ -187,13 +196,21 @@ class VideoMoCo(nn.Module):
         torch._foreach_mul_(params_k, self.m)
         torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
 
+    def key_bn_sizes(self, b, chunks=1, distributed=False):
+        """The BatchNorm batches of the key encoder in this process for b clips in `chunks` micro-batches: one per
+        micro-batch under torch.distributed or with micro-batches, else one per `shuffle_groups` group (default 2
+        from b = 4 on, else 1). Each group is a forward of its own, so BN's `num_batches_tracked` advances by one
+        per group (the query encoder's by one per micro-batch)."""
+        if distributed or chunks > 1:
+            return micro_batch_sizes(b, min(chunks, b))
+        return micro_batch_sizes(b, min(self.shuffle_groups or (2 if b >= 4 else 1), b))
+
     @torch.no_grad()
     def _encode_keys_grouped(self, x, generator=None):
         """Single-process shuffle-BN: random groups, BN statistics per group, original order back."""
         b = x.shape[0]
-        groups = self.shuffle_groups or (2 if b >= 4 else 1)
         perm = _randperm(b, generator, x.device)
-        k = torch.cat([self.encoder_k(chunk) for chunk in x[perm].tensor_split(min(groups, b))])
+        k = torch.cat([self.encoder_k(chunk) for chunk in x[perm].split(self.key_bn_sizes(b))])
         return k[torch.argsort(perm)]
 
     @torch.no_grad()
@@ -248,12 +265,24 @@ class VideoMoCo(nn.Module):
             k = k_all = F.normalize(self._encode_keys_grouped(x, generator).float(), dim=1)
         return (k, k_all) if all_ranks else k
 
+    @torch.no_grad()
+    def decay_exponents(self):
+        """The exponent a_j of each queue key's weight t**a_j: (K,) int64 on the queue's device, no host sync.
+
+        "step": `queue_age` (enqueues since written); "key": the key's position counted from the newest
+        (the one just before `queue_ptr`, 0) back to the oldest (K - 1).
+        """
+        if self.decay_unit == "step":
+            return self.queue_age
+        return (self.queue_ptr - 1 - torch.arange(self.K, device=self.queue_ptr.device)) % self.K
+
     def contrastive_logits(self, q, k):
-        """q, k: (B, dim) -> (logits (B, 1 + K) float32, labels (B,) zeros). Uses the current queue ages."""
+        """q, k: (B, dim) -> (logits (B, 1 + K) float32, labels (B,) zeros). Uses the queue as it is now."""
         # float32 logits; the queue is cloned because enqueue() writes it in place and forward()
         # enqueues before the caller's backward
         with torch.autocast(device_type=q.device.type, enabled=False):
-            logits = decayed_logits(q, k, self.queue.clone(), self.queue_age, self.temporal_decay, self.T)
+            logits = decayed_logits(q, k, self.queue.clone(), self.decay_exponents(), self.temporal_decay,
+                                    self.T, on=self.decay_on)
         return logits, contrastive_labels(logits)
 
     @torch.no_grad()

@@ -184,6 +184,16 @@ def test_single_process_shuffle_bn_uses_per_group_statistics():
     assert not torch.allclose(whole_batch, keys, atol=1e-3)
 
 
+@pytest.mark.parametrize("groups, sizes", [(None, [3, 3]), (1, [6]), (3, [2, 2, 2])])
+def test_key_bn_groups_and_their_num_batches_tracked(groups, sizes):
+    """--shuffle_groups: the key encoder's BN batches in one process; each group advances num_batches_tracked."""
+    model = tiny_moco(shuffle_groups=groups)
+    assert model.key_bn_sizes(6) == sizes
+    assert model.key_bn_sizes(6, chunks=2) == model.key_bn_sizes(6, distributed=True, chunks=2) == [3, 3]
+    model.encode_keys(clips(b=6))
+    assert int(model.encoder_k.body[1].num_batches_tracked) == len(sizes)
+
+
 def test_keys_come_from_the_updated_key_encoder():
     # one shuffle group: the keys are the whole-batch forward of the key encoder *after* its update
     model = tiny_moco(shuffle_groups=1, m=0.5)

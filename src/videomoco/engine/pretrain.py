@@ -405,7 +405,7 @@ def _train_epochs(run, cfg, info):
                 run.save(epoch)
             return "stopped"
         set_epoch(run.loader, epoch)
-        if cfg.adv_optimizer == "fresh" and epoch == cfg.adv_start_epoch and run.batch_in_epoch == 0:
+        if cfg.adv_optimizer == "fresh" and 0 < cfg.adv_start_epoch == epoch and run.batch_in_epoch == 0:
             fresh_optimizers(run.trainer)
         set_lr(run.trainer.opt_d, lr_for(cfg, epoch))
         set_lr(run.trainer.opt_g, lr_for(cfg, epoch, cfg.g_lr))

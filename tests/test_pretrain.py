@@ -207,7 +207,7 @@ def test_authors_command_verbatim(videos, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed" in proc.stderr or "authors' checkpoint" in proc.stderr
     assert "data workers per process" in proc.stderr  # -j 128 clamped, said in one line
-    assert "--moco-k 65536 is 8192.0x the 8 videos" in proc.stderr  # their queue on a tiny set: warned
+    assert "--moco-k 65536 with 8 videos: about 100% of queries" in proc.stderr  # their queue on a tiny set: warned
     ckpt = ck.load_checkpoint(tmp_path / "C" / retention.checkpoint_name(100, step=1))
     assert ckpt["arch"] == "r2plus1d_18" and ckpt["config"]["lr"] == 0.005 and ckpt["sampler"]["position"] == 4
     # their recipe, said in one block at the start and recorded in the checkpoint

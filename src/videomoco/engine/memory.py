@@ -338,7 +338,7 @@ PLAN_FILE = "memory_plan.json"  # in --log_dir: the plan, its estimate and the k
 # the PretrainConfig fields that shape a training step's memory
 STEP_FIELDS = ("arch", "width", "frame_per_clip", "crop_size", "batch_size", "precision", "channels_last",
                "grad_checkpointing", "compile", "mlp", "mlp_bn", "moco_dim", "moco_k", "views", "shuffle_bn",
-               "drop_ratio", "fill", "g_loss", "real_query_loss")
+               "drop_ratio", "fill", "g_loss", "real_query_loss", "shuffle_groups")
 
 
 def probe_key(cfg, device, world, adversarial):

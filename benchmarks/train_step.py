@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import common
 from videomoco.engine import pretrain
 from videomoco.engine.config import PretrainConfig
+from videomoco.method import compile_encoders
 
 MODES = {"moco": False, "videomoco": True}  # mode -> adversarial
 
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=pretrain.AMP_DTYPES, default="fp32", help="autocast dtype for the forward passes")
     p.add_argument("--channels_last", "--channels-last", action="store_true", help="channels_last_3d model and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the two encoders")
+    p.add_argument("--compile_backend", default="inductor",
+                   help="torch.compile backend; aot_eager captures the same graphs without generating kernels")
     p.add_argument("--grad_checkpointing", "--grad-checkpointing", action="store_true",
                    help="activation checkpointing of the query encoder (stem and every residual block)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -221,8 +224,7 @@ def prepare(args, mode, device):
     flops = count_flops(step, analytic_gru=uncounted_gru(device))  # eager, before compiling (see the module doc)
     restart_peak_window(device)  # from the same baseline: the weights and optimiser state stay counted
     if args.compile:
-        model.encoder_q.compile()
-        model.encoder_k.compile()
+        compile_encoders(model, backend=args.compile_backend)
     for _ in range(args.warmup):
         step()
     common.synchronize(device)

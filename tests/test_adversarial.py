@@ -297,12 +297,7 @@ def test_micro_batches_use_batch_norm_per_micro_batch():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-@pytest.mark.parametrize("shuffle", [
-    "device_rng",
-    pytest.param("cpu_generator", marks=pytest.mark.xfail(
-        strict=False, reason="moco._randperm copies the CPU permutation non-blocking from pageable memory, "
-                             "which CUDA may still run synchronously: to be seen on a device")),
-])
+@pytest.mark.parametrize("shuffle", ["device_rng", "cpu_generator"])  # the CPU permutation goes through pinned memory
 def test_training_step_has_no_host_sync(precision, shuffle):
     """Augmentation (with blur) + one VideoMoCo step on CUDA under `set_sync_debug_mode("error")`: any host sync
     raises. fp16 uses GradScalers with fused SGD (an unfused optimiser syncs twice in `GradScaler.step`)."""

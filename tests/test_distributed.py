@@ -203,3 +203,30 @@ def test_the_line_names_the_ranks_behind_else_those_elsewhere():
     assert du._others(me, writing) == "none is behind: rank 1 at step 7 (writing checkpoint_0001.pth.tar)"
     assert du._others(me, {r: (3, 7, "computing") for r in range(5)}) == "the other ranks are at step 7 (computing) too"
     assert du._others(me, {}) == "the other ranks' progress is unknown (the store is unreachable)"
+
+
+def test_progress_reaches_the_store_from_a_writer_thread():
+    """The store's round trips stay off the training thread: `set` returns at once, a writer thread sends the
+    newest record (earlier ones it had not sent yet are skipped)."""
+    import threading
+
+    class SlowStore:
+        def __init__(self):
+            self.writes, self.release = [], threading.Event()
+
+        def set(self, key, value):
+            self.release.wait(10)
+            self.writes.append((threading.current_thread().name, key, value))
+
+    store = SlowStore()
+    progress = du.Progress(store, rank=3, world_size=4)
+    start = time.monotonic()
+    for step in range(1, 51):
+        progress.set("computing", step)
+    assert time.monotonic() - start < 1.0 and not store.writes  # nothing waited for the (blocked) store
+    store.release.set()
+    deadline = time.monotonic() + 10
+    while (not store.writes or store.writes[-1][2] != "50 50 computing") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.writes[-1] == ("videomoco-progress", "videomoco/progress/3", "50 50 computing")
+    assert len(store.writes) < 50  # coalesced

@@ -64,6 +64,7 @@ def test_dry_run_writes_every_part(dry_run):
 
     compile_ = part(out, 5, "compile")
     assert compile_["status"] == "ok" and compile_["results"]["rows"][0]["clips_per_s"] > 0
+    assert compile_["results"]["rows"][0]["config"] == "bf16+cl+compile"  # the dry run compiles (aot_eager)
     assert "| part | check | result | status |" in (out / "summary.md").read_text()
 
 
@@ -88,3 +89,14 @@ def test_parts_and_shares_agree():
     assert set(gpu.CONFIGS) == {"fp32", "bf16", "bf16+cl", "bf16+cl+compile"}
     with pytest.raises(SystemExit):
         gpu.parse_args(["--parts", "speed,nope"])
+
+
+def test_the_check_exits_1_when_a_part_fails(tmp_path, monkeypatch):
+    def failing(ctx, doc):
+        doc["status"] = "failed"
+
+    monkeypatch.setitem(gpu.PART_FUNCTIONS, "encoders", failing)
+    monkeypatch.setattr(gpu, "prepare", lambda root, sizes=gpu.FULL: 0)  # no videos needed by this part
+    assert gpu.main(["--dry-run", "--parts", "encoders", "--out", str(tmp_path / "out")]) == 1
+    monkeypatch.setitem(gpu.PART_FUNCTIONS, "encoders", lambda ctx, doc: doc.update(status="skipped"))
+    assert gpu.main(["--dry-run", "--parts", "encoders", "--out", str(tmp_path / "out2")]) == 0

@@ -118,3 +118,26 @@ def test_finish_without_arm_is_an_error(tmp_path):
         reducer.remove()
     finally:
         dist.destroy_process_group()
+
+
+def test_bucket_buffers_are_allocated_once(tmp_path):
+    """As DDP's bucket views: the flat buffer of each bucket is allocated at the first step and reused."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+        reducer = BucketedReducer(params, bucket_mb=1e-5)  # 10 bytes: one tensor per bucket
+        pointers = []
+        for step in range(3):
+            for p in params:
+                p.grad = None
+            reducer.arm()
+            (params[0] * (step + 1)).sum().add((params[1] * 3).sum()).backward()
+            reducer.finish()
+            pointers.append([(id(flat), flat.data_ptr()) for flat in reducer.flat])
+            assert torch.equal(params[0].grad, torch.full((3,), float(step + 1)))
+            assert torch.equal(params[1].grad, torch.full((2, 2), 3.0))
+        assert len(reducer.buckets) == len(pointers[0]) == 2 and pointers[0] == pointers[1] == pointers[2]
+        reducer.remove()
+    finally:
+        dist.destroy_process_group()

@@ -365,7 +365,9 @@ def _shuffle_worker(rank, world, port, batch):
         expected = gathered[perm[rank * batch:(rank + 1) * batch]]
         assert torch.equal(exchange_clips(x, perm, rank, world), expected)
         channels_last = x.contiguous(memory_format=torch.channels_last_3d)  # as --channels_last feeds it
-        assert torch.equal(exchange_clips(channels_last, perm, rank, world), expected)
+        received = exchange_clips(channels_last, perm, rank, world)
+        assert torch.equal(received, expected)
+        assert received.is_contiguous(memory_format=torch.channels_last_3d)  # the layout is kept
         for chunks in (1, 2):
             keys = {}
             for scheme in ("all_gather", "all_to_all"):
@@ -493,3 +495,22 @@ def test_key_weights_are_the_same_on_one_or_two_processes_and_with_micro_batches
         assert int(ptr) == int(one[1]) == 20 % 12
         assert torch.equal(exponents, one[0])
         assert torch.equal(decay_weights(exponents, 0.99999), decay_weights(one[0], 0.99999))
+
+
+def test_host_tensors_reach_cuda_through_pinned_memory(monkeypatch):
+    """moco.to_device: a CPU tensor bound for CUDA is pinned, then copied non_blocking (pageable memory would
+    make the copy synchronous); on the same device nothing is copied."""
+    from videomoco.method.moco import to_device
+
+    t = torch.arange(4)
+    assert to_device(t, "cpu") is t
+    calls = []
+
+    class Pinned:
+        def to(self, device, non_blocking=False):
+            calls.append((str(device), non_blocking))
+            return "on device"
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or Pinned())
+    assert to_device(t, "cuda:0") == "on device"
+    assert calls == ["pin", ("cuda:0", True)]

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -40,9 +41,10 @@ class RanksDisagree(DistributedFailure):
 class Progress:
     """Where this rank is (step, phase), mirrored in the process group's store for the other ranks to read.
 
-    One store `set` per phase change (a few a step, each a message to the store's server); nothing is written
-    without a store (one process). Every rank passes through the same phases in the same order, so `count`
-    tells who is behind.
+    A phase change (a few a step) only records it here and wakes a writer thread, which sends the newest
+    record to the store (coalescing changes it has not sent yet): the store's round trips stay off the
+    training thread. Nothing is written without a store (one process). Every rank passes through the same
+    phases in the same order, so `count` tells who is behind.
     """
 
     KEY = "videomoco/progress/{}"
@@ -50,11 +52,27 @@ class Progress:
     def __init__(self, store=None, rank=0, world_size=1):
         self.store, self.rank, self.world_size = store, rank, world_size
         self.count, self.step, self.phase = 0, None, "starting"
+        self._record, self._wake, self._writer = None, threading.Event(), None
 
     def set(self, phase, step=None):
         self.count, self.step, self.phase = self.count + 1, step, phase
-        if self.store is not None:
-            self.store.set(self.KEY.format(self.rank), f"{self.count} {-1 if step is None else step} {phase}")
+        if self.store is None:
+            return
+        self._record = f"{self.count} {-1 if step is None else step} {phase}"
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name="videomoco-progress", daemon=True)
+            self._writer.start()
+        self._wake.set()
+
+    def _write(self):
+        key = self.KEY.format(self.rank)
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            try:
+                self.store.set(key, self._record)
+            except Exception:  # the store is gone (its host exited): nothing left to tell
+                return
 
     def read(self):
         """{rank: (count, step, phase)} of every rank that has reported; {} if there is no store or it is gone."""

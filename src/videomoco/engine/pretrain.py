@@ -30,6 +30,7 @@ from videomoco.engine.logger import MetricLogger, environment, setup_logging
 from videomoco.engine.loop import StopFlag, TrainingDiverged, train_one_epoch
 from videomoco.engine.schedule import lr_for, schedule_state, set_lr
 from videomoco.flags import fail
+from videomoco.method.adversarial import compile_encoders
 from videomoco.method.moco import micro_batch_sizes, own_key_fraction
 
 log = logging.getLogger(__name__)
@@ -502,10 +503,7 @@ def _train(cfg, info):
     if du.is_main_process():
         log.info("what this run computes:\n    %s", "\n    ".join(recipe_lines(cfg, run, info.world_size)))
     if cfg.compile:
-        # the generator's update back-propagates with retain_graph=True, which donated buffers forbid
-        torch._functorch.config.donated_buffer = False
-        run.model.encoder_q.compile()
-        run.model.encoder_k.compile()
+        compile_encoders(run.model)
     if du.is_main_process():
         Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.log_dir) / "config.yaml")

@@ -46,6 +46,21 @@ class AdversarialConfig:
     g_grad: str = "own"  # G learns from: own (loss_G) | authors (loss_G + loss_D, their train loop)
 
 
+def compile_encoders(model, backend="inductor"):
+    """`torch.compile` the two encoders of a `VideoMoCo`, as `--compile` and the benchmarks do (`backend`
+    "aot_eager" goes through the same graph capture and autograd without generating kernels: the dry runs).
+
+    The generator's update back-propagates with `retain_graph=True` (the discriminator's backward reuses the
+    graph), which the compiled backward's donated buffers (on by default since torch 2.6) forbid.
+    """
+    from torch._functorch import config as functorch_config  # not imported by `import torch`
+
+    functorch_config.donated_buffer = False
+    model.encoder_q.compile(backend=backend)
+    model.encoder_k.compile(backend=backend)
+    return model
+
+
 def trainable_params(optimizer):
     """The parameters an optimiser updates (those that require grad)."""
     return [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]

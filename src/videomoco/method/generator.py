@@ -60,18 +60,20 @@ def _fill_value(clip, keep, fill):
     return clip.gather(2, src[:, None, :, None, None].expand_as(clip))
 
 
-def drop_frames(clip, scores, drop_ratio, fill="mean"):
+def drop_frames(clip, scores, drop_ratio, fill="mean", hard_keep=None):
     """Drop the round(drop_ratio * T) highest-scoring frames of each clip and fill them.
 
     clip: (B, C, T, H, W); scores: (B, T). Returns (dropped clip (B, C, T, H, W), keep mask (B, T)
     float, 1 = kept). The mask is exactly 0/1 and carries a straight-through gradient to `scores`.
+    `hard_keep` (B, T) 0/1 replays a decision made before instead of the top-k (precision analyses).
     """
     if fill not in FILL_MODES:
         raise ValueError(f"unknown fill {fill!r}; expected one of {', '.join(FILL_MODES)}")
     b, _, t, _, _ = clip.shape
     k = num_dropped(t, drop_ratio)
-    drop_idx = scores.detach().topk(k, dim=1).indices  # (B, k)
-    hard_keep = torch.ones(b, t, device=scores.device).scatter(1, drop_idx, 0.0)  # (B, T)
+    if hard_keep is None:
+        drop_idx = scores.detach().topk(k, dim=1).indices  # (B, k)
+        hard_keep = torch.ones(b, t, device=scores.device).scatter(1, drop_idx, 0.0)  # (B, T)
     soft_keep = 1.0 - k * scores.float().softmax(dim=1)  # (B, T)
     keep = hard_keep + (soft_keep - soft_keep.detach())  # value exactly hard_keep
     fill_value = _fill_value(clip, hard_keep.bool(), fill)

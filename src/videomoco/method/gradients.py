@@ -54,13 +54,14 @@ class BucketedReducer:
         self.bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
         self.world = dist.get_world_size()
         self.armed = False
-        self.ready, self.flat, self.works, self.launched = [], [], [], 0
+        self.ready, self.works, self.launched = [], [], 0
+        self.flat = [None] * len(self.buckets)  # one buffer per bucket, allocated at its first launch, then reused
         self.hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in params]
 
     def arm(self):
         self.armed = True
         self.ready = [0] * len(self.buckets)
-        self.flat, self.works, self.launched = [None] * len(self.buckets), [None] * len(self.buckets), 0
+        self.works, self.launched = [None] * len(self.buckets), 0
 
     def _grad_ready(self, param):
         if not self.armed:
@@ -71,9 +72,11 @@ class BucketedReducer:
             self._launch(self.launched)
 
     def _launch(self, i):
-        """Flatten bucket i's gradients (zeros for a missing one) and start their sum over ranks."""
+        """Flatten bucket i's gradients (zeros for a missing one) into its buffer and start their sum over ranks."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.buckets[i]]
-        self.flat[i] = torch.cat([g.reshape(-1) for g in grads])
+        if self.flat[i] is None:
+            self.flat[i] = grads[0].new_empty(sum(g.numel() for g in grads))
+        torch.cat([g.reshape(-1) for g in grads], out=self.flat[i])
         self.works[i] = dist.all_reduce(self.flat[i], async_op=True)
         self.launched = i + 1
 
@@ -92,7 +95,7 @@ class BucketedReducer:
                     p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
                 offset += p.numel()
         self.armed = False
-        self.flat, self.works = [], []
+        self.works = []
 
     def remove(self):
         for hook in self.hooks:

@@ -61,12 +61,27 @@ def exchange_clips(x, perm, rank, world):
     mine = owner[rank * b : (rank + 1) * b]
     recv_order = torch.argsort(mine, stable=True)  # my positions grouped by source, in order within each
     recv_sizes = torch.bincount(mine, minlength=world).tolist()
-    send = x[(perm[sent] - rank * b).to(x.device, non_blocking=True)].contiguous()
-    received = x.new_empty(x.shape)  # contiguous, whatever the layout of x: the collective writes it flat
+    # every buffer in x's layout: a clip is one block of memory in both layouts (the batch dim is outermost),
+    # so the collective moves the same bytes, and channels_last_3d clips reach the first conv unconverted
+    layout = torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
+        and not x.is_contiguous() else torch.contiguous_format
+    send = x[to_device(perm[sent] - rank * b, x.device)].contiguous(memory_format=layout)
+    received = torch.empty_like(x, memory_format=layout)
     dist.all_to_all_single(received, send, recv_sizes, send_sizes)
-    out = x.new_empty(x.shape)
-    out[recv_order.to(x.device, non_blocking=True)] = received
+    out = torch.empty_like(x, memory_format=layout)
+    out[to_device(recv_order, x.device)] = received
     return out
+
+
+def to_device(t, device):
+    """`t` on `device`; a host tensor bound for CUDA goes through pinned memory, so that the copy is
+    asynchronous (a `non_blocking` copy from pageable memory may run synchronously)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def micro_batch_sizes(batch, chunks):
@@ -83,7 +98,7 @@ def _draw_permutation(n, generator, device):
 
 def _randperm(n, generator, device):
     """`_draw_permutation` on `device`."""
-    return _draw_permutation(n, generator, device).to(device, non_blocking=True)
+    return to_device(_draw_permutation(n, generator, device), device)
 
 
 def own_key_fraction(K, num_videos, clips_per_video=1):
@@ -230,7 +245,7 @@ class VideoMoCo(nn.Module):
         drawn = _draw_permutation(world * b, generator, x.device)  # training: on the host (a CPU generator)
         if world > 1 and generator is None:
             dist.broadcast(drawn, src=0)
-        perm = drawn.to(x.device, non_blocking=True)
+        perm = to_device(drawn, x.device)
         mine = perm[rank * b : (rank + 1) * b]
         if world == 1:
             x_mine = x[mine]

@@ -1,6 +1,10 @@
-"""Shared test fixtures: small real videos made with PyAV, the torchvision reference fixtures."""
+"""Shared test fixtures: small real videos made with PyAV, the torchvision reference fixtures, small and read-only
+filesystems, what a refused command left on disk."""
 
+import errno
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +71,69 @@ def official():
     if not OFFICIAL_SPLITS.is_dir():
         pytest.skip(f"official split files not found at {OFFICIAL_SPLITS}")
     return OFFICIAL_SPLITS
+
+
+def _mount_tmpfs(path, options):
+    """Mount a tmpfs at `path` (root only) -> True, or False where mounting is not permitted."""
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Factory: `small_fs(name, free)` -> a directory on its own tmpfs with about `free` bytes left (root), or
+    None where no filesystem can be mounted (the test then patches a write to raise ENOSPC instead)."""
+    mounted = []
+
+    def _make(name="small", free=0):
+        path = tmp_path / name
+        path.mkdir()
+        size = free + 64 * 1024
+        if not _mount_tmpfs(path, f"size={size},mode=0777"):
+            return None
+        mounted.append(path)
+        with open(path / ".filler", "wb") as f:  # leave `free` bytes
+            f.write(bytes(max(0, shutil.disk_usage(path).free - free)))
+        return path
+
+    yield _make
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nothing can be written into: a read-only tmpfs as root, else mode 0555."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if _mount_tmpfs(path, "ro,size=64k"):
+        yield path
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+    else:
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+
+
+def enospc(monkeypatch, after=0):
+    """Make `torch.save` fail as on a full disk after `after` successful calls (where no tmpfs can be mounted)."""
+    real_save, calls = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] > after:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def tree(root):
+    """Every path under `root` (relative), to compare before and after a refused command."""
+    return {str(p.relative_to(root)) for p in Path(root).rglob("*")}
+
+
+def error_lines(text):
+    """The lines of `text` that report an error (ours: `videomoco CMD: error: ...`; logging's ERROR records)."""
+    return [line for line in text.splitlines() if ": error: " in line or " ERROR " in line or "Traceback" in line]

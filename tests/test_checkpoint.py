@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import zipfile
@@ -15,6 +16,9 @@ import torch
 from videomoco.engine import checkpoint as ck
 from videomoco.engine import retention
 from videomoco.engine.checkpoint import CheckpointError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import enospc  # noqa: E402
 
 
 def test_save_then_load_round_trip(tmp_path):
@@ -36,7 +40,7 @@ def test_crash_mid_write_keeps_previous_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", half_write)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(ck.WriteError, match="no space left on device"):
         ck.save_checkpoint({"epoch": 2, "state_dict": {"w": torch.zeros(3)}}, path)
     monkeypatch.setattr(torch, "save", real_save)
     assert ck.load_checkpoint(path)["epoch"] == 1
@@ -63,7 +67,7 @@ def test_load_refuses_pickled_objects(tmp_path):
 
 def test_latest_skips_corrupt_and_orders_steps(tmp_path):
     for name in (retention.checkpoint_name(1), retention.checkpoint_name(2), retention.checkpoint_name(2, step=30)):
-        ck.save_checkpoint({"state_dict": {}, "name": name}, tmp_path / name)
+        ck.save_checkpoint({"epoch": 1, "state_dict": {}, "name": name}, tmp_path / name)
     path, ckpt = retention.latest_checkpoint(tmp_path)
     assert path.name == retention.checkpoint_name(2, step=30) and ckpt["name"] == path.name
     (tmp_path / retention.checkpoint_name(3)).write_bytes(b"truncated")
@@ -224,7 +228,7 @@ def test_newer_checkpoints_are_set_aside_not_deleted(tmp_path):
 
 
 def test_nonfinite_weights_are_named_and_skipped_by_latest(tmp_path, caplog):
-    good = {"state_dict": {"a": torch.ones(2), "queue_ptr": torch.zeros(1, dtype=torch.long)},
+    good = {"epoch": 1, "state_dict": {"a": torch.ones(2), "queue_ptr": torch.zeros(1, dtype=torch.long)},
             "generator": {"w": torch.ones(3)}}
     assert ck.nonfinite_tensors(good) == []
     bad = {"state_dict": {"a": torch.tensor([1.0, float("nan")]), "b": torch.ones(1)},
@@ -319,3 +323,70 @@ def test_pretraining_checkpoints_record_their_normalisation_and_decay():
         assert checkpoint_decay(state) == {"unit": "key", "on": "exp"}
     authors = {"epoch": 100, "arch": "r2plus1d_18", "state_dict": {"module.queue": torch.zeros(1)}}
     assert checkpoint_decay(authors) == {"unit": "step", "on": "logit"}
+
+
+# --- what a checkpoint is trusted for (issue 27) ---
+
+@pytest.mark.parametrize("field, value", [("epoch", "ten"), ("epoch", -5), ("epoch", 2.5), ("epoch", True),
+                                          ("step", "x"), ("batch_in_epoch", -1), ("arch", 3), ("config", "cfg"),
+                                          ("optimizer", {"state": {}}), ("rng", {"torch": torch.zeros(1)}),
+                                          ("num_classes", 0), ("state_dict", [1])])
+def test_a_malformed_field_is_one_line_naming_it(tmp_path, field, value):
+    ckpt = {"format": "videomoco", "epoch": 1, "state_dict": {"w": torch.ones(2)}, field: value}
+    ck.save_checkpoint(ckpt, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match=f"field '{field}' must be") as e:
+        ck.load_checkpoint(tmp_path / "c.pth")
+    assert "\n" not in str(e.value) and str(tmp_path / "c.pth") in str(e.value)
+
+
+def test_resume_requires_the_fields_its_format_reads(tmp_path):
+    ck.save_checkpoint({"state_dict": {}}, tmp_path / "authors.pth")  # the authors' format: the epoch at least
+    ck.save_checkpoint({"format": "videomoco", "epoch": 1, "step": 2, "state_dict": {}}, tmp_path / "ours.pth")
+    assert ck.load_checkpoint(tmp_path / "authors.pth")["state_dict"] == {}  # evaluation reads the weights only
+    with pytest.raises(CheckpointError, match="field 'epoch' is missing"):
+        ck.load_checkpoint(tmp_path / "authors.pth", resume=True)
+    with pytest.raises(CheckpointError, match="field 'arch' is missing"):
+        ck.load_checkpoint(tmp_path / "ours.pth", resume=True)
+
+
+@pytest.mark.parametrize("where", ["module.encoder_q.fc.weight", "module.queue"])
+def test_nonfinite_weights_are_refused_naming_the_tensor(tmp_path, where):
+    sd = {"module.encoder_q.fc.weight": torch.ones(2, 2), "module.queue": torch.ones(2, 4)}
+    sd[where][0, 0] = float("nan") if "fc" in where else float("inf")
+    ck.save_checkpoint({"epoch": 3, "state_dict": sd}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match=f"1 tensors of its weights are NaN/Inf, e.g. {where} .*refused"):
+        ck.load_checkpoint(tmp_path / "c.pth")
+    torch.save({k[len("module.encoder_q."):]: v for k, v in sd.items()}, tmp_path / "bare.pth")  # any format
+    with pytest.raises(CheckpointError, match="NaN/Inf"):
+        ck.encoder_state(tmp_path / "bare.pth")
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_space_and_keeps_the_old_file(tmp_path, small_fs, monkeypatch):
+    state = {"epoch": 2, "state_dict": {"w": torch.zeros(250_000)}}  # 1 MB
+    disk = small_fs("disk", free=256 * 1024) or tmp_path
+    path = disk / "c.pth.tar"
+    ck.save_checkpoint({"epoch": 1, "state_dict": {"w": torch.ones(3)}}, path)
+    if disk == tmp_path:  # not root: the write fails as on a full disk
+        enospc(monkeypatch)
+    with pytest.raises(ck.WriteError) as e:
+        ck.save_checkpoint(state, path)
+    assert re.fullmatch(rf"cannot write {re.escape(str(path))}: no space left on device \(needs about 1.0 MB, "
+                        r"[\d.]+ (kB|MB|GB|bytes) free there\)", str(e.value)), str(e.value)
+    monkeypatch.undo()
+    assert ck.load_checkpoint(path)["epoch"] == 1 and not list(disk.glob(".c.pth.tar*"))
+
+
+def test_a_read_only_target_is_one_line(read_only_dir):
+    with pytest.raises(ck.WriteError, match=f"cannot write {re.escape(str(read_only_dir))}/c.pth: "
+                                            "(read-only file system|permission denied)"):
+        ck.save_checkpoint({"state_dict": {}}, read_only_dir / "c.pth")
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoints_follow_the_umask(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        ck.save_checkpoint({"state_dict": {}}, tmp_path / "c.pth")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.pth").stat().st_mode & 0o777 == mode

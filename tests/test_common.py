@@ -3,10 +3,12 @@
 import logging
 
 import pytest
+import torch
 
 from videomoco.cli import main as cli
 from videomoco.eval import common
 
+from conftest import tree
 from eval_data import pretrain_checkpoint, tiny_args, ucf101_root
 
 
@@ -66,3 +68,50 @@ def test_open_split_logs_each_subset_once(tmp_path, make_video, caplog):
             common.open_split(cfg, "test")
     lines = [r.getMessage() for r in caplog.records if r.name == "videomoco.eval.common" and "videos," in r.getMessage()]
     assert lines == [f"{root} train: 4 videos, 2 classes (split 1)", f"{root} test: 2 videos, 2 classes (split 1)"]
+
+
+# --- refused before any work (issue 27): weights, --arch, --out ---
+
+def weights_commands(data, ckpt, out):
+    """Every command that loads weights, with a tiny run's flags."""
+    tiny = tiny_args(out)
+    return {
+        "knn": ["knn", data, "--pretrained", ckpt, *tiny], "linear": ["linear", data, "--pretrained", ckpt, *tiny],
+        "finetune": ["finetune", data, "--pretrained", ckpt, *tiny], "robustness": ["robustness", data, "--pretrained", ckpt, *tiny],
+        "evaluate": ["evaluate", "--ucf101", data, "--pretrained", ckpt, *tiny],
+        "extract": ["extract", data, "--pretrained", ckpt, "--out", f"{out}/f", "--workers", "0", "--device", "cpu"],
+        "export": ["export", ckpt, "--out", f"{out}/e.pth"],
+    }
+
+
+@pytest.mark.parametrize("command", ["knn", "linear", "finetune", "robustness", "evaluate", "extract", "export"])
+def test_nonfinite_weights_are_refused_by_every_command_before_any_work(tmp_path, capsys, command):
+    # regression: knn reported chance accuracy with exit 0, export wrote the NaNs, finetune blamed --lr
+    root = tmp_path / "data"  # refused before the dataset is read: no videos needed
+    root.mkdir()
+    pretrain_checkpoint(tmp_path / "nan.pth")
+    ckpt = torch.load(tmp_path / "nan.pth", weights_only=True)
+    ckpt["state_dict"]["encoder_q.stem.0.weight"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pth")
+    before = tree(tmp_path)
+    assert cli(weights_commands(str(root), str(tmp_path / "nan.pth"), str(tmp_path / "out"))[command]) == 2
+    err = error(capsys)
+    assert err.startswith(f"videomoco {command}: error: checkpoint {tmp_path / 'nan.pth'}: 1 tensors of its weights "
+                          "are NaN/Inf, e.g. stem.0.weight")
+    assert tree(tmp_path) == before  # no index, no --out
+
+
+def test_an_unknown_arch_or_an_unwritable_out_is_refused_before_the_dataset_is_read(tmp_path, root, capsys,
+                                                                                    read_only_dir):
+    # regression: finetune --arch nope indexed the dataset first; knn --out RO/k failed after extracting features
+    before = tree(tmp_path)
+    assert cli(["finetune", str(root), *tiny_args(tmp_path / "o"), "--arch", "nope"]) == 2
+    assert "--arch 'nope' is not one of" in error(capsys)
+    assert cli(["knn", str(root), *tiny_args(read_only_dir / "k")]) == 2
+    assert f"--out {read_only_dir / 'k'}: {read_only_dir} is not writable" in error(capsys)
+    assert cli(["export", str(tmp_path / "c.pth"), "--out", str(read_only_dir / "e.pth")]) == 2
+    assert error(capsys).startswith("videomoco export: error: checkpoint not found")
+    pretrain_checkpoint(tmp_path / "c.pth")
+    assert cli(["export", str(tmp_path / "c.pth"), "--out", str(read_only_dir / "e.pth")]) == 2
+    assert f"--out {read_only_dir}: {read_only_dir} is not writable" in error(capsys)
+    assert tree(tmp_path) == before | {"c.pth"}

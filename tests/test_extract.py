@@ -7,6 +7,7 @@ import pytest
 from videomoco.cli import main as cli
 from videomoco.eval import extract
 
+from conftest import error_lines, tree
 from eval_data import pretrain_checkpoint
 
 
@@ -41,19 +42,22 @@ def test_extract_writes_features_and_paths(tmp_path, folder, capsys):
     np.testing.assert_allclose(np.load(tmp_path / "split.npy"), feats, rtol=1e-5, atol=1e-6)
 
 
-def test_extract_resumes_after_an_interruption(tmp_path, folder, monkeypatch):
+def test_extract_resumes_after_an_interruption(tmp_path, folder, monkeypatch, capsys):
     assert cli(args(folder, tmp_path / "ref")) == 0
     real_save, saved = extract._save_chunk, []
 
     def crash_after_first(path, *a):
         if saved:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # what Ctrl-C raises
         saved.append(path)
         real_save(path, *a)
 
     monkeypatch.setattr(extract, "_save_chunk", crash_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        cli(args(folder, tmp_path / "feats"))
+    capsys.readouterr()
+    assert cli(args(folder, tmp_path / "feats")) == 130  # regression: a traceback
+    assert error_lines(capsys.readouterr().err) == [
+        f"videomoco extract: error: interrupted; the finished chunks are kept in {tmp_path / 'feats'}.parts/: run the "
+        "same command again to resume"]
     assert (tmp_path / "feats.parts" / "chunk_00000.npz").is_file() and not (tmp_path / "feats.npy").exists()
 
     computed = []
@@ -63,3 +67,22 @@ def test_extract_resumes_after_an_interruption(tmp_path, folder, monkeypatch):
     assert cli(args(folder, tmp_path / "feats")) == 0
     assert computed == [[2, 3], [4]]  # only the chunks that were not saved
     assert np.allclose(np.load(tmp_path / "feats.npy"), np.load(tmp_path / "ref.npy"), atol=1e-6)
+
+
+def test_a_partial_extraction_of_other_settings_is_moved_aside_not_deleted(tmp_path, folder, caplog):
+    # regression: a refused run left FEATS.parts/, and the next correct one refused "other settings"
+    (tmp_path / "bad.pth").write_bytes(b"junk")
+    before = tree(tmp_path)
+    refused = args(folder, tmp_path / "feats")
+    refused[refused.index("--pretrained") + 1] = str(tmp_path / "bad.pth")
+    assert cli(refused) == 2
+    assert tree(tmp_path) == before  # refused before anything is created
+    parts = tmp_path / "feats.parts"
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({"frames": 99}))
+    (parts / "chunk_00000.npz").write_bytes(b"theirs")
+    assert cli(args(folder, tmp_path / "feats")) == 0
+    aside = list(tmp_path.glob("feats.parts.other-*"))
+    assert len(aside) == 1 and (aside[0] / "chunk_00000.npz").read_bytes() == b"theirs"
+    assert any(f"moved to {aside[0]}" in r.getMessage() for r in caplog.records)
+    assert np.load(tmp_path / "feats.npy").shape == (5, 64)

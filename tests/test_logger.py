@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from videomoco.engine.logger import MetricLogger, drop_strip
@@ -36,3 +37,21 @@ def test_metric_logger_writes_jsonl_and_noop_off_rank0(tmp_path):
     off.scalars(1, {"x": 1.0})
     off.close()
     assert not (tmp_path / "b").exists()
+
+
+def test_nothing_is_created_before_the_first_record_and_a_full_disk_is_one_line(tmp_path, small_fs, capfd):
+    from videomoco.engine.checkpoint import WriteError
+
+    logger = MetricLogger(tmp_path / "log")
+    assert not (tmp_path / "log").exists()  # a run refused at its start leaves no log
+    logger.close()
+    disk = small_fs("full", free=0)
+    if disk is None:
+        pytest.skip("needs a small tmpfs (root)")
+    logger = MetricLogger(disk / "log")
+    with pytest.raises(WriteError, match=rf"cannot write {disk}/log\S*: no space left on device \(needs about \d+ "
+                                         r"bytes, \d+ bytes free there\)"):
+        for step in range(100):  # TensorBoard's thread fails on its first flush; metrics.jsonl at once
+            logger.scalars(step, {"loss": 1.0})
+    logger.close()
+    assert "Traceback" not in capfd.readouterr().err

@@ -12,12 +12,12 @@ MB = 2**20
 
 
 @pytest.mark.parametrize("text, expected", [("16GB", 16 * 2**30), ("512m", 512 * MB), ("1.5 GiB", 3 * 2**29),
-                                            ("2000000", 2_000_000), ("64kb", 65536)])
+                                            ("2000000B", 2_000_000), ("64kb", 65536)])
 def test_parse_size(text, expected):
     assert memory.parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "lots", "-1GB", "0", "1.2.3G", "nan", "inf"])
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "0", "1.2.3G", "nan", "inf", "16", "2000000"])
 def test_parse_size_rejects_junk(text):
     with pytest.raises(ValueError):
         memory.parse_size(text)

@@ -3,6 +3,7 @@
 8 videos / batch 4 = 2 steps per epoch.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from videomoco.engine import pretrain
 from videomoco.method import VideoMoCo
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, moving_square_frames  # noqa: E402
+from conftest import REPO, enospc, error_lines, moving_square_frames, tree  # noqa: E402
 from test_distributed import free_port  # noqa: E402
 
 TINY = ["--width", "8", "-fpc", "8", "-cs", "32", "--moco-k", "32", "--moco-dim", "16", "-b", "4", "-j", "0",
@@ -395,7 +396,7 @@ def test_authors_command_plans_micro_batches(videos, tmp_path):
 
     estimate = StepEstimate(plan["fixed"], plan["per_clip"], plan["per_input_clip"])
     budget = plan["reserve_bytes"] + int(estimate.peak(3, 4) / (1 - MARGIN))
-    log, plan = train("capped", "--memory_budget", str(budget))
+    log, plan = train("capped", "--memory_budget", f"{budget}B")
     assert "2 micro-batches of 2" in log and plan["micro_batches"] == 2, log[-1500:]
     ckpt = ck.load_checkpoint(tmp_path / "capped" / "C" / retention.checkpoint_name(100, step=1))
     assert ckpt["step"] == 1 and ckpt["sampler"]["position"] == 4
@@ -586,3 +587,93 @@ def test_fewer_videos_than_a_batch_names_the_fix_and_clips_per_video_runs(videos
     assert re.search(r"epoch 2/2 step 2 \(G on\): .*about 0s left for the run", log)
     config = yaml.safe_load((tmp_path / "b" / "log" / "config.yaml").read_text())
     assert (config["clips_per_video"], config["step_between_clips"]) == (2, 3)
+
+
+# --- refusals and full disks (issue 27) ---
+
+def _resumable(path, **fields):
+    """A checkpoint of the TINY run in our format, as a run writes it (no training needed), with `fields` set."""
+    cfg = pretrain.config_from_args({"data": "d", "width": 8, "frame_per_clip": 8, "crop_size": 32, "moco_k": 32,
+                                     "moco_dim": 16, "batch_size": 4, "workers": 0, "seed": 0})
+    t = pretrain.build_trainer(cfg, torch.device("cpu"))
+    state = ck.pretrain_state(dataclasses.asdict(cfg), epoch=1, step=2, batch_in_epoch=0, model=t.model,
+                              generator=t.generator, optimizer=t.opt_d, optimizer_g=t.opt_g, scheduler={},
+                              sampler={"epoch": 1, "seed": 0})
+    torch.save({**state, **fields}, path)
+    return state
+
+
+def _nonfinite(path, key, value):
+    sd = _resumable(path)["state_dict"]
+    sd[key].view(-1)[0] = value
+    torch.save({**_resumable(path), "state_dict": sd}, path)
+
+
+@pytest.mark.parametrize("make, args, line", [
+    (lambda p: _nonfinite(p, "encoder_q.fc.weight", float("nan")), [],
+     "checkpoint {ck}: 1 tensors of its weights are NaN/Inf, e.g. encoder_q.fc.weight (a diverged run?); refused"),
+    (lambda p: _nonfinite(p, "queue", float("inf")), [], "checkpoint {ck}: 1 tensors of its weights are NaN/Inf, e.g. queue"),
+    (lambda p: _official_checkpoint(p) and torch.save({**torch.load(p), "epoch": "ten"}, p), [],
+     "checkpoint {ck}: field 'epoch' must be an integer >= 0, got 'ten'; refused"),
+    (lambda p: _resumable(p, epoch="x"), [], "checkpoint {ck}: field 'epoch' must be an integer >= 0, got 'x'"),
+    (lambda p: _resumable(p, epoch=-5), [], "checkpoint {ck}: field 'epoch' must be an integer >= 0, got -5"),
+    (lambda p: _resumable(p, step=None), [], "checkpoint {ck}: field 'step' must be an integer >= 0, got None"),
+    (lambda p: _resumable(p, optimizer=[]), [], "checkpoint {ck}: field 'optimizer' must be an optimizer state dict"),
+    (lambda p: _resumable(p, epoch=12), ["--epochs", "4"],
+     "--resume {ck} has done 12 epochs and --epochs is 4: nothing left to train"),
+    (lambda p: _resumable(p), ["-a", "mc3_18"], "checkpoint is r3d_18 (width 8) but the model is mc3_18"),
+    (lambda p: p.mkdir(), [], "--resume {ck} is a directory"),
+], ids=["nan-fc", "inf-queue", "authors-epoch-ten", "epoch-x", "epoch-negative", "step-none", "optimizer-list",
+        "nothing-left", "other-arch", "directory"])
+def test_a_refused_resume_is_one_line_before_any_write(videos, tmp_path, capsys, make, args, line):
+    # regression: a NaN checkpoint trained and was then named "last good"; 'epoch': 'ten' was a traceback,
+    # -5 failed at the first batch, epoch 12 of 4 exited 0 having trained nothing; the log dir was created first
+    path = tmp_path / "in" / "c.pth.tar"
+    path.parent.mkdir()
+    make(path)
+    before = tree(tmp_path)
+    assert cli_run(videos, tmp_path, "--resume", str(path), *args) == 2
+    errors = error_lines(capsys.readouterr().err)
+    assert len(errors) == 1 and errors[0].startswith(f"videomoco pretrain: error: {line.format(ck=path)}"), errors
+    assert tree(tmp_path) == before  # no log dir, no checkpoint dir
+
+
+def test_a_full_checkpoint_disk_is_one_line_naming_the_last_good_checkpoint(videos, tmp_path, capsys, small_fs,
+                                                                            monkeypatch):
+    # regression: OSError: [Errno 28] then RuntimeError: [enforce fail at inline_container.cc:672]
+    size = len(_resumable_bytes(tmp_path))
+    disk = small_fs("disk", free=size * 3 // 2)  # room for the first checkpoint, not for the second beside it
+    if disk is None:
+        disk = tmp_path / "disk"
+        enospc(monkeypatch, after=1)
+    code = cli.main(["pretrain", str(videos), *TINY, "--epochs", "2", "--micro_batch", "4", "--log_dir",
+                     str(tmp_path / "log"), "--ckp_dir", str(disk / "ckp")])
+    errors = error_lines(capsys.readouterr().err)
+    first, second = (disk / "ckp" / retention.checkpoint_name(e) for e in (1, 2))
+    assert code == 1 and len(errors) == 1, errors
+    assert re.fullmatch(rf"videomoco pretrain: error: cannot write {re.escape(str(second))}: no space left on device "
+                        rf"\(needs about [\d.]+ MB, [\d.]+ \w+ free there\); last good checkpoint: {re.escape(str(first))}",
+                        errors[0]), errors[0]
+    monkeypatch.undo()
+    assert ck.load_checkpoint(first, resume=True)["epoch"] == 1
+    assert sorted(p.name for p in (disk / "ckp").iterdir()) == [first.name]  # no temp file left
+
+
+def test_a_full_log_disk_is_one_line(videos, tmp_path, capsys, small_fs):
+    # regression: a 122-line traceback from engine/logger.py
+    disk = small_fs("logs", free=0)
+    if disk is None:
+        pytest.skip("needs a small tmpfs (root)")
+    code = cli_run(videos, tmp_path, "--epochs", "1", "--micro_batch", "4", "--log_dir", str(disk / "log"))
+    errors = error_lines(capsys.readouterr().err)
+    assert code == 1 and len(errors) == 1, errors
+    assert re.fullmatch(rf"videomoco pretrain: error: cannot write {re.escape(str(disk))}/log(/\S+)?: no space left "
+                        r"on device \(\d+ bytes free there\); last good checkpoint: none", errors[0]), errors[0]
+    assert not (tmp_path / "ckp").exists()
+
+
+def _resumable_bytes(tmp_path):
+    _resumable(tmp_path / "size.pth")
+    data = (tmp_path / "size.pth").read_bytes()
+    (tmp_path / "size.pth").unlink()
+    return data

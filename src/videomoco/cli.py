@@ -48,9 +48,13 @@ def main(argv=None):
     if command not in COMMANDS:
         command = None
     try:
-        args = build_parser(command).parse_args(argv)
+        args, unknown = build_parser(command).parse_known_args(argv)
     except SystemExit as e:  # a bad flag (one line, 2), --help or --version (0): a code, as from a command
         return e.code
+    if unknown:  # said with the subcommand's name: it is the one that does not know them
+        prog = f"videomoco {args.command}" if args.command else "videomoco"
+        print(f"{prog}: error: unrecognized arguments: {' '.join(unknown)} (see --help)", file=sys.stderr)
+        return 2
     if args.command is None:
         build_parser().print_help()
         return 1

@@ -118,6 +118,22 @@ def canonical_flags(known, args):
     return out
 
 
+def attach_dash_values(known, args):
+    """`args` with a value that starts with `-` joined to the flag before it (`--memory_budget -1GB` ->
+    `--memory_budget=-1GB`) when that flag takes one value and the value is no flag: argparse would report
+    "expected one argument" instead of checking the value."""
+    out = list(args)
+    for i in range(len(out) - 1):
+        if out[i] == "--":
+            break
+        action = known.get(out[i])
+        value = out[i + 1]
+        takes_one = action is not None and action.nargs is None and isinstance(action, argparse._StoreAction)
+        if takes_one and value.startswith("-") and value != "--" and value.split("=")[0] not in known:
+            out[i], out[i + 1] = f"{out[i]}={value}", None
+    return [a for a in out if a is not None]
+
+
 def defaults(cls):
     """The defaults of dataclass `cls` by field name (fields without one are left out): what a
     command's `add_arguments` passes as `default=`, so that defaults live only in the dataclass."""
@@ -148,7 +164,8 @@ class Parser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args(canonical_flags(self._option_string_actions, args), namespace)
+        args = attach_dash_values(self._option_string_actions, canonical_flags(self._option_string_actions, args))
+        return super().parse_known_args(args, namespace)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")

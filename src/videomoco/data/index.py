@@ -322,6 +322,9 @@ def open_index(data, layout="auto", workers=None, asked=None):
     else:
         index = build_index(data, default_out(data), layout=layout, workers=workers)
         log.info(summary(index))
+    if not index.records and layout not in ("auto", index.layout):  # its layout was guessed from nothing
+        raise ValueError(f"{index.dir} indexes no videos ({index.root} had none when it was indexed): put the "
+                         f"videos there, then run `videomoco index {index.root} --layout {layout}`")
     if layout not in ("auto", index.layout):
         what = f"; {asked} needs {layout}: use the matching {asked.split()[0]}" if asked else f", not {layout}"
         raise ValueError(f"{index.dir} is indexed as {index.layout}{what}, or index again with "
@@ -343,8 +346,11 @@ def pretrain_subset(index, subset="train"):
     column, where = ("subset", "") if index.layout == "kinetics" else ("split1", " of split 1")
     selected = replace(index, records=[r for r in index.records if getattr(r, column) == subset])
     if total and not selected.records:
-        counts = Counter(getattr(r, column) or "none" for r in index.records)
-        have = ", ".join(f"{name} {n:,}" for name, n in sorted(counts.items()))
+        counts = Counter(getattr(r, column) for r in index.records)
+        if set(counts) == {""}:
+            raise ValueError(f"{index.root} ({index.layout}) has no {subset!r} videos{where}: none of its {total:,} "
+                             "videos is in a subset (use --subset all)")
+        have = ", ".join(f"{name} {n:,}" if name else f"{n:,} in no subset" for name, n in sorted(counts.items()))
         raise ValueError(f"{index.root} ({index.layout}) has no {subset!r} videos{where}; it has {have} "
                          "(choose one of those, or 'all')")
     return selected, f"{index.layout} {subset}{where}: {len(selected):,} of {total:,} videos"

@@ -62,6 +62,7 @@ def transcode_video(src, dst, short_side=128, gop=16, crf=23):
                 # constant frame rate out: frame i at i / rate, as the index counts frames
                 resized = frame.reformat(encoder.width, encoder.height, "yuv420p")
                 resized.pts, resized.time_base = count, 1 / rate
+                resized.pict_type = 0  # NONE: an intra-only source (MJPEG) marks every frame I, which x264 obeys
                 out.mux(encoder.encode(resized))
                 count += 1
             if count == 0:
@@ -148,11 +149,14 @@ def run(cfg):
         log.warning("skipped %d symlinks that point outside %s (use --follow-symlinks)", outside, src)
     outputs = {}
     for rel in videos:
-        outputs.setdefault(str(Path(rel).with_suffix(".mp4")), rel)  # a.avi and a.mp4 would collide: keep one
-    jobs = [(str(src / rel), str(dst / out), rel, cfg.short_side, cfg.gop, cfg.crf) for out, rel in outputs.items()]
-    collisions = [(rel, "skipped: another video has the same name with another extension")
-                  for rel in videos if rel not in set(outputs.values())]
-    collisions += [(rel, reason) for rel, reason in tree.problems.items() if reason != OUTSIDE_ROOT]
+        outputs.setdefault(str(Path(rel).with_suffix(".mp4")), []).append(rel)
+    clash = next((rels for rels in outputs.values() if len(rels) > 1), None)
+    if clash:  # before any work: one output for two sources would hold either's content under one name
+        n = sum(len(rels) > 1 for rels in outputs.values())
+        raise ValueError(f"{' and '.join(sorted(clash))} in {src} would both become "
+                         f"{dst / Path(clash[0]).with_suffix('.mp4')} ({n} such name clashes): rename one of each pair")
+    jobs = [(str(src / rel), str(dst / out), rel, cfg.short_side, cfg.gop, cfg.crf) for out, (rel,) in outputs.items()]
+    problems = [(rel, reason) for rel, reason in tree.problems.items() if reason != OUTSIDE_ROOT]
     workers = cfg.workers or os.cpu_count() or 1
     bar = dict(total=len(jobs), desc="transcoding", unit="video", disable=not cfg.progress, file=sys.stderr)
     if workers <= 1:
@@ -164,7 +168,7 @@ def run(cfg):
     copied, links = _copy_other_files(src, dst, exclude)
     if links:
         log.warning("copied no non-video file through %d symlinks (only plain files under %s are copied)", links, src)
-    failures = sorted([(rel, reason) for status, rel, reason in results if status == "failed"] + collisions)
+    failures = sorted([(rel, reason) for status, rel, reason in results if status == "failed"] + problems)
     write_csv(dst / "transcode_failures.csv", ("path", "reason"), failures)
     counts = {s: sum(r[0] == s for r in results) for s in ("done", "skipped")}
     line = f"transcoded {counts['done']:,} videos ({counts['skipped']:,} up to date), failed {len(failures):,}"

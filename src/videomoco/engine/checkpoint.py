@@ -16,11 +16,13 @@ The arch comes from the file, or else from the key/shape signature; the width fr
 Which files a run keeps in `--ckp_dir`, and their names: `videomoco.engine.retention`.
 """
 
+import errno
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -41,30 +43,107 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model (one-line message)."""
 
 
-def save_checkpoint(state, path):
-    """Write `state` to `path` atomically: temp file in the same dir, fsync, `os.replace`, fsync the dir.
+def _size(n):
+    if n < 1e4:
+        return f"{n} bytes"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
-    A crash or a full disk mid-write leaves any previous file at `path` intact and no temp file behind
-    (a kill -9 leaves one, named with the writer's pid, for `remove_stale_temp_files`).
+
+class WriteError(OSError):
+    """A file that could not be written (a full disk, a read-only target): one line naming the path, the reason
+    and the free space (with what was needed when known). The target is left as it was."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)  # the disk, not the input
+
+
+def _os_error(err):
+    """The OSError that `err` is or was raised from (torch wraps a failed write in a RuntimeError), or None."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def free_bytes(path):
+    """Free bytes on the filesystem of `path` (or of its nearest existing parent); None if unknown."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def write_error(path, err, needed=None):
+    """`WriteError` for `err`, raised while writing `path`, if it is (or wraps) an OSError, else None."""
+    cause = _os_error(err)
+    if cause is None:
+        return None
+    reason = os.strerror(cause.errno).lower() if cause.errno else (str(cause).splitlines() or ["error"])[0]
+    free = free_bytes(path)
+    space = [f"needs about {_size(needed)}"] if needed else []
+    space += [f"{_size(free)} free there"] if free is not None else []
+    error = WriteError(f"cannot write {path}: {reason}" + (f" ({', '.join(space)})" if space else ""))
+    error.errno, error.filename = cause.errno, str(path)
+    return error
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path, write, needed=None):
+    """Write `path` atomically with `write(binary file)`: temp file in the same dir (mode 0666 less the umask, as
+    `open` gives), fsync, `os.replace`, fsync the dir. A crash or a full disk mid-write leaves any previous file at
+    `path` intact and no temp file behind (a kill -9 leaves one, named with the writer's pid, for
+    `remove_stale_temp_files`); a failed write raises `WriteError` (one line; `needed`: the bytes it would take).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        error = write_error(path, e, needed) if isinstance(e, Exception) else None
+        if error is None:
+            raise
+        raise error from None
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
     return path
+
+
+def state_bytes(obj):
+    """Bytes of the tensors in a nested dict / list `obj`: about the size of its checkpoint file."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` with `atomic_write` (`WriteError` on a full disk, naming the space it needs)."""
+    return atomic_write(path, lambda f: torch.save(state, f), needed=state_bytes(state))
 
 
 def load_error_reason(path, err):
@@ -87,9 +166,6 @@ def load_error_reason(path, err):
                 "loaded (weights_only=True). Do not load it with weights_only=False unless you trust its source.")
     return (text.strip().splitlines() or [type(err).__name__])[0]
 
-
-def _size(n):
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def check_inflation(path):
@@ -126,12 +202,85 @@ def safe_load(path, map_location="cpu"):
         raise CheckpointError(f"cannot read checkpoint {path}: {load_error_reason(path, e)}") from None
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load a VideoMoCo checkpoint (ours or the authors') with `safe_load` -> dict; `CheckpointError` if unreadable."""
+def load_checkpoint(path, map_location="cpu", resume=False):
+    """Load a VideoMoCo checkpoint (ours or the authors') with `safe_load` -> dict, refusing (`CheckpointError`, one
+    line) an unreadable file, fields of the wrong type (`check_fields`) and weights that are not finite.
+    `resume`: also require the fields that resuming a checkpoint of its format reads."""
     ckpt = safe_load(path, map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not a VideoMoCo checkpoint (no 'state_dict')")
+    check_fields(ckpt, path)
+    check_finite(ckpt, path)
+    if resume:
+        check_fields(ckpt, path, RESUME_FIELDS.get(ckpt.get("format"), ("epoch",)))
     return ckpt
+
+
+# --- what a checkpoint is trusted for: its fields' types, finite weights ---
+
+def _count(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _optimizer(v):
+    return isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)
+
+
+# field -> (what it must be, test); a field that a checkpoint has is checked whatever its format
+FIELDS = {
+    "format": ("a string", lambda v: isinstance(v, str)),
+    "epoch": ("an integer >= 0", _count),
+    "step": ("an integer >= 0", _count),
+    "batch_in_epoch": ("an integer >= 0", _count),
+    "arch": ("an encoder name", lambda v: isinstance(v, str) and bool(v)),
+    "width": ("an integer >= 1", lambda v: _count(v) and v >= 1),
+    "num_classes": ("an integer >= 1", lambda v: _count(v) and v >= 1),
+    "classes": ("a list of class names", lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v)),
+    "state_dict": ("a dict of tensors", lambda v: isinstance(v, dict)),
+    "generator": ("a dict of tensors", lambda v: isinstance(v, dict)),
+    "config": ("a dict", lambda v: isinstance(v, dict)),
+    "optimizer": ("an optimizer state dict", _optimizer),
+    "optimizer_g": ("an optimizer state dict", _optimizer),
+    "scaler": ("a dict", lambda v: isinstance(v, dict)),
+    "scheduler": ("a dict", lambda v: isinstance(v, dict)),
+    "sampler": ("a dict", lambda v: isinstance(v, dict)),
+    "rng": ("a dict of RNG states (python, numpy, torch)", lambda v: isinstance(v, dict) and {"python", "numpy", "torch"} <= set(v)),
+}
+# what resuming reads, by format: ours (engine.pretrain), a fine-tuning run's (eval.finetune), the authors' (None)
+RESUME_FIELDS = {
+    "videomoco": ("epoch", "step", "arch", "config", "state_dict", "generator", "optimizer", "optimizer_g", "sampler",
+                  "rng"),
+    "videomoco-finetune": ("epoch", "arch", "width", "num_classes", "state_dict", "optimizer"),
+}
+
+
+def check_fields(ckpt, path, required=()):
+    """`CheckpointError` (one line naming the field) if a field of `ckpt` is not what `FIELDS` says it must be,
+    or one of `required` is missing."""
+    for name, (what, ok) in FIELDS.items():
+        if name in ckpt and not ok(ckpt[name]):
+            value = repr(ckpt[name]) if not isinstance(ckpt[name], (dict, list)) else type(ckpt[name]).__name__
+            raise CheckpointError(f"checkpoint {path}: field {name!r} must be {what}, got {value[:60]}; refused")
+    for name in required:
+        if name not in ckpt:
+            raise CheckpointError(f"checkpoint {path}: field {name!r} is missing; refused")
+
+
+def check_finite(ckpt, path):
+    """`CheckpointError` (one line naming the tensors) if `ckpt`'s weights (`nonfinite_tensors`) hold NaN or Inf."""
+    bad = nonfinite_tensors(ckpt)
+    if bad:
+        raise CheckpointError(f"checkpoint {path}: {len(bad)} tensors of its weights are NaN/Inf, e.g. "
+                              f"{', '.join(bad[:3])} (a diverged run?); refused")
+
+
+def restore(path, name, load, value):
+    """`load(value)` of field `name` of checkpoint `path`; an error is `CheckpointError` naming the field."""
+    try:
+        return load(value)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {path}: field {name!r} does not fit this run: {reason}") from None
 
 
 def pretrain_state(config, *, epoch, step, batch_in_epoch, model, generator, optimizer, optimizer_g, scheduler,
@@ -163,21 +312,23 @@ def finetune_state(model, optimizer, epoch, num_classes, classes=None):
 def save_export(model, out, fmt="pth", source=""):
     """The export format: `model`'s backbone (torchvision keys, no `fc.*`) as `.pth` or `.safetensors` at `out`,
     and a JSON sidecar (`format`, `arch`, `width`, `feature_dim`, `source`, and the input the encoder takes:
-    `frames`, `frame_stride`, `crop`, `input_norm`, from `model.preprocessing`) that `load_encoder` reads back.
-    Returns {"weights", "sidecar", "num_tensors", and the sidecar's fields}."""
+    `frames`, `frame_stride`, `crop`, `input_norm`, from `model.preprocessing`) that `load_encoder` reads back; both
+    written atomically (`WriteError` on a full disk). Returns {"weights", "sidecar", "num_tensors", and the
+    sidecar's fields}."""
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("fc.")}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "export", "arch": model.arch, "width": model.width, "feature_dim": model.feature_dim,
             **getattr(model, "preprocessing", {})}
     if fmt == "safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(sd, str(out), metadata={k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in meta.items()})
+        metadata = {k: json.dumps(v) if isinstance(v, dict) else str(v) for k, v in meta.items()}
+        atomic_write(out, lambda f: f.write(save(sd, metadata=metadata)), needed=state_bytes(sd))
     else:
-        torch.save(sd, out)
+        atomic_write(out, lambda f: torch.save(sd, f), needed=state_bytes(sd))
     sidecar = out.with_suffix(".json")
-    sidecar.write_text(json.dumps({**meta, "source": str(source), "num_tensors": len(sd)}, indent=2) + "\n")
+    text = json.dumps({**meta, "source": str(source), "num_tensors": len(sd)}, indent=2) + "\n"
+    atomic_write(sidecar, lambda f: f.write(text.encode()), needed=len(text))
     return {"weights": str(out), "sidecar": str(sidecar), "num_tensors": len(sd), **meta}
 
 
@@ -364,7 +515,7 @@ def encoder_state(path):
     else:  # a bare state_dict: ours (exported, with its sidecar) or torchvision's
         sidecar = Path(path).with_suffix(".json")
         if sidecar.is_file():
-            info.update(json.loads(sidecar.read_text()))
+            info.update(_sidecar(sidecar))
         sd, info["format"] = obj, info.get("format", "torchvision")
         info["input_norm"] = checkpoint_input_norm(info)
     sd = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in sd.items() if torch.is_tensor(v)}
@@ -374,7 +525,14 @@ def encoder_state(path):
         raise CheckpointError(f"{path}: no encoder weights found")
     for key in ("width", "feature_dim", *CLIP_DEFAULTS):
         if key in info:
-            info[key] = int(info[key])
+            try:
+                info[key] = int(info[key])
+                if info[key] < 1:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise CheckpointError(f"checkpoint {path}: field {key!r} must be an integer >= 1, "
+                                      f"got {info[key]!r}; refused") from None
+    check_finite({"state_dict": sd}, path)
     return sd, info
 
 
@@ -398,6 +556,17 @@ def preprocessing(info):
 # for files that do not say, and where our pretraining config records them.
 CLIP_DEFAULTS = {"frames": 16, "frame_stride": 1, "crop": 112}
 PRETRAIN_CLIP = {"frame_per_clip": "frames", "frame_stride": "frame_stride", "crop_size": "crop"}
+
+
+def _sidecar(path):
+    """The JSON sidecar of an exported file, as a dict (`CheckpointError` if it is not one)."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"sidecar {path}: not readable JSON ({(str(e).splitlines() or ['?'])[0]})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"sidecar {path}: not a JSON object")
+    return meta
 
 
 def _reference(arch, width):
@@ -459,14 +628,10 @@ def _head(sd):
     return None, None
 
 
-def load_encoder(path, arch=None, width=None, num_classes=None):
-    """The query encoder stored in `path`, in eval mode, ready for `forward_features(x (B, 3, T, H, W)) -> (B,
-    feature_dim)`; `.preprocessing` says what x is (`videomoco.transforms.preprocess` makes it from frames).
-
-    `fc` is the head stored in the file (the pretraining projection, Linear or MLP; a fine-tuned classifier),
-    or `nn.Identity()` when the file has none. `num_classes=N` replaces it by a fresh `nn.Linear(feature_dim, N)`
-    (N(0, 0.01) weights, zero bias, as the authors' eval.py). Raises `ValueError` on any arch/width/key mismatch.
-    """
+def resolve_encoder(path, arch=None, width=None):
+    """`(backbone state dict, info, arch, width)` of the query encoder in `path` (`info`: `encoder_state`'s),
+    checked against `arch` / `width` when given: everything `load_encoder` refuses (`CheckpointError`, one line),
+    without building the model."""
     sd, info = encoder_state(path)
     stored_arch, stored_width = info.get("arch"), info.get("width")
     if arch and stored_arch and arch != stored_arch:
@@ -483,7 +648,18 @@ def load_encoder(path, arch=None, width=None, num_classes=None):
     reason = _mismatch(arch, width, sd)
     if reason:
         raise CheckpointError(f"{path} does not match {arch} (width {width}): {reason}")
+    return sd, info, arch, width
 
+
+def load_encoder(path, arch=None, width=None, num_classes=None):
+    """The query encoder stored in `path`, in eval mode, ready for `forward_features(x (B, 3, T, H, W)) -> (B,
+    feature_dim)`; `.preprocessing` says what x is (`videomoco.transforms.preprocess` makes it from frames).
+
+    `fc` is the head stored in the file (the pretraining projection, Linear or MLP; a fine-tuned classifier),
+    or `nn.Identity()` when the file has none. `num_classes=N` replaces it by a fresh `nn.Linear(feature_dim, N)`
+    (N(0, 0.01) weights, zero bias, as the authors' eval.py). Raises `ValueError` on any arch/width/key mismatch.
+    """
+    sd, info, arch, width = resolve_encoder(path, arch, width)
     model = build_encoder(arch, num_classes=1, width=width)
     model.fc = nn.Identity()
     model.load_state_dict({k: v for k, v in sd.items() if not k.startswith("fc.")}, strict=True)

@@ -159,6 +159,8 @@ def authors_flags():
     return [arg for dest, value in AUTHORS_DEFAULTS.items() for arg in (f"--{dest}", str(value))]
 
 
+DIST_TIMEOUT = Number(float, 1, 7 * 24 * 3600)  # seconds: below 1 s no store connects; a week is beyond any step
+
 # (flags, dest, help, extra argparse kwargs); order = order in --help. Every number is a `Number`, which
 # parses it and checks it against its meaning; `_check` applies the same checks to config files.
 _FLAGS = [
@@ -191,7 +193,7 @@ _FLAGS = [
     (("--dist_backend",), "dist_backend", "distributed backend (gloo is used on CPU)",
      {"choices": ("nccl", "gloo", "mpi")}),
     (("--dist_timeout",), "dist_timeout", "seconds a collective waits for the slowest rank before the run stops "
-     "with an error naming the ranks behind", {"type": POSITIVE}),
+     "with an error naming the ranks behind", {"type": DIST_TIMEOUT}),
     (("--shuffle_bn",), "shuffle_bn", "how key clips reach the rank that encodes them for shuffle-BN: all_to_all "
      "(each rank receives only its own) or all_gather (the authors': every rank receives all)",
      {"choices": SHUFFLE_BN}),
@@ -326,6 +328,8 @@ def _check(cfg):
         raise ConfigError("--g_grad authors adds D's loss to G's, which cancels --g_loss contrastive (-L_D)")
     if cfg.start_epoch >= cfg.epochs:
         raise ConfigError(f"--start_epoch {cfg.start_epoch} leaves nothing to train with --epochs {cfg.epochs}")
+    if cfg.rank != -1 and cfg.rank >= max(cfg.world_size, 1):
+        raise ConfigError(f"--rank {cfg.rank} needs a --world_size above it, got --world_size {cfg.world_size}")
     check_device_name(cfg.device)  # its availability: `check_paths`, before any work
     if not DIST_URL.fullmatch(str(cfg.dist_url)):
         raise ConfigError(f"--dist_url must be tcp://HOST:PORT, env:// or file://PATH, got {cfg.dist_url!r}")
@@ -384,6 +388,9 @@ def check_paths(cfg):
         raise ConfigError(DATA_REQUIRED)
     if not Path(cfg.data).exists():
         raise ConfigError(f"DATA {cfg.data} does not exist")
+    if cfg.resume not in ("", "auto") and Path(cfg.resume).is_dir():
+        raise ConfigError(f"--resume {cfg.resume} is a directory: give a checkpoint file in it, or --resume auto "
+                          "with --ckp_dir")
     if cfg.resume not in ("", "auto") and not Path(cfg.resume).is_file():
         raise ConfigError(f"--resume {cfg.resume}: no such file")
     if cfg.monitor and not Path(cfg.monitor).is_dir():

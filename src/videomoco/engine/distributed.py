@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from videomoco.engine.config import resolve_device
+from videomoco.engine.config import ConfigError, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -146,20 +146,40 @@ def _spawned(local_rank, worker, cfg):
         raise SystemExit(result["exit_code"])
 
 
-def init_distributed(cfg, local_rank=0):
-    """Initialise the process group (when more than one process) and pick the device -> `DistInfo`."""
+def placement(cfg, local_rank=0):
+    """(rank, world size, local rank, init method) of this process: torchrun's environment, else the flags."""
     nprocs = procs_per_node(cfg)
     if launched_by_torchrun():
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank, init_method = int(os.environ.get("LOCAL_RANK", 0)), "env://"
-    elif cfg.multiprocessing_distributed:
-        rank = max(cfg.rank, 0) * nprocs + local_rank
-        world_size, init_method = max(cfg.world_size, 1) * nprocs, cfg.dist_url
-    elif cfg.dist_url == "env://" and cfg.world_size == -1:
-        rank, world_size, init_method = 0, 1, "env://"
-    else:
-        rank, world_size, init_method = max(cfg.rank, 0), max(cfg.world_size, 1), cfg.dist_url
+        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)),
+                "env://")
+    if cfg.multiprocessing_distributed:
+        return max(cfg.rank, 0) * nprocs + local_rank, max(cfg.world_size, 1) * nprocs, local_rank, cfg.dist_url
+    if cfg.dist_url == "env://" and cfg.world_size == -1:
+        return 0, 1, local_rank, "env://"
+    return max(cfg.rank, 0), max(cfg.world_size, 1), local_rank, cfg.dist_url
 
+
+def check_world(cfg):
+    """Before any process starts or joins: the world a run of `cfg` will have fits it. One-line `ConfigError`
+    for a torchrun environment that is not numbers, or a --batch_size (the total) not divisible by the world size."""
+    try:
+        _, world_size, _, _ = placement(cfg)
+    except ValueError:
+        raise ConfigError("torchrun's RANK / WORLD_SIZE / LOCAL_RANK are not integers: "
+                          f"{os.environ.get('RANK')!r} / {os.environ.get('WORLD_SIZE')!r}") from None
+    if world_size < 1:
+        raise ConfigError(f"torchrun's WORLD_SIZE must be >= 1, got {world_size}")
+    if cfg.batch_size % world_size:
+        source = ("torchrun's WORLD_SIZE" if launched_by_torchrun() else
+                  f"--world_size {max(cfg.world_size, 1)} x {procs_per_node(cfg)} processes"
+                  if cfg.multiprocessing_distributed else "--world_size")
+        raise ConfigError(f"--batch_size {cfg.batch_size} (the total over all processes) is not divisible by the "
+                          f"world size {world_size} ({source}); use a multiple of {world_size}")
+
+
+def init_distributed(cfg, local_rank=0):
+    """Initialise the process group (when more than one process) and pick the device -> `DistInfo`."""
+    rank, world_size, local_rank, init_method = placement(cfg, local_rank)
     if _wants_cuda(cfg):  # `resolve_device` refuses a CUDA device without CUDA
         index = cfg.gpu if cfg.gpu is not None and world_size == 1 else local_rank
         if cfg.device.startswith("cuda:"):

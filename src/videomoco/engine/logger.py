@@ -5,6 +5,7 @@ import json
 import logging
 import platform
 import sys
+import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -75,48 +76,86 @@ def drop_strip(clip, keep_mask, border=2, mean=None, std=None):
     return frames.permute(0, 2, 1, 3).reshape(3, h + 2 * border, t * (w + 2 * border))
 
 
+def _quiet_writer_threads():
+    """TensorBoard's writer thread re-raises a failed write (a full disk) where Python prints its traceback, and
+    again in the thread that writes next, where `MetricLogger` makes it one line: print it only there."""
+    previous = threading.excepthook
+    if getattr(previous, "videomoco", False):
+        return
+
+    def hook(args):
+        if not (type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.videomoco = True
+    threading.excepthook = hook
+
+
 class MetricLogger:
     """Scalars to TensorBoard and `metrics.jsonl` (one JSON object per logging step) in `log_dir`.
 
-    A no-op on ranks other than 0, so call sites need no rank checks. The files are opened at the first
-    write, so a run that fails before it logs anything leaves no empty TensorBoard run behind.
+    A no-op on ranks other than 0, so call sites need no rank checks. Nothing is created before the first
+    record (a run refused at its start leaves no log); a record that cannot be written (a full disk) raises
+    `checkpoint.WriteError` (one line naming the file and the free space).
     """
 
     def __init__(self, log_dir, enabled=True):
         self.enabled, self.log_dir = enabled, Path(log_dir)
-        self._writer = None
-        self.jsonl = None
+        self.writer = self.jsonl = None
+        self.failed = False
 
-    @property
-    def writer(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+    def _write(self, path, write, needed=0):
+        """Run `write(writer, jsonl)`, opening both first if needed; a failed write is a `WriteError`."""
+        if not self.enabled:
+            return
+        try:
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(self.log_dir))
-            self.jsonl = open(self.log_dir / "metrics.jsonl", "a")
-        return self._writer
+                _quiet_writer_threads()
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                self.writer = SummaryWriter(str(self.log_dir))
+                self.jsonl = open(self.log_dir / "metrics.jsonl", "a")
+            write(self.writer, self.jsonl)
+        except (OSError, RuntimeError) as e:
+            self._raise(path, e, needed)
+
+    def _raise(self, path, err, needed=0):
+        from videomoco.engine.checkpoint import write_error
+
+        error = write_error(path, err, needed)
+        if error is None:
+            raise err
+        self.failed = True
+        raise error from None
 
     def scalars(self, step, values, prefix="train"):
         """Log a dict of floats at global `step`."""
-        if not self.enabled:
-            return
-        writer = self.writer  # opens metrics.jsonl too
-        for name, value in values.items():
-            writer.add_scalar(f"{prefix}/{name}", value, step)
-        self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
-        self.jsonl.flush()
+        line = json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n"
+
+        def write(writer, jsonl):
+            for name, value in values.items():
+                writer.add_scalar(f"{prefix}/{name}", value, step)
+            jsonl.write(line)
+            jsonl.flush()
+
+        self._write(self.log_dir / "metrics.jsonl", write, len(line))
 
     def image(self, tag, step, image):
         """Log a `(3, H, W)` uint8 image."""
-        if self.enabled:
-            self.writer.add_image(tag, image, step)
+        self._write(self.log_dir, lambda writer, _: writer.add_image(tag, image, step), image.numel())
 
     def text(self, tag, text):
-        if self.enabled:
-            self.writer.add_text(tag, text)
+        self._write(self.log_dir, lambda writer, _: writer.add_text(tag, text), len(text))
 
     def close(self):
-        if self._writer is not None:
-            self._writer.close()
-            self.jsonl.close()
+        """Flush and close (a `WriteError` if that fails, unless a write failed before and said so)."""
+        if self.writer is None:
+            return
+        writer, jsonl, self.writer, self.jsonl = self.writer, self.jsonl, None, None
+        try:
+            jsonl.close()
+            writer.close()
+        except (OSError, RuntimeError) as e:
+            if not self.failed:
+                self._raise(self.log_dir, e)

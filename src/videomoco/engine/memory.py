@@ -43,10 +43,11 @@ class MemoryPlanError(ValueError):
 
 
 def parse_size(text):
-    """'16GB', '512m', '1.5 GiB', '2000000' -> bytes (binary units)."""
+    """'16GB', '512m', '1.5 GiB', '2000000B' -> bytes (binary units). A unit is required: a bare '16' would be
+    16 bytes where 16 GB was meant."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)i?(b?)\s*", str(text).lower())
-    if not match:
-        raise ValueError(f"{text!r} is not a size such as 16GB, 512MB or 2000000")
+    if not match or not (match[2] or match[3]):
+        raise ValueError(f"{text!r} is not a size with a unit, such as 16GB, 512MB or 2000000B")
     value = float(match[1]) * _UNITS[match[2] + match[3]]
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{text!r} is not a positive size")
@@ -242,9 +243,13 @@ def worker_reserve(workers, batch_bytes):
 
 
 def budget_bytes(device, limit=None):
-    """What the process may use in all: what it holds now + what is available (or `limit` in all)."""
-    in_use = memory_in_use(device)
-    return in_use + memory_available(device) if limit is None else limit
+    """What the process may use in all: what it holds now + what is available, capped at `limit` (a budget is a
+    cap: never more than the device has)."""
+    there = memory_in_use(device) + memory_available(device)
+    if limit is not None and limit > there:
+        log.info("--memory_budget %s is more than the %s this process holds or has free: planning with %s",
+                 gib(limit), gib(there), gib(there))
+    return there if limit is None else min(limit, there)
 
 
 # --------------------------------------------------------------------------- probing a training step
@@ -386,6 +391,9 @@ def plan_training_step(trainer, cfg, device, b, world, workers, start_epoch):
     (one line) when the batch cannot be split or not even one clip fits."""
     smallest = smallest_trainable(trainer.model)
     if cfg.micro_batch != "auto":
+        if cfg.memory_budget:
+            log.warning("--memory_budget %s is not used: --micro_batch %d sets the split (no planning)",
+                        cfg.memory_budget, cfg.micro_batch)
         n = math.ceil(b / min(cfg.micro_batch, b))
         if b // n < smallest:
             raise MemoryPlanError(f"--micro_batch {cfg.micro_batch} splits the batch of {b} per process into "

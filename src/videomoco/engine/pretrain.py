@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -90,19 +91,46 @@ def _deterministic_environment(cfg):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
 
 
+def build_models(cfg):
+    """VideoMoCo and its frame-dropping generator as `cfg` describes them, on the default device (CPU, or the
+    meta device under `with torch.device("meta")`: shapes without memory)."""
+    from videomoco.method import VideoMoCo, build_generator
+
+    model = VideoMoCo(arch=cfg.arch, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
+                      temporal_decay=cfg.temporal_decay, width=cfg.width, mlp_bn=cfg.mlp_bn,
+                      shuffle_bn=cfg.shuffle_bn, decay_unit=cfg.decay_unit, decay_on=cfg.decay_on,
+                      shuffle_groups=cfg.shuffle_groups or None)
+    return model, build_generator(cfg.generator, drop_ratio=cfg.drop_ratio, fill=cfg.fill)
+
+
+def check_resume(cfg):
+    """An explicit `--resume FILE`, before any process starts or writes: readable, its fields and weights sound
+    (`checkpoint.load_checkpoint`), the keys and shapes of `cfg`'s model (built on the meta device), and epochs
+    left to train. One-line `CheckpointError` / `ConfigError`."""
+    if cfg.resume in ("", "auto"):
+        return
+    path = cfg.resume
+    ckpt = ck.load_checkpoint(path, resume=True)
+    with torch.device("meta"):
+        model, generator = build_models(cfg)
+    ck.check_compatible(model.state_dict(), ck.model_state_dict(ckpt["state_dict"]), ckpt.get("arch", "?"), cfg.arch)
+    if not ck.is_official(ckpt) and generator_resumes(ckpt, path, cfg.generator):
+        ck.restore(path, "generator", partial(generator.load_state_dict, assign=True), ckpt["generator"])
+    if ckpt["epoch"] >= cfg.epochs:
+        raise ConfigError(f"--resume {path} has done {ckpt['epoch']} epochs and --epochs is {cfg.epochs}: nothing "
+                          "left to train (raise --epochs to train on)")
+
+
 def build_trainer(cfg, device):
     """VideoMoCo, its frame-dropping generator, their SGD optimisers (fused on CUDA) and fp16 GradScalers, seeded
     by `cfg.seed`, in one `AdversarialTrainer` (`.model`, `.generator`, `.opt_d`, `.opt_g`, `.scaler_d`,
     `.scaler_g`): what `videomoco pretrain` and `benchmarks.train_step` train."""
-    from videomoco.method import AdversarialConfig, AdversarialTrainer, VideoMoCo, build_generator
+    from videomoco.method import AdversarialConfig, AdversarialTrainer
     from videomoco.models import set_grad_checkpointing
 
     torch.manual_seed(cfg.seed)  # the same initial weights and queue on every rank
-    model = VideoMoCo(arch=cfg.arch, dim=cfg.moco_dim, K=cfg.moco_k, m=cfg.moco_m, T=cfg.moco_t, mlp=cfg.mlp,
-                      temporal_decay=cfg.temporal_decay, width=cfg.width, mlp_bn=cfg.mlp_bn,
-                      shuffle_bn=cfg.shuffle_bn, decay_unit=cfg.decay_unit, decay_on=cfg.decay_on,
-                      shuffle_groups=cfg.shuffle_groups or None).to(device)
-    generator = build_generator(cfg.generator, drop_ratio=cfg.drop_ratio, fill=cfg.fill).to(device)
+    model, generator = build_models(cfg)
+    model, generator = model.to(device), generator.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)
     if cfg.grad_checkpointing:  # the query encoder's backward; the key encoder runs without grad
@@ -200,11 +228,13 @@ class Run:
                 log.info("--resume auto: no checkpoint in %s, starting from scratch", self.ckp_dir)
                 return
         else:
-            ckpt = ck.load_checkpoint(path)
+            ckpt = ck.load_checkpoint(path, resume=True)  # checked before the launch too (check_resume)
         sd = ck.model_state_dict(ckpt["state_dict"])
         ck.check_compatible(self.model.state_dict(), sd, ckpt.get("arch", "?"), cfg.arch)
         self.model.load_state_dict(sd)
-        self.epoch = int(ckpt["epoch"])
+        self.epoch = ckpt["epoch"]
+        if self.epoch >= cfg.epochs and du.is_main_process():
+            log.info("%s has done %d epochs of --epochs %d: nothing left to train", path, self.epoch, cfg.epochs)
         trained = ck.checkpoint_decay(ckpt)
         if trained != {"unit": cfg.decay_unit, "on": cfg.decay_on} and du.is_main_process():
             log.warning("%s was trained with --decay_unit %s --decay_on %s; this run goes on with --decay_unit %s "
@@ -215,32 +245,39 @@ class Run:
             self.start = (self.epoch, 0, False)
             return
         t = self.trainer
-        load_optimizer_state(t.opt_d, ckpt["optimizer"])
+        ck.restore(path, "optimizer", partial(load_optimizer_state, t.opt_d), ckpt["optimizer"])
         if self._resume_generator(ckpt, path):
-            self.generator.load_state_dict(ckpt["generator"])
-            load_optimizer_state(t.opt_g, ckpt["optimizer_g"])
+            ck.restore(path, "generator", self.generator.load_state_dict, ckpt["generator"])
+            ck.restore(path, "optimizer_g", partial(load_optimizer_state, t.opt_g), ckpt["optimizer_g"])
         if t.scaler_d is not None and ckpt.get("scaler"):
-            t.scaler_d.load_state_dict(ckpt["scaler"]["d"])
-            t.scaler_g.load_state_dict(ckpt["scaler"]["g"])
-        self.step, self.batch_in_epoch = int(ckpt["step"]), int(ckpt.get("batch_in_epoch", 0))
-        self.sampler.load_state_dict({**ckpt["sampler"], "epoch": self.epoch,
-                                      "position": self.batch_in_epoch * self.per_process_batch})
-        ck.set_rng_state(ckpt["rng"])  # torch is also reseeded every step (loop.step_seed)
+            ck.restore(path, "scaler", lambda s: (t.scaler_d.load_state_dict(s["d"]), t.scaler_g.load_state_dict(s["g"])),
+                       ckpt["scaler"])
+        self.step, self.batch_in_epoch = ckpt["step"], ckpt.get("batch_in_epoch", 0)
+        ck.restore(path, "sampler", self.sampler.load_state_dict, {**ckpt["sampler"], "epoch": self.epoch,
+                                                                  "position": self.batch_in_epoch * self.per_process_batch})
+        ck.restore(path, "rng", ck.set_rng_state, ckpt["rng"])  # torch is also reseeded every step (loop.step_seed)
         self.last_checkpoint = Path(path)
         self.start = (self.epoch, self.step, self.batch_in_epoch > 0)
         log.info("resumed from %s (epoch %d, step %d)", path, self.epoch, self.step)
 
     def _resume_generator(self, ckpt, path):
-        """Whether to load `ckpt`'s generator: yes if it is of `--generator`'s kind; if not, a fresh one of that
-        kind when the checkpoint's has never stepped (runs that share their first epochs), else CheckpointError."""
-        kind, wanted = ck.checkpoint_generator_kind(ckpt), self.cfg.generator
-        if kind == wanted:
+        """`generator_resumes`, saying when a fresh generator replaces the checkpoint's."""
+        if generator_resumes(ckpt, path, self.cfg.generator):
             return True
-        if ck.generator_trained(ckpt):
-            raise ck.CheckpointError(f"--resume {path}: its generator is a trained {kind!r} one, not --generator "
-                                     f"{wanted}")
-        log.info("--resume %s: its %s generator has not trained yet; a fresh %s generator", path, kind, wanted)
+        log.info("--resume %s: its %s generator has not trained yet; a fresh %s generator", path,
+                 ck.checkpoint_generator_kind(ckpt), self.cfg.generator)
         return False
+
+
+def generator_resumes(ckpt, path, wanted):
+    """Whether to load `ckpt`'s generator: yes if it is of `--generator`'s kind (`wanted`); if not, a fresh one of
+    that kind when the checkpoint's has never stepped (runs that share their first epochs), else CheckpointError."""
+    kind = ck.checkpoint_generator_kind(ckpt)
+    if kind == wanted:
+        return True
+    if ck.generator_trained(ckpt):
+        raise ck.CheckpointError(f"--resume {path}: its generator is a trained {kind!r} one, not --generator {wanted}")
+    return False
 
 
 def _resolve_seed(cfg, info):
@@ -460,6 +497,21 @@ def recipe_lines(cfg, run, world_size):
     ]
 
 
+def _write_run_files(run, cfg, memory_plan):
+    """config.yaml, memory_plan.json and the config as TensorBoard text in --log_dir (`WriteError` if they
+    cannot be written)."""
+    log_dir = Path(cfg.log_dir)
+    path = log_dir / "config.yaml"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, path)
+        path = log_dir / memory.PLAN_FILE
+        path.write_text(json.dumps(memory_plan, indent=1) + "\n")
+    except OSError as e:
+        raise ck.write_error(path, e) from None
+    run.logger.text("config", "\n".join(f"    {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
+
+
 def _train(cfg, info):
     _resolve_seed(cfg, info)
     env = environment()
@@ -505,21 +557,21 @@ def _train(cfg, info):
     if cfg.compile:
         compile_encoders(run.model)
     if du.is_main_process():
-        Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.log_dir) / "config.yaml")
-        (Path(cfg.log_dir) / memory.PLAN_FILE).write_text(json.dumps(memory_plan, indent=1) + "\n")
-        run.logger.text("config", "\n".join(f"    {k}: {v}" for k, v in dataclasses.asdict(cfg).items()))
-    if du.is_main_process():
         _warn_own_key_negatives(cfg, dataset.num_videos)
     log.info("%d videos x %d clips per video, %d processes x batch %d, %d workers each, epochs %d..%d",
              dataset.num_videos, cfg.clips_per_video, info.world_size, batch, workers, run.epoch, cfg.epochs)
     run.stop.install()
     try:
+        if du.is_main_process():
+            _write_run_files(run, cfg, memory_plan)
         status = _train_epochs(run, cfg, info)
     except TrainingDiverged as e:
         msg = f"{e}; last good checkpoint: {run.last_checkpoint or 'none'}"
         log.error("%s", msg)
         return {"status": "diverged", "error": msg, "step": e.step, "exit_code": 1}
+    except ck.WriteError as e:  # a full or read-only --ckp_dir / --log_dir: the files written so far are intact
+        msg = f"{e}; last good checkpoint: {run.last_checkpoint or 'none'}"
+        return {"status": "write_failure", "error": msg, "step": run.step, "exit_code": fail("pretrain", msg, code=1)}
     except DataFailureError as e:  # raised in a loader worker: one line, not the worker's traceback
         msg = f"{error_line(e)}; the failed videos are quarantined, so a rerun (--resume auto) skips them"
         log.error("%s", msg)
@@ -536,6 +588,8 @@ def run(cfg: PretrainConfig) -> dict:
     """Pretrain with `cfg` (the Python entry point). Returns rank 0's summary (status, epoch, step,
     checkpoint path, exit_code); only status and exit_code from a parent that spawned its workers."""
     check_paths(cfg)  # before any process starts: a bad path must not cost an epoch
+    du.check_world(cfg)
+    check_resume(cfg)
     _deterministic_environment(cfg)  # spawned workers inherit it
     return du.launch(_worker, cfg)
 
@@ -550,4 +604,6 @@ def main(args):
         result = run(cfg)
     except (ConfigError, ck.CheckpointError, memory.MemoryPlanError) as e:
         return fail("pretrain", e)
+    except ck.WriteError as e:  # the logs' last flush
+        return fail("pretrain", e, code=1)
     return result.get("exit_code", 0) if result else 0

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from videomoco.data.workers import pid_alive
-from videomoco.engine.checkpoint import CheckpointError, load_checkpoint, nonfinite_tensors
+from videomoco.engine.checkpoint import CheckpointError, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,15 @@ def list_checkpoints(ckp_dir):
 
 
 def latest_checkpoint(ckp_dir, map_location="cpu"):
-    """(path, checkpoint) of the newest good checkpoint in `ckp_dir`, skipping (with a warning) unreadable
-    ones and those with non-finite weights; or (None, None)."""
+    """(path, checkpoint) of the newest good checkpoint in `ckp_dir`, skipping (with a warning) those that
+    `load_checkpoint(resume=True)` refuses (unreadable, malformed, non-finite weights); or (None, None)."""
     for path in reversed(list_checkpoints(ckp_dir)):
         try:
-            ckpt = load_checkpoint(path, map_location)
-        except CheckpointError as e:
+            ckpt = load_checkpoint(path, map_location, resume=True)
+        except CheckpointError as e:  # unreadable, fields of the wrong type, non-finite weights
             log.warning("skipping %s", e)
             continue
-        bad = nonfinite_tensors(ckpt)
-        if not bad:
-            return path, ckpt
-        log.warning("skipping checkpoint %s: %d tensors of its weights are NaN/Inf, e.g. %s", path, len(bad), bad[0])
+        return path, ckpt
     return None, None
 
 

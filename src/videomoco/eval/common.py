@@ -28,13 +28,14 @@ from torch.utils.data import DataLoader
 from videomoco.data.datasets import DataFailureError, LabeledDataset, clamp_workers
 from videomoco.data.decode import VideoError
 from videomoco.data.index import open_index
-from videomoco.engine.checkpoint import CheckpointError, load_encoder
+from videomoco.engine.checkpoint import (WRITE_ERRNOS, CheckpointError, WriteError, load_checkpoint, load_encoder,
+                                         resolve_encoder, write_error)
 from videomoco.engine import memory
-from videomoco.engine.config import error_line, micro_batch_arg, resolve_device
+from videomoco.engine.config import check_output_dir, error_line, micro_batch_arg, resolve_device
 from videomoco.eval.features import extract_features
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARED,
                              Number, config_from, fail)
-from videomoco.models import build_encoder
+from videomoco.models import build_encoder, list_encoders
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +182,41 @@ def _budget_limit(cfg):
 USER_ERRORS = (ValueError, OSError, CheckpointError, DataFailureError, VideoError)
 
 
+OUTPUT_FILES = ("extract", "export")  # commands whose --out names a file (prefix), not a directory
+
+
+def check_inputs(cfg, command):
+    """What a command checks before it reads a video or writes a file: a registered --arch, the weights it will
+    load (readable, finite, fields sound, of --arch / --width: `checkpoint.resolve_encoder`), a --resume
+    checkpoint, and that --out (and --cache-dir) can be written. One-line errors."""
+    arch = getattr(cfg, "arch", "")
+    if arch and arch not in list_encoders():
+        raise ValueError(f"--arch {arch!r} is not one of {', '.join(list_encoders())}")
+    weights = getattr(cfg, "pretrained", "") or getattr(cfg, "checkpoint", "")
+    if weights:
+        resolve_encoder(weights, arch or None, getattr(cfg, "width", 0) or None)
+    if getattr(cfg, "resume", ""):
+        load_checkpoint(cfg.resume, resume=True)
+    out = getattr(cfg, "out", "")
+    if out:
+        check_output_dir("--out", Path(out).parent if command in OUTPUT_FILES else out)
+    if getattr(cfg, "cache_dir", ""):
+        check_output_dir("--cache-dir", cfg.cache_dir)
+
+
 def cli_main(command, run, cfg_cls, args):
     """Run a command from the CLI with `cfg_cls` built from `args`: bad input (a value, a path, a file) -> one
-    line on stderr and exit code 2, no traceback."""
+    line on stderr and exit code 2 before any work (`check_inputs`), no traceback; a file that cannot be written
+    (a full disk) -> one line and exit code 1."""
     try:
-        run(check_config(config_from_args(cfg_cls, args)))
+        cfg = check_config(config_from_args(cfg_cls, args))
+        check_inputs(cfg, command)
+        run(cfg)
+    except WriteError as err:
+        return fail(command, err, code=1)
     except USER_ERRORS as err:
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:  # a full disk: our fault-free input, exit 1
+            return fail(command, write_error(err.filename or "?", err), code=1)
         log.debug("%s failed", command, exc_info=True)
         return fail(command, error_line(err))
     except FloatingPointError as err:  # a diverged fine-tuning run
@@ -350,6 +380,9 @@ def plan_micro_batch(cfg, model, clips_per_batch, train=False, head=False, optim
     kind = "training" if train else "inference"
     what = what or f"{_command(cfg)} {kind}"
     if micro != "auto":
+        if cfg.memory_budget:
+            log.warning("--memory-budget %s is not used: --micro-batch %d sets the split (no planning)",
+                        cfg.memory_budget, micro)
         log.info("%s: batch %d: %s (--micro-batch %d)", what, b, memory.split_text(math.ceil(b / min(micro, b)), b),
                  micro)
         return min(micro, b)

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from videomoco.data.augment import input_norm, normalize
 from videomoco.data.datasets import DECODE_ERRORS, clamp_workers
 from videomoco.data.index import open_index
 from videomoco.eval import common
+from videomoco.flags import fail
 from videomoco.transforms import crop_clips, read_clips
 
 log = logging.getLogger(__name__)
@@ -126,22 +128,42 @@ def extract_chunk(encoder, dataset, rows, cfg, micro_batch=None, bar=None):
     return torch.cat(feats).numpy(), torch.cat(oks).numpy()
 
 
+def set_aside_other_settings(parts, settings):
+    """A partial extraction in `parts` made with other `settings` (or unreadable ones) is moved, never deleted, to
+    `parts.other-<time>/`, with a log line; one of the same settings stays, to be resumed."""
+    if not parts.exists():
+        return None
+    try:
+        same = json.loads((parts / "settings.json").read_text()) == settings
+    except (OSError, ValueError):
+        same = False
+    if same:
+        return None
+    aside = parts.with_name(f"{parts.name}.other-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = aside.with_name(f"{parts.name}.other-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    os.replace(parts, aside)
+    log.warning("%s held a partial extraction with other settings: moved to %s", parts, aside)
+    return aside
+
+
 def run(cfg):
     out = Path(cfg.out[: -len(".npy")] if cfg.out.endswith(".npy") else cfg.out)
     index = open_index(cfg.data, layout=cfg.layout)
     records = index.records
     if not records:
         raise ValueError(f"{cfg.data}: no usable videos")
+    encoder = common.load_model(cfg).to(cfg.device).eval()  # refused weights leave nothing behind
     parts = Path(f"{out}.parts")
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("out", "batch_size", "workers", "device", "micro_batch", "memory_budget")}
     settings["videos"] = len(records)
-    if (parts / "settings.json").is_file() and json.loads((parts / "settings.json").read_text()) != settings:
-        raise ValueError(f"{parts} holds a partial extraction with other settings; delete it or use another --out")
+    set_aside_other_settings(parts, settings)
     parts.mkdir(parents=True, exist_ok=True)
     (parts / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
 
-    encoder = common.load_model(cfg).to(cfg.device).eval()
     dataset = VideoClips([index.path(i) for i in range(len(records))], [r.frames for r in records], cfg)
     chunks = [list(range(s, min(s + cfg.chunk_size, len(records)))) for s in range(0, len(records), cfg.chunk_size)]
     done = sum((parts / f"chunk_{k:05d}.npz").is_file() for k in range(len(chunks)))
@@ -177,4 +199,9 @@ def run(cfg):
 
 
 def main(args):
-    return common.cli_main("extract", run, ExtractConfig, args)
+    try:
+        return common.cli_main("extract", run, ExtractConfig, args)
+    except KeyboardInterrupt:  # Ctrl-C: the finished chunks stay for the rerun
+        out = args.out[: -len(".npy")] if args.out.endswith(".npy") else args.out
+        return fail("extract", f"interrupted; the finished chunks are kept in {out}.parts/: run the same command "
+                    "again to resume", code=130)

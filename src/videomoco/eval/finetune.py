@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 
 from videomoco.data.augment import normalize
 from videomoco.data.datasets import build_loader, set_epoch
-from videomoco.engine.checkpoint import finetune_state, load_checkpoint, save_checkpoint
+from videomoco.engine.checkpoint import finetune_state, load_checkpoint, restore, save_checkpoint
 from videomoco.engine.schedule import learning_rate
 from videomoco.eval import common
 from videomoco.eval.features import confusion_matrix, per_class_accuracy, topk_accuracy, video_scores
@@ -139,13 +139,13 @@ def plot_confusion(cm, path, names=None):
 
 
 def _resume(cfg, model, optimizer, num_classes):
-    ckpt = load_checkpoint(cfg.resume)
+    ckpt = load_checkpoint(cfg.resume, resume=True)  # fields and weights checked
     head = ckpt.get("num_classes")
     if head != num_classes:
         raise ValueError(f"{cfg.resume} has a {head}-class head but {cfg.data} ({cfg.dataset}) has {num_classes} classes")
-    model.load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    return int(ckpt["epoch"])
+    restore(cfg.resume, "state_dict", model.load_state_dict, ckpt["state_dict"])
+    restore(cfg.resume, "optimizer", optimizer.load_state_dict, ckpt["optimizer"])
+    return ckpt["epoch"]
 
 
 def run(cfg):

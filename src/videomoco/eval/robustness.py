@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from videomoco import markdown
 from videomoco.data.augment import normalize
-from videomoco.engine.checkpoint import CheckpointError, checkpoint_generator_kind, read_checkpoint
+from videomoco.engine.checkpoint import (CheckpointError, check_finite, checkpoint_generator_kind, read_checkpoint,
+                                         restore)
 from videomoco.eval import common
 from videomoco.eval.features import video_average
 from videomoco.eval.knn import knn_accuracy
@@ -56,9 +57,11 @@ def load_generator(path, fill="mean"):
     state = ckpt.get("generator") if isinstance(ckpt, dict) else None
     if not state:
         raise CheckpointError(f"{path} has no 'generator' state (only our pretraining checkpoints carry one)")
-    hidden = state["features.4.weight"].shape[0]  # the CNN's last conv: (hidden, hidden / 2, 3, 3)
-    generator = build_generator(checkpoint_generator_kind(ckpt), fill=fill, hidden=hidden)
-    generator.load_state_dict(state)
+    check_finite({"generator": state}, path)
+    kind = checkpoint_generator_kind(ckpt)
+    generator = restore(path, "generator", lambda s: build_generator(kind, fill=fill, hidden=s["features.4.weight"].shape[0]),
+                        state)  # hidden: the CNN's last conv, (hidden, hidden / 2, 3, 3)
+    restore(path, "generator", generator.load_state_dict, state)
     return generator.eval()
 
 

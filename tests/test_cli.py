@@ -79,3 +79,17 @@ def test_parsed_defaults_are_the_dataclass_defaults():
                 continue  # pretraining puts its checkpoints beside --log_dir when the config is made
             assert value == default, f"videomoco {argv[0]}: {name} parsed as {value!r}, the dataclass says {default!r}"
         assert {f.name for f in dataclasses.fields(cls)} >= set(defaults(cls))
+
+
+def test_an_unrecognised_flag_is_named_with_the_subcommand(capsys):
+    # regression: "videomoco: error: unrecognized arguments" did not say which command does not know it
+    assert main(["knn", "DATA", "--nope", "3"]) == 2
+    assert capsys.readouterr().err == "videomoco knn: error: unrecognized arguments: --nope 3 (see --help)\n"
+
+
+def test_a_value_that_starts_with_a_dash_is_checked_as_a_value(capsys):
+    # regression: --memory_budget -1GB said "expected one argument"
+    assert main(["pretrain", "DATA", "--memory_budget", "-1GB"]) == 2
+    assert capsys.readouterr().err.startswith("videomoco pretrain: error: --memory_budget: '-1GB' is not a size")
+    assert main(["knn", "DATA", "--memory-budget", "-1GB"]) == 2
+    assert "--memory-budget: '-1GB' is not a size" in capsys.readouterr().err

@@ -230,3 +230,26 @@ def test_progress_reaches_the_store_from_a_writer_thread():
         time.sleep(0.01)
     assert store.writes[-1] == ("videomoco-progress", "videomoco/progress/3", "50 50 computing")
     assert len(store.writes) < 50  # coalesced
+
+
+@pytest.mark.slow
+def test_a_batch_the_world_does_not_divide_is_one_line_on_each_rank_before_any_group_forms(tmp_path):
+    """-b 7 on 2 ranks, launched with torchrun's environment (without its agent): each rank says so in one line and
+    exits 2 at once (no rank waits for the other: no process group forms) and nothing is written."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, error_lines
+
+    (tmp_path / "data").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    cmd = [sys.executable, "-m", "videomoco", "pretrain", "data", "-b", "7", "--moco-k", "16", "--device", "cpu"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 2, output
+        assert error_lines(output) == ["videomoco pretrain: error: --batch_size 7 (the total over all processes) is not "
+                                       "divisible by the world size 2 (torchrun's WORLD_SIZE); use a multiple of 2"]
+    assert os.listdir(tmp_path) == ["data"]

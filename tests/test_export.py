@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from videomoco import load_encoder
 from videomoco.cli import main as cli
 from videomoco.models import build_encoder
 
+from conftest import enospc
 from eval_data import pretrain_checkpoint
 
 
@@ -119,3 +121,21 @@ def test_unreadable_file_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(FileNotFoundError):
         load_encoder(tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_a_full_disk_is_one_line_exit_1_and_leaves_nothing(tmp_path, small_fs, monkeypatch, capsys, fmt):
+    # regression: RuntimeError: [enforce fail at inline_container.cc] ... (a full or read-only target)
+    pretrain_checkpoint(tmp_path / "ckpt.pth")
+    disk = small_fs("disk", free=16 * 1024)  # the width-8 backbone takes ~0.5 MB
+    if disk is None:
+        disk = tmp_path / "disk"
+        enospc(monkeypatch)
+        if fmt == "safetensors":
+            pytest.skip("the ENOSPC patch replaces torch.save only")
+    out = disk / f"e.{fmt}"
+    assert cli(["export", str(tmp_path / "ckpt.pth"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match(rf"videomoco export: error: cannot write {re.escape(str(out))}: no space "
+                                             r"left on device \(needs about [\d.]+ MB, [\d.]+ kB free there\)", err), err
+    assert [p.name for p in disk.iterdir() if p.name != ".filler"] == []

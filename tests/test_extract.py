@@ -63,7 +63,7 @@ def test_extract_resumes_after_an_interruption(tmp_path, folder, monkeypatch, ca
     computed = []
     real_chunk = extract.extract_chunk
     monkeypatch.setattr(extract, "_save_chunk", real_save)
-    monkeypatch.setattr(extract, "extract_chunk", lambda enc, ds, rows, cfg: computed.append(rows) or real_chunk(enc, ds, rows, cfg))
+    monkeypatch.setattr(extract, "extract_chunk", lambda enc, ds, rows, cfg, **kw: computed.append(rows) or real_chunk(enc, ds, rows, cfg, **kw))
     assert cli(args(folder, tmp_path / "feats")) == 0
     assert computed == [[2, 3], [4]]  # only the chunks that were not saved
     assert np.allclose(np.load(tmp_path / "feats.npy"), np.load(tmp_path / "ref.npy"), atol=1e-6)

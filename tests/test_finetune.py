@@ -191,3 +191,18 @@ def test_micro_batches_accumulate_to_the_whole_batch_update(micro_batch):
         assert not torch.equal(value, ref.state_dict()[key])  # the two steps moved every tensor
         torch.testing.assert_close(split[key], value, atol=1e-6, rtol=1e-5, msg=key)
 
+
+
+def test_a_resume_with_a_malformed_field_is_one_line_before_any_work(tmp_path, capsys):
+    # regression: 'epoch': 'ten' was `ValueError: invalid literal for int()`
+    (tmp_path / "data").mkdir()
+    pretrain_checkpoint(tmp_path / "p.pth")
+    torch.save({"format": "videomoco-finetune", "epoch": "ten", "arch": "r3d_18", "width": 8, "num_classes": 2,
+                "state_dict": {}, "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "ft.pth")
+    args = ["finetune", str(tmp_path / "data"), "--pretrained", str(tmp_path / "p.pth"), "--resume",
+            str(tmp_path / "ft.pth"), *tiny_args(tmp_path / "out")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"videomoco finetune: error: checkpoint {tmp_path / 'ft.pth'}: "
+                                                   "field 'epoch' must be an integer >= 0, got 'ten'; refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "ft.pth", "p.pth"]

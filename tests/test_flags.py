@@ -11,10 +11,13 @@ import os
 import random
 
 import pytest
+import torch
 import yaml
 
 from videomoco import cli
-from videomoco.engine.config import _FLAGS, ConfigError, PretrainConfig, _long_flag, config_from_args
+from videomoco.engine import checkpoint as ck
+from videomoco.engine.config import (_FLAGS, DIST_TIMEOUT, ConfigError, PretrainConfig, _long_flag,
+                                     config_from_args)
 from videomoco.eval import common, finetune, knn, linear, robustness, suite
 from videomoco.eval.extract import ExtractConfig
 from videomoco.flags import SHARED, Number, canonical_flags
@@ -177,3 +180,66 @@ def test_shared_names_are_spelled_alike_everywhere():
 
 def test_pretrain_defaults_are_unchanged_by_the_types():
     assert config_from_args({"data": "d"}) == dataclasses.replace(PretrainConfig(data="d"), micro_batch="auto")
+
+
+# --- values only a multi-process run uses, and the fields of a checkpoint (issue 27) ---
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def test_torchrun_only_values_are_refused_before_any_process_joins(tmp_path, capsys, monkeypatch):
+    # regression: -b 7 on 2 ranks was a traceback on each rank, --dist_timeout 1e30 an OverflowError, 0.001 a line
+    # buried in c10d's frames, --world_size -1 --rank 3 blamed DATA
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DATA").mkdir()
+    rng = random.Random(f"{SEED}-torchrun")
+    cases = []
+    for _ in range(5):
+        world = rng.randint(2, 64)
+        batch = world * rng.randint(1, 8) + rng.randint(1, world - 1)
+        cases.append(({"RANK": str(rng.randrange(world)), "WORLD_SIZE": str(world), "LOCAL_RANK": "0"}, ["-b", str(batch)],
+                      f"--batch_size {batch} (the total over all processes) is not divisible by the world size {world} "
+                      "(torchrun's WORLD_SIZE)"))
+    for _ in range(3):
+        world = rng.choice([-1, *range(1, 9)])
+        rank = max(world, 1) + rng.randint(0, 100)
+        cases.append(({}, ["--world_size", str(world), "--rank", str(rank)],
+                      f"--rank {rank} needs a --world_size above it, got --world_size {world}"))
+    cases.append(({"RANK": "0", "WORLD_SIZE": "two"}, [], "torchrun's RANK / WORLD_SIZE / LOCAL_RANK are not integers"))
+    cases += [({}, ["--dist_timeout", value], "--dist_timeout: must be a finite number in [1, 604800]")
+              for value in invalid_values(DIST_TIMEOUT, rng)]
+    for env, args, message in cases:
+        for key in TORCHRUN_ENV:
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        argv = ["pretrain", "DATA", "--device", "cpu", *args]
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        where = f"VIDEOMOCO_FLAGS_SEED={SEED}: {env} videomoco {' '.join(argv)}"
+        assert code == 2 and err.startswith("videomoco pretrain: error: ") and err.count("\n") == 1, f"{where}: {err!r}"
+        assert message in err, f"{where}: {err!r}"
+        assert os.listdir(tmp_path) == ["DATA"] and not os.listdir(tmp_path / "DATA"), where
+
+
+BAD_FIELD_VALUES = ["ten", "", -5, -1, 2.5, math.nan, True, None, [], [1], {}, {"a": 1}]
+
+
+def test_checkpoint_fields_outside_their_meaning_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # regression: 'epoch': 'ten' was a ValueError traceback, -5 failed at the first batch
+    from test_pretrain import TINY, _resumable
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "DATA").mkdir()
+    rng = random.Random(f"{SEED}-fields")
+    good = _resumable(tmp_path / "good.pth")
+    for name, (what, ok) in ck.FIELDS.items():
+        value = rng.choice([v for v in BAD_FIELD_VALUES if not ok(v)])
+        torch.save({**good, name: value}, tmp_path / "c.pth")
+        argv = ["pretrain", "DATA", *TINY, "--resume", "c.pth", "--log_dir", "L", "--ckp_dir", "C"]
+        code = cli.main(argv)
+        err = capsys.readouterr().err
+        where = f"VIDEOMOCO_FLAGS_SEED={SEED}: {name!r}: {value!r}"
+        assert code == 2 and err.count("\n") == 1, f"{where}: {err!r}"
+        assert err.startswith(f"videomoco pretrain: error: checkpoint c.pth: field {name!r} must be {what}"), where
+        assert sorted(os.listdir(tmp_path)) == ["DATA", "c.pth", "good.pth"], where

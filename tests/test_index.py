@@ -300,3 +300,17 @@ def test_index_workers_die_with_their_parent(tmp_path):
         parent.kill()
         for pid in _alive(workers):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_misleading_lines_name_the_real_fix(tmp_path):
+    # regression: --subset val on a plain folder said "it has none 7"; after `pretrain EMPTY` indexed an empty root,
+    # the evaluation commands advised `--layout ucf101`, which then failed on a missing classInd.txt
+    plain = _index("kinetics", [{}] * 7)
+    with pytest.raises(ValueError, match=r"has no 'val' videos: none of its 7 videos is in a subset \(use --subset all\)"):
+        pretrain_subset(plain, "val")
+    (tmp_path / "EMPTY").mkdir()
+    open_index(tmp_path / "EMPTY")
+    with pytest.raises(ValueError, match=rf"indexes no videos \({tmp_path / 'EMPTY'} had none when it was indexed\): "
+                                         rf"put the videos there, then run `videomoco index {tmp_path / 'EMPTY'} "
+                                         r"--layout ucf101`"):
+        open_index(tmp_path / "EMPTY", layout="ucf101", asked="--dataset ucf101")

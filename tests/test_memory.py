@@ -114,3 +114,21 @@ def test_a_restart_reuses_the_measured_step_and_another_configuration_measures_a
     assert memory.saved_estimate(tmp_path / "log", key) is None
     assert memory.saved_estimate(tmp_path / "log", first["probe_key"]) == StepEstimate(
         first["fixed"], first["per_clip"], first["per_input_clip"])
+
+
+def test_a_budget_is_a_cap_and_is_said_to_be_unused_with_a_fixed_micro_batch(caplog):
+    # regression: 1000TB was planned as 819200 GiB available; --micro_batch N ignored the budget without a word
+    there = memory.memory_in_use("cpu") + memory.memory_available("cpu")
+    caplog.set_level("INFO")
+    assert memory.budget_bytes("cpu", limit=memory.parse_size("1000TB")) <= there * 1.01
+    assert "is more than the" in caplog.text
+
+    class Trainer:
+        model = torch.nn.Linear(1, 1)
+        micro_batches = 1
+
+    from videomoco.engine.config import PretrainConfig
+
+    cfg = PretrainConfig(data="d", batch_size=4, moco_k=16, micro_batch=2, memory_budget="16GB")
+    assert memory.plan_training_step(Trainer, cfg, torch.device("cpu"), 4, 1, 0, 0)["micro_batches"] == 2
+    assert "--memory_budget 16GB is not used: --micro_batch 2 sets the split (no planning)" in caplog.text

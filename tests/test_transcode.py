@@ -101,3 +101,23 @@ def test_transcode_reads_nothing_outside_src(tmp_path, make_video, caplog):
     followed = run(TranscodeConfig(str(src), str(dst), short_side=32, workers=1, progress=False, follow_symlinks=True))
     assert followed["done"] == 2 and (dst / "ext/z.mp4").is_file() and (dst / "a/link.mp4").is_file()
     assert not (dst / "notes.txt").exists() and not (dst / "ext/secret.txt").exists()  # never copied through a link
+
+
+def test_two_sources_for_one_output_are_refused_before_any_work(tmp_path, make_video, capsys):
+    # regression: b.AVI and b.mp4 were both written to b.mp4: one reported failed, the output held the other
+    make_video("src/b.AVI", codec="mpeg4")
+    make_video("src/b.mp4", seed=1)
+    assert cli.main(["transcode", str(tmp_path / "src"), str(tmp_path / "dst"), "--no-progress", "-j", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"videomoco transcode: error: b.AVI and b.mp4 in {tmp_path / 'src'} "
+                                                   f"would both become {tmp_path / 'dst' / 'b.mp4'} (1 such name clashes)")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_gop_applies_to_intra_only_sources(tmp_path, make_video):
+    # regression: an MJPEG source came out with every frame a keyframe (x264 obeys the decoded frames' I type)
+    src = make_video("m.avi", num_frames=48, codec="mjpeg")
+    transcode_mod.transcode_video(src, tmp_path / "m.mp4", short_side=None, gop=16)
+    with av.open(str(tmp_path / "m.mp4")) as c:
+        keyframes = [p.is_keyframe for p in c.demux(c.streams.video[0]) if p.size]
+    assert len(keyframes) == 48 and sum(keyframes) == 3

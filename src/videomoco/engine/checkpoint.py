@@ -46,6 +46,8 @@ class CheckpointError(ValueError):
 def _size(n):
     if n < 1e4:
         return f"{n} bytes"
+    if n < 1e5:
+        return f"{n / 1e3:.1f} kB"
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -408,7 +409,7 @@ def test_a_batch_that_cannot_fit_is_one_line_before_training(videos, tmp_path, c
            if not re.match(r"\d\d:\d\d:\d\d (INFO|WARNING) ", line)]
     assert len(err) == 1 and err[0].startswith("videomoco pretrain: error: batch 4 (4 per process): one clip needs ~")
     assert "usable of 64 MiB; to fit, try" in err[0] and "--grad_checkpointing" in err[0]
-    assert not (tmp_path / "ckp").exists() or not list((tmp_path / "ckp").iterdir())
+    assert not (tmp_path / "ckp").exists() and not (tmp_path / "log").exists()  # issue 27: no log dir either
 
 
 def test_grad_checkpointing_trains_the_same_model(videos, tmp_path):
@@ -623,8 +624,10 @@ def _nonfinite(path, key, value):
      "--resume {ck} has done 12 epochs and --epochs is 4: nothing left to train"),
     (lambda p: _resumable(p), ["-a", "mc3_18"], "checkpoint is r3d_18 (width 8) but the model is mc3_18"),
     (lambda p: p.mkdir(), [], "--resume {ck} is a directory"),
+    (lambda p: p.write_bytes(b"PK\x03\x04 truncated"), [], "cannot read checkpoint {ck}: truncated or corrupt file"),
+    (lambda p: torch.save({"state_dict": {}, "x": np.arange(3)}, p), [], "cannot read checkpoint {ck}: refused to load"),
 ], ids=["nan-fc", "inf-queue", "authors-epoch-ten", "epoch-x", "epoch-negative", "step-none", "optimizer-list",
-        "nothing-left", "other-arch", "directory"])
+        "nothing-left", "other-arch", "directory", "corrupt", "malicious"])
 def test_a_refused_resume_is_one_line_before_any_write(videos, tmp_path, capsys, make, args, line):
     # regression: a NaN checkpoint trained and was then named "last good"; 'epoch': 'ten' was a traceback,
     # -5 failed at the first batch, epoch 12 of 4 exited 0 having trained nothing; the log dir was created first

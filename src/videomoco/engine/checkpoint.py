@@ -246,7 +246,8 @@ FIELDS = {
     "scaler": ("a dict", lambda v: isinstance(v, dict)),
     "scheduler": ("a dict", lambda v: isinstance(v, dict)),
     "sampler": ("a dict", lambda v: isinstance(v, dict)),
-    "rng": ("a dict of RNG states (python, numpy, torch)", lambda v: isinstance(v, dict) and {"python", "numpy", "torch"} <= set(v)),
+    "rng": ("a dict of RNG states (python, numpy, torch)",
+            lambda v: isinstance(v, dict) and {"python", "numpy", "torch"} <= set(v)),
 }
 # what resuming reads, by format: ours (engine.pretrain), a fine-tuning run's (eval.finetune), the authors' (None)
 RESUME_FIELDS = {

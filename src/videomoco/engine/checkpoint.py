@@ -44,11 +44,12 @@ class CheckpointError(ValueError):
 
 
 def _size(n):
-    if n < 1e4:
-        return f"{n} bytes"
-    if n < 1e5:
-        return f"{n / 1e3:.1f} kB"
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _space(n):
+    """Bytes of disk space for a message: `512 bytes`, `16.4 kB`, `2.1 MB`."""
+    return f"{n} bytes" if n < 1e4 else f"{n / 1e3:.1f} kB" if n < 1e5 else _size(n)
 
 
 class WriteError(OSError):
@@ -87,8 +88,8 @@ def write_error(path, err, needed=None):
         return None
     reason = os.strerror(cause.errno).lower() if cause.errno else (str(cause).splitlines() or ["error"])[0]
     free = free_bytes(path)
-    space = [f"needs about {_size(needed)}"] if needed else []
-    space += [f"{_size(free)} free there"] if free is not None else []
+    space = [f"needs about {_space(needed)}"] if needed else []
+    space += [f"{_space(free)} free there"] if free is not None else []
     error = WriteError(f"cannot write {path}: {reason}" + (f" ({', '.join(space)})" if space else ""))
     error.errno, error.filename = cause.errno, str(path)
     return error

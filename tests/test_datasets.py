@@ -35,14 +35,21 @@ def index(tmp_path):
 
 
 def count_reads(monkeypatch):
-    """Record every `decode.read_clips(path, starts, ...)` call as (path, starts)."""
-    calls, real = [], decode.read_clips
+    """Record every `decode.read_clips(path, starts, ...)` and `decode.read_frame_lists(path, clips, ...)` call as
+    (path, starts)."""
+    calls, real, real_lists = [], decode.read_clips, decode.read_frame_lists
 
     def spy(path, starts, *args, **kwargs):
         calls.append((path, list(starts)))
         return real(path, starts, *args, **kwargs)
 
+    def spy_lists(path, clips, *args, **kwargs):
+        if not callable(clips):  # a callable comes from read_clips, already recorded
+            calls.append((path, [c[0] for c in clips]))
+        return real_lists(path, clips, *args, **kwargs)
+
     monkeypatch.setattr(decode, "read_clips", spy)
+    monkeypatch.setattr(decode, "read_frame_lists", spy_lists)
     return calls
 
 

@@ -90,6 +90,47 @@ def square_boxes(h, w, num_crops=1):
     return [(0, o, side, side) for o in offsets]
 
 
+def resized_size(h, w, resize):
+    """The frame size after a test-time resize: `0` keeps `(h, w)`, an int scales the short side to it (the long
+    side floored, as PySlowFast's and CoCLR's resizes), a pair `(h, w)` is that size (VCOP's fixed 128 x 171)."""
+    if not resize:
+        return h, w
+    if isinstance(resize, (tuple, list)):
+        return int(resize[0]), int(resize[1])
+    if h <= w:
+        return int(resize), int(math.floor(w / h * resize))
+    return int(math.floor(h / w * resize)), int(resize)
+
+
+_ROUND = {"floor": lambda x: int(math.floor(x)), "round": lambda x: int(round(x)), "ceil": lambda x: int(math.ceil(x))}
+
+
+def view_boxes(h, w, side=0, num_crops=1, rounding="floor"):
+    """`num_crops` in {1, 3} square boxes `(top, left, side, side)` in an `h x w` frame: the centre one, or the
+    start / centre / end ones along the long side (PySlowFast's `uniform_crop`). `side=0` (or larger than the
+    frame) takes the short side. `rounding` of the centre offset: floor (ours), round (torchvision's
+    `CenterCrop`, half to even), ceil (PySlowFast)."""
+    if num_crops not in (1, 3):
+        raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+    side = min(h, w) if not side else min(int(side), h, w)
+    centre = (_ROUND[rounding]((h - side) / 2), _ROUND[rounding]((w - side) / 2))
+    if num_crops == 1:
+        return [(*centre, side, side)]
+    if h > w:
+        return [(top, centre[1], side, side) for top in (0, centre[0], h - side)]
+    return [(centre[0], left, side, side) for left in (0, centre[1], w - side)]
+
+
+def resize_frames(frames, size):
+    """uint8 `(T, H, W, 3)` -> uint8 tensor `(T, h, w, 3)` at `size = (h, w)` (bilinear, antialiased)."""
+    clip = torch.as_tensor(frames)
+    if tuple(clip.shape[1:3]) == tuple(size):
+        return clip
+    clip = clip.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    clip = F.interpolate(clip, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+    return clip.permute(0, 2, 3, 1)
+
+
 def crop_and_resize(frames, box, size):
     """Crop `box = (top, left, height, width)` from every frame and resize to `size x size`.
 

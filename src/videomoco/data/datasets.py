@@ -24,7 +24,7 @@ Hand-over: with workers, a batch's clips travel through a ring of shared-memory 
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from videomoco.data import decode
-from videomoco.data.augment import crop_and_resize, random_resized_crop_box, square_boxes
-from videomoco.data.sampling import EpochSampler, clip_span, distinct_clip_starts, random_clip_start, uniform_clip_starts
+from videomoco.data.augment import crop_and_resize, random_resized_crop_box, resize_frames, resized_size, view_boxes
+from videomoco.data.sampling import EpochSampler, clip_span, distinct_clip_starts, random_clip_start, test_clip_indices
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ class VideoClipDataset(Dataset):
             raise IndexError(f"item {i} out of range for {n} items")
         i %= n
         for attempt in range(self.num_videos):
-            j = (i + attempt * self.items_per_video) % n  # the same item of the next video
-            video = j // self.items_per_video
+            j = self.next_video_item(i, attempt)
+            video = self.video_of(j)
             if self._failed[video]:
                 continue
             try:
@@ -123,6 +123,15 @@ class VideoClipDataset(Dataset):
             except DECODE_ERRORS as err:
                 self._record_failure(video, err)
         raise DataFailureError(f"all {self.num_videos} videos failed to decode: see {self._quarantine_file()}")
+
+    def video_of(self, i):
+        """The video of item `i`."""
+        return i // self.items_per_video
+
+    def next_video_item(self, i, attempt):
+        """The item that stands in for item `i` when `attempt` videos from its own failed: the same item of the
+        `attempt`-th next video."""
+        return (i + attempt * self.items_per_video) % len(self)
 
     def _quarantine_file(self):
         return os.path.join(self.index.dir, "quarantine.csv") if self.index.dir else "the index's quarantine list"
@@ -193,45 +202,91 @@ class PretrainDataset(VideoClipDataset):
         return q, k
 
 
+@dataclass(frozen=True)
+class TestView:
+    """Where a test clip's frames come from and how it is cropped (an evaluation protocol's test-time views).
+
+    clips: the rule of `sampling.TEST_CLIPS` for the frame indices; resize: the frame size before cropping
+    (`augment.resized_size`: 0 none, an int the short side, a pair the size); side: the square crop's side in
+    the resized frame (0: the short side); rounding: of the centre crop's offset (`augment.view_boxes`).
+    The crop is then resized to the dataset's `crop_size`.
+    """
+
+    clips: str = "ours"
+    resize: int | tuple = 0
+    side: int = 0
+    rounding: str = "floor"
+
+
 class LabeledDataset(VideoClipDataset):
     """Labeled clips for fine-tuning and evaluation -> `(clip uint8 (3, T, S, S), label, video_id)`.
 
-    mode="train": one random clip per video per epoch with a random resized crop of `scale`.
-    mode="test": one item per (video, clip, crop): `num_clips` uniformly spaced clips times
-    `num_crops` (1: centre; 3: start/centre/end along the long side) squares resized to
-    `crop_size`. Items of a video are consecutive, so average predictions by `video_id`.
+    mode="train": `clips_per_video` random clips per video per epoch, each with a random resized crop of
+    `scale` and `ratio`.
+    mode="test": one item per (video, clip, crop): the clips of `view.clips` (`num_clips` of them but for
+    rules that follow the video's length) times `num_crops` (1: centre; 3: start/centre/end along the long
+    side) squares, cropped as `view` says and resized to `crop_size`. Items of a video are consecutive, so
+    average predictions by `video_id`.
     """
 
     clip_fields = (0,)
 
     def __init__(self, index, frames_per_clip=16, frame_stride=1, crop_size=112, mode="train", num_clips=10,
-                 num_crops=1, short_side=None, scale=(0.5, 1.0), seed=0, max_failures=0.01, threads=None):
+                 num_crops=1, short_side=None, scale=(0.5, 1.0), seed=0, max_failures=0.01, threads=None,
+                 clips_per_video=1, ratio=(3 / 4, 4 / 3), view=TestView()):
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
-        if num_crops not in (1, 3) or num_clips < 1:
-            raise ValueError(f"need num_clips >= 1 and num_crops in (1, 3), got {num_clips}, {num_crops}")
+        if num_crops not in (1, 3) or num_clips < 1 or clips_per_video < 1:
+            raise ValueError(f"need num_clips >= 1, clips_per_video >= 1 and num_crops in (1, 3), got {num_clips}, "
+                             f"{clips_per_video}, {num_crops}")
         unlabeled = sum(r.label < 0 for r in index.records)
         if unlabeled:
             raise ValueError(f"{unlabeled} of {len(index)} videos have no label (layout {index.layout!r})")
         super().__init__(index, frames_per_clip, frame_stride, crop_size, short_side, seed, max_failures, threads)
-        self.mode, self.num_clips, self.num_crops, self.scale = mode, num_clips, num_crops, scale
-        self.items_per_video = num_clips * num_crops if mode == "test" else 1
+        self.mode, self.num_clips, self.num_crops, self.scale, self.ratio = mode, num_clips, num_crops, scale, ratio
+        self.view = view
+        self.fps = np.array([r.fps for r in index.records], dtype=np.float64)
+        self.items_per_video = num_clips * num_crops if mode == "test" else clips_per_video
+        if mode == "test":  # clips per video may follow its length (CoCLR's windows): items by offset
+            counts = [len(self.clip_indices(v)) * num_crops for v in range(len(self.paths))]
+            self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._cache = (None, None)  # ((video, clip), frames): the crops of one clip decode it once
 
+    def __len__(self):
+        return int(self._first[-1]) if self.mode == "test" else super().__len__()
+
+    def video_of(self, i):
+        if self.mode != "test":
+            return super().video_of(i)
+        return int(np.searchsorted(self._first, i, side="right")) - 1
+
+    def next_video_item(self, i, attempt):
+        if self.mode != "test":
+            return super().next_video_item(i, attempt)
+        video = self.video_of(i)
+        other = (video + attempt) % self.num_videos
+        local = min(i - self._first[video], self._first[other + 1] - self._first[other] - 1)
+        return int(self._first[other] + local)
+
+    def clip_indices(self, video):
+        """The source frame indices of every test clip of `video` (its `view.clips` rule)."""
+        return test_clip_indices(self.view.clips, int(self.frames[video]), float(self.fps[video]),
+                                 self.frames_per_clip, self.frame_stride, self.num_clips)
+
     def load(self, i, rng):
-        video = i // self.items_per_video
-        num_frames = int(self.frames[video])
+        video = self.video_of(i)
         if self.mode == "train":
-            frames = self.read(video, [random_clip_start(num_frames, self.span, rng)])[0]
-            box = random_resized_crop_box(*frames.shape[1:3], self.scale, rng=rng)
+            frames = self.read(video, [random_clip_start(int(self.frames[video]), self.span, rng)])[0]
+            box = random_resized_crop_box(*frames.shape[1:3], self.scale, self.ratio, rng=rng)
         else:
-            clip, crop = divmod(i % self.items_per_video, self.num_crops)
+            clip, crop = divmod(int(i - self._first[video]), self.num_crops)
             key, frames = self._cache
             if key != (video, clip):
-                start = uniform_clip_starts(num_frames, self.span, self.num_clips)[clip]
-                frames = self.read(video, [start])[0]
+                frames = decode.read_frame_lists(self.path(video), [self.clip_indices(video)[clip]], self.short_side,
+                                                 self.threads)[0]
+                frames = resize_frames(frames, resized_size(*frames.shape[1:3], self.view.resize))
                 self._cache = ((video, clip), frames)
-            box = square_boxes(*frames.shape[1:3], self.num_crops)[crop]
+            box = view_boxes(*frames.shape[1:3], self.view.side, self.num_crops, self.view.rounding)[crop]
         return crop_and_resize(frames, box, self.crop_size), int(self.labels[video]), video
 
 

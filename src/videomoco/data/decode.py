@@ -343,11 +343,22 @@ def read_clips(path, starts, num_frames, frame_stride=1, short_side=None, fps=No
     if num_frames < 1 or frame_stride < 1 or min(starts) < 0:
         got = f"{num_frames}, {frame_stride}, {min(starts)}"
         raise ValueError(f"need num_frames >= 1, frame_stride >= 1 and starts >= 0, got {got}")
+    return read_frame_lists(path, lambda src_fps: [_frame_indices(s, num_frames, frame_stride, fps, src_fps)
+                                                   for s in starts], short_side, threads)
+
+
+def read_frame_lists(path, clips, short_side=None, threads=None):
+    """Clips of given source frame indices of one video, decoded in one pass -> list of uint8 `(T, H, W, 3)`.
+
+    `clips`: a list of index lists, or a function of the video's frame rate returning one. Indices past the
+    end loop from frame 0, as in `read_clips`.
+    """
     threads = decoder_threads(threads)
     container, stream = open_video(path, threads=threads, fast=True)
     with container:
-        src_fps = _fps(stream)
-        clips = [_frame_indices(s, num_frames, frame_stride, fps, src_fps) for s in starts]
+        clips = clips(_fps(stream)) if callable(clips) else [list(map(int, c)) for c in clips]
+        if not clips or min(min(c) for c in clips) < 0:
+            raise ValueError(f"need non-negative frame indices, got {clips}")
         wanted = {i for clip in clips for i in clip}
         convert = _Converter(short_side, threads, len(wanted))
         try:

@@ -13,6 +13,8 @@ Videos shorter than the span start at 0 (the decoder loops them).
 
 import math
 
+import numpy as np
+
 import torch
 from torch.utils.data import Sampler
 
@@ -133,3 +135,73 @@ class EpochSampler(Sampler):
         self.epoch, self.start = int(state["epoch"]), int(state["position"])
         self.handed_out = self.start
         self.seed = int(state.get("seed", self.seed))
+
+
+# --------------------------------------------------------------------------- test-time clips, by rule
+# Each rule: (num_frames, fps, frames_per_clip, frame_stride, num_clips) -> the source frame indices of every
+# test clip of one video, a list of `frames_per_clip`-long lists. docs/eval.md cites the code each rule transcribes.
+
+
+def _strided(starts, frames_per_clip, frame_stride):
+    return [[s + i * frame_stride for i in range(frames_per_clip)] for s in starts]
+
+
+def ours_test_clips(num_frames, fps, frames_per_clip, frame_stride, num_clips):
+    """`uniform_clip_starts`: evenly spaced from the first to the last start, rounded."""
+    span = clip_span(frames_per_clip, frame_stride)
+    return _strided(uniform_clip_starts(num_frames, span, num_clips), frames_per_clip, frame_stride)
+
+
+def torchvision_test_clips(num_frames, fps, frames_per_clip, frame_stride, num_clips):
+    """torchvision's `UniformClipSampler` over `VideoClips` windows (step 1): starts floor(linspace(0, W - 1, n))
+    over the W = N - span + 1 windows; a video shorter than the span has no window (the authors skip it; here
+    it keeps n clips from 0, which the decoder loops)."""
+    span = clip_span(frames_per_clip, frame_stride)
+    windows = max(num_frames - span + 1, 1)
+    starts = torch.linspace(0, windows - 1, steps=num_clips).floor().to(torch.int64).tolist()
+    return _strided(starts, frames_per_clip, frame_stride)
+
+
+def vcop_test_clips(num_frames, fps, frames_per_clip, frame_stride, num_clips):
+    """VCOP's retrieval clips: centres linspace(T/2, N - T/2, n), start int(centre - T/2) (truncated)."""
+    half = frames_per_clip * frame_stride / 2
+    centres = np.linspace(half, num_frames - half, num_clips)
+    return _strided([max(int(c - half), 0) for c in centres], frames_per_clip, frame_stride)
+
+
+def slowfast_test_clips(num_frames, fps, frames_per_clip, frame_stride, num_clips, target_fps=30):
+    """PySlowFast's test clips: a window of stride * T frames at `target_fps` (clip_size source frames), the
+    i-th starting at delta * i / n (delta = N - clip_size), its T frames at linspace(start, start + clip_size - 1)
+    clamped and truncated."""
+    clip_size = max(1.0, frame_stride * frames_per_clip / target_fps * (fps or target_fps))
+    delta = max(num_frames - clip_size, 0)
+    out = []
+    for i in range(num_clips):
+        start = delta * i / num_clips
+        index = torch.linspace(start, start + clip_size - 1, frames_per_clip)
+        out.append(torch.clamp(index, 0, max(num_frames - 1, 0)).long().tolist())
+    return out
+
+
+def coclr_test_clips(num_frames, fps, frames_per_clip, frame_stride, num_clips):
+    """CoCLR's test windows: every window of T * ds frames from 0 in steps of T * ds // 2 - 1 (their
+    `frame_sampler`, mode test); a video no longer than the window gives one, left-padded with frame 0.
+    `num_clips` is unused: the count follows the video's length."""
+    span = clip_span(frames_per_clip, frame_stride)
+    offsets = [i * frame_stride for i in range(frames_per_clip)]
+    if num_frames - span <= 0:
+        seen = [o for o in offsets if o < num_frames]
+        return [[0] * (frames_per_clip - len(seen)) + seen]
+    step = max(span // 2 - 1, 1)
+    return [[s + o for o in offsets] for s in range(0, num_frames - span + 1, step)]
+
+
+TEST_CLIPS = {"ours": ours_test_clips, "torchvision": torchvision_test_clips, "vcop": vcop_test_clips,
+              "slowfast": slowfast_test_clips, "coclr": coclr_test_clips}
+
+
+def test_clip_indices(rule, num_frames, fps, frames_per_clip, frame_stride=1, num_clips=10):
+    """The frame indices `[[int] * frames_per_clip] * clips` of one video's test clips under `rule`."""
+    if rule not in TEST_CLIPS:
+        raise ValueError(f"unknown test-clip rule {rule!r}; choose from {', '.join(TEST_CLIPS)}")
+    return TEST_CLIPS[rule](int(num_frames), float(fps or 0), frames_per_clip, frame_stride, num_clips)

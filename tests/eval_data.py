@@ -92,3 +92,32 @@ def pretrain_checkpoint(path, arch="r3d_18", width=8, mlp=False, generator=None,
         ckpt["config"]["generator"] = generator.kind
     torch.save(ckpt, path)
     return q.eval()
+
+
+def official_root(tmp_path, make_video, official, dataset, classes=2, per_subset=2, num_frames=20, size=40):
+    """A UCF101 or HMDB51 root whose split files are the real ones (shared/fixtures/official_splits): tiny videos
+    for the first `per_subset` train and test videos of split 1 of the first `classes` classes; every other
+    video the split files name is missing (skipped with a warning, as on a partial download)."""
+    import shutil
+
+    root = tmp_path / dataset
+    if dataset == "ucf101":
+        shutil.copytree(official / "ucfTrainTestlist", root / "ucfTrainTestlist")
+        lists = root / "ucfTrainTestlist"
+        names = [line.split()[1] for line in (lists / "classInd.txt").read_text().splitlines()[:classes]]
+        train = [line.split()[0] for line in (lists / "trainlist01.txt").read_text().splitlines() if line.strip()]
+        test = [line.strip() for line in (lists / "testlist01.txt").read_text().splitlines() if line.strip()]
+        pick = [v for c in names for subset in (train, test) for v in [v for v in subset if v.split("/")[0] == c][:per_subset]]
+    else:
+        shutil.copytree(official / "testTrainMulti_7030_splits", root / "testTrainMulti_7030_splits")
+        names = sorted(p.name[: -len("_test_split1.txt")]
+                       for p in (root / "testTrainMulti_7030_splits").glob("*_test_split1.txt"))[:classes]
+        pick = []
+        for c in names:
+            rows = [line.split() for line in (root / "testTrainMulti_7030_splits" / f"{c}_test_split1.txt")
+                    .read_text().splitlines() if line.strip()]
+            for flag in ("1", "2"):
+                pick += [f"{c}/{video}" for video, f in rows if f == flag][:per_subset]
+    for n, rel in enumerate(pick):
+        make_video(f"{dataset}/{rel}", num_frames=num_frames + 3 * n, size=size, codec="mpeg4", seed=n)
+    return root

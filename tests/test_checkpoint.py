@@ -390,3 +390,47 @@ def test_checkpoints_follow_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert (tmp_path / "c.pth").stat().st_mode & 0o777 == mode
+
+
+def test_authors_checkpoint_carries_imagenet_statistics_and_features_depend_on_them(tmp_path):
+    """The authors' format loads with ImageNet statistics recorded (`model.input_norm`), which evaluation then
+    feeds it; the other statistics give other features. Ours records Kinetics', through export and fine-tuning."""
+    from eval_data import pretrain_checkpoint
+
+    from videomoco.data.augment import IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN, KINETICS_STD, normalize
+    from videomoco.engine.checkpoint import finetune_state, load_encoder, save_export
+    from videomoco.eval import common
+    from videomoco.models import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("r3d_18", num_classes=8, width=8)
+    authors = {"epoch": 100, "arch": "r3d_18",
+               "state_dict": {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}}
+    torch.save(authors, tmp_path / "checkpoint_0100.pth.tar")
+    model = load_encoder(tmp_path / "checkpoint_0100.pth.tar").eval()
+    assert model.input_norm["name"] == "imagenet" and model.input_norm["mean"] == list(IMAGENET_MEAN)
+
+    clip = torch.randint(0, 256, (2, 3, 4, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        theirs = model.forward_features(normalize(clip, IMAGENET_MEAN, IMAGENET_STD))
+        other = model.forward_features(normalize(clip, KINETICS_MEAN, KINETICS_STD))
+    assert (theirs - other).abs().max() > 1e-3 * theirs.abs().max()  # the statistics change the features
+
+    cfg = common.EvalConfig(device="cpu")  # protocol videomoco: the checkpoint's statistics
+    assert common.input_stats(cfg, model)["name"] == "imagenet"
+    pretrain_checkpoint(tmp_path / "ours.pth")
+    ours = load_encoder(tmp_path / "ours.pth")
+    assert common.input_stats(cfg, ours)["name"] == "kinetics"
+    assert common.input_stats(common.EvalConfig(device="cpu", protocol="authors"), ours)["name"] == "imagenet"
+
+    # the record travels: export sidecar, fine-tuning checkpoint
+    exported = save_export(model, tmp_path / "enc.pth")
+    assert exported["input_norm"]["name"] == "imagenet"
+    assert load_encoder(tmp_path / "enc.pth").input_norm["name"] == "imagenet"
+    save_export(model, tmp_path / "enc.safetensors", fmt="safetensors")
+    assert load_encoder(tmp_path / "enc.safetensors").input_norm["name"] == "imagenet"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = finetune_state(model, opt, 1, 8)
+    assert state["input_norm"]["name"] == "imagenet"
+    torch.save(state, tmp_path / "ft.pth")
+    assert load_encoder(tmp_path / "ft.pth").input_norm["name"] == "imagenet"

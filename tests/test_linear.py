@@ -29,7 +29,7 @@ def test_linear_probe_end_to_end_leaves_encoder_bit_identical(tmp_path, make_vid
     assert cli(args) == 0
     m = json.loads((out / "metrics.json").read_text())["metrics"]
     assert m["encoder_unchanged"] is True
-    assert m["num_train_clips"] == 2 * 2 * 2 and m["num_test_videos"] == 4  # 2 classes x 2 videos x 2 clips
+    assert m["num_train_rows"] == 2 * 2 * 2 and m["num_test_videos"] == 4  # 2 classes x 2 videos x 2 clips
     for key in ("clip_top1", "video_top1"):
         assert 0.0 <= m[key] <= 100.0
     for name in ("features_train.npy", "labels_train.npy", "video_ids_test.npy"):

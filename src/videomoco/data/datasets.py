@@ -33,7 +33,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from videomoco.data import decode
 from videomoco.data.augment import crop_and_resize, random_resized_crop_box, resize_frames, resized_size, view_boxes
-from videomoco.data.sampling import EpochSampler, clip_span, distinct_clip_starts, random_clip_start, test_clip_indices
+from videomoco.data.sampling import EpochSampler, clip_span, distinct_clip_starts, random_clip_start, view_clip_indices
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class LabeledDataset(VideoClipDataset):
 
     def clip_indices(self, video):
         """The source frame indices of every test clip of `video` (its `view.clips` rule)."""
-        return test_clip_indices(self.view.clips, int(self.frames[video]), float(self.fps[video]),
+        return view_clip_indices(self.view.clips, int(self.frames[video]), float(self.fps[video]),
                                  self.frames_per_clip, self.frame_stride, self.num_clips)
 
     def load(self, i, rng):

@@ -200,7 +200,7 @@ TEST_CLIPS = {"ours": ours_test_clips, "torchvision": torchvision_test_clips, "v
               "slowfast": slowfast_test_clips, "coclr": coclr_test_clips}
 
 
-def test_clip_indices(rule, num_frames, fps, frames_per_clip, frame_stride=1, num_clips=10):
+def view_clip_indices(rule, num_frames, fps, frames_per_clip, frame_stride=1, num_clips=10):
     """The frame indices `[[int] * frames_per_clip] * clips` of one video's test clips under `rule`."""
     if rule not in TEST_CLIPS:
         raise ValueError(f"unknown test-clip rule {rule!r}; choose from {', '.join(TEST_CLIPS)}")

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from videomoco.data.augment import AUGMENTATIONS, NORMALIZATIONS, input_norm
+from videomoco.data.augment import input_norm as input_norm_record  # where a parameter is named input_norm
 from videomoco.method.generator import GENERATORS
 from videomoco.method.moco import mlp_head
 from videomoco.models import build_encoder, list_encoders
@@ -305,12 +306,14 @@ def pretrain_state(config, *, epoch, step, batch_in_epoch, model, generator, opt
     }
 
 
-def finetune_state(model, optimizer, epoch, num_classes, classes=None):
+def finetune_state(model, optimizer, epoch, num_classes, classes=None, input_norm=None):
     """The fine-tuning checkpoint after `epoch` epochs: the whole classifier (`load_encoder` reads it with its
-    head), its optimiser, and what `--resume` checks (arch, width, the class count and names)."""
+    head), its optimiser, what `--resume` checks (arch, width, the class count and names) and the input
+    normalisation it was trained with (`input_norm`; default: the model's recorded one)."""
+    norm = input_norm or encoder_input_norm(model)
     return {"format": "videomoco-finetune", "epoch": epoch, "arch": model.arch, "width": model.width,
             "num_classes": num_classes, "classes": list(classes or []), "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict()}
+            "optimizer": optimizer.state_dict(), "input_norm": dict(norm)}
 
 
 def save_export(model, out, fmt="pth", source=""):
@@ -389,6 +392,13 @@ def is_official(ckpt):
     return ckpt.get("format") != "videomoco"
 
 
+def encoder_input_norm(model):
+    """The input normalisation `{"name", "mean", "std"}` an encoder from `load_encoder` was trained with (its
+    `.preprocessing["input_norm"]`); Kinetics' for a model that records none (a random init)."""
+    recorded = (getattr(model, "preprocessing", None) or {}).get("input_norm")
+    return dict(recorded) if recorded else input_norm_record("kinetics")
+
+
 def checkpoint_input_norm(ckpt):
     """The input normalisation `ckpt`'s encoder was trained with, as {"name", "mean", "std"}.
 
@@ -397,8 +407,9 @@ def checkpoint_input_norm(ckpt):
     `module.` keys) on ImageNet statistics (their moco/loader.py and eval.py).
     """
     recorded = ckpt.get("input_norm")
-    if isinstance(recorded, dict) and recorded.get("name") in NORMALIZATIONS:
-        return input_norm(recorded["name"])
+    recorded = recorded.get("name") if isinstance(recorded, dict) else recorded  # a name: safetensors metadata
+    if isinstance(recorded, str) and recorded in NORMALIZATIONS:
+        return input_norm(recorded)
     if ckpt.get("format") is None and any(k.startswith("module.") for k in ckpt.get("state_dict") or {}):
         return input_norm("imagenet")
     return input_norm("kinetics")
@@ -500,7 +511,8 @@ def read_checkpoint(path):
 def encoder_state(path):
     """`(state_dict with torchvision keys incl. fc.* when stored, info dict)` of the query encoder in `path`.
 
-    `info` holds what the file says: `arch`, `width`, `format` (videomoco / export / authors / torchvision).
+    `info` holds what the file says: `arch`, `width`, `format` (videomoco / export / authors / torchvision) and
+    `input_norm` (`checkpoint_input_norm`: the statistics its encoder was trained with).
     """
     obj = read_checkpoint(path)
     if not isinstance(obj, dict):

@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from videomoco.data import augment
 from videomoco.data.datasets import DataFailureError, LabeledDataset, clamp_workers
 from videomoco.data.decode import VideoError
 from videomoco.data.index import open_index
-from videomoco.engine.checkpoint import (WRITE_ERRNOS, CheckpointError, WriteError, load_checkpoint, load_encoder,
-                                         resolve_encoder, write_error)
+from videomoco.engine.checkpoint import (WRITE_ERRNOS, CheckpointError, WriteError, encoder_input_norm, load_checkpoint,
+                                         load_encoder, resolve_encoder, write_error)
 from videomoco.engine import memory
 from videomoco.engine.config import check_output_dir, error_line, micro_batch_arg, resolve_device
+from videomoco.eval import protocols
 from videomoco.eval.features import extract_features
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARED,
                              Number, config_from, fail)
@@ -53,11 +55,13 @@ class EvalConfig:
     pretrained: str = ""  # checkpoint for load_encoder; empty = random init (baseline)
     arch: str = ""  # empty = from the checkpoint (r3d_18 when there is none)
     width: int = 0  # 0 = from the checkpoint (64 when there is none)
-    frames: int = 16  # frames per clip
-    frame_stride: int = 1
-    crop: int = 112
-    num_clips: int = 10  # uniformly spaced clips per video at test time
-    num_crops: int = 1  # 1 = centre crop, 3 = left/centre/right
+    protocol: str = protocols.DEFAULT  # the preset (eval/protocols.py) that sets every field left at None
+    input_norm: str | None = None  # checkpoint (the encoder's recorded statistics) | kinetics | imagenet
+    frames: int | None = None  # frames per clip
+    frame_stride: int | None = None
+    crop: int | None = None
+    num_clips: int | None = None  # test clips per video
+    num_crops: int | None = None  # 1 = centre crop, 3 = along the long side
     batch_size: int = 16
     workers: int = 4
     device: str = "auto"  # resolved by `check_values`: cuda when a GPU is visible, else cpu
@@ -74,6 +78,7 @@ class EvalConfig:
 RANGES = {
     "split": SPLIT, "splits": SPLIT, "width": COUNT, "frames": POSITIVE_INT, "frame_stride": POSITIVE_INT,
     "crop": POSITIVE_INT, "num_clips": POSITIVE_INT, "batch_size": POSITIVE_INT, "chunk_size": POSITIVE_INT,
+    "clips_per_video": POSITIVE_INT,
     "workers": COUNT, "seed": SEED, "seeds": SEED, "epochs": POSITIVE_INT, "finetune_epochs": COUNT,
     "lr": NON_NEGATIVE, "finetune_lr": NON_NEGATIVE, "lr_decay": FACTOR, "wp_lr": NON_NEGATIVE,
     "momentum": MOMENTUM, "weight_decay": NON_NEGATIVE, "schedule": COUNT, "num_classes": COUNT,
@@ -100,11 +105,15 @@ def add_common_arguments(parser, cfg_cls=EvalConfig, data=True):
     add_flag(parser, cfg_cls, "pretrained", "checkpoint (ours, the authors', exported, torchvision)")
     add_flag(parser, cfg_cls, "arch", "encoder; default: read from the checkpoint")
     add_flag(parser, cfg_cls, "width", "encoder width; default: from the checkpoint")
-    add_flag(parser, cfg_cls, "frames", "frames per clip")
-    add_flag(parser, cfg_cls, "frame_stride", "take every N-th frame")
-    add_flag(parser, cfg_cls, "crop", "crop size in pixels")
-    add_flag(parser, cfg_cls, "num_clips", "clips per video at test time")
-    add_flag(parser, cfg_cls, "num_crops", "spatial crops per clip", type=int, choices=[1, 3])
+    add_flag(parser, cfg_cls, "protocol", "the evaluation protocol, by name (docs/eval.md); a flag given with it "
+             "overrides that one choice, logged as a deviation", choices=list(protocols.PROTOCOLS))
+    add_flag(parser, cfg_cls, "input_norm", "input mean/std: the checkpoint's recorded ones, or by name "
+             "(default: the protocol's)", choices=list(protocols.INPUT_NORMS))
+    add_flag(parser, cfg_cls, "frames", "frames per clip (default: the protocol's)")
+    add_flag(parser, cfg_cls, "frame_stride", "take every N-th frame (default: the protocol's)")
+    add_flag(parser, cfg_cls, "crop", "crop size in pixels (default: the protocol's)")
+    add_flag(parser, cfg_cls, "num_clips", "clips per video at test time (default: the protocol's)")
+    add_flag(parser, cfg_cls, "num_crops", "spatial crops per clip (default: the protocol's)", type=int, choices=[1, 3])
     add_flag(parser, cfg_cls, "batch_size", "videos (test: clips) per batch")
     add_flag(parser, cfg_cls, "workers", "data loading workers")
     add_flag(parser, cfg_cls, "device", "cpu, cuda or cuda:N")
@@ -136,6 +145,10 @@ def check_values(cfg):
     visible). Every config dataclass of the evaluations runs it in `__post_init__`."""
     if hasattr(cfg, "split"):
         check_split(cfg)
+    if hasattr(cfg, "protocol"):
+        protocols.resolve(cfg)
+        if cfg.input_norm not in protocols.INPUT_NORMS:
+            raise ValueError(f"--input-norm must be one of {', '.join(protocols.INPUT_NORMS)}, got {cfg.input_norm!r}")
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in RANGES and value is not None:
@@ -230,6 +243,27 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def start(cfg, command):
+    """Seed the run and log its protocol and deviations (one line)."""
+    seed_everything(cfg.seed)
+    log.info("%s: %s", command, protocols.describe(cfg))
+
+
+def input_stats(cfg, model):
+    """The input normalisation `{"name", "mean", "std"}` an evaluation feeds `model`: the protocol's (or
+    `--input-norm`'s) when it names one, else the one the checkpoint recorded (`model.preprocessing`); one log
+    line when they differ from what the encoder was trained with."""
+    recorded = encoder_input_norm(model)
+    if cfg.input_norm == "checkpoint":
+        return recorded
+    used = augment.input_norm(cfg.input_norm)
+    if used["name"] != recorded["name"]:
+        log.warning("input normalisation: %s statistics (protocol %s%s) although the encoder was trained with %s "
+                    "statistics", used["name"], cfg.protocol, ", --input-norm" if "input_norm" in
+                    protocols.deviations(cfg) else "", recorded["name"])
+    return used
+
+
 def load_model(cfg, num_classes=None):
     """The encoder of `cfg.pretrained` (or a random-init `cfg.arch` baseline) with an optional fresh head."""
     if cfg.pretrained:
@@ -280,9 +314,13 @@ def _log_split(cfg, subset, selected):
 
 
 def labeled_dataset(cfg, subset, mode="test"):
-    """`LabeledDataset` of one subset; test mode yields one item per (video, clip, crop)."""
+    """`LabeledDataset` of one subset, with the views of `cfg.protocol`: test mode yields one item per (video,
+    clip, crop), train mode `clips_per_video` random clips per video with the protocol's crop scale and ratio."""
+    recipe = protocols.part(cfg, "finetune")
     return LabeledDataset(open_split(cfg, subset), cfg.frames, cfg.frame_stride, cfg.crop, mode=mode,
-                          num_clips=cfg.num_clips, num_crops=cfg.num_crops)
+                          num_clips=cfg.num_clips, num_crops=cfg.num_crops, scale=recipe.train_scale,
+                          ratio=recipe.train_ratio, clips_per_video=getattr(cfg, "clips_per_video", 1),
+                          view=protocols.eval_view(cfg))
 
 
 def make_loader(cfg, dataset):
@@ -291,15 +329,17 @@ def make_loader(cfg, dataset):
                       pin_memory=str(cfg.device).startswith("cuda"))
 
 
-def extract(cfg, encoder, subset, head=False, clip_fn=None, micro_batch=None):
+def extract(cfg, encoder, subset, head=False, clip_fn=None, micro_batch=None, norm=None):
     """Clip-level features (or logits with `head=True`) of a subset, in test mode (no augmentation).
 
-    micro_batch: clips per forward; None: `plan_micro_batch` (measured once per encoder and settings)."""
+    micro_batch: clips per forward; None: `plan_micro_batch` (measured once per encoder and settings).
+    norm: `{"mean", "std"}` of the input; None: `input_stats(cfg, encoder)`."""
     loader = make_loader(cfg, labeled_dataset(cfg, subset, mode="test"))  # a bad split fails before the probe
     if micro_batch is None:
         micro_batch = plan_micro_batch(cfg, encoder, cfg.batch_size, head=head)
+    norm = norm or input_stats(cfg, encoder)
     return extract_features(encoder, loader, cfg.device, head=head, clip_fn=clip_fn, progress=True,
-                            micro_batch=micro_batch)
+                            micro_batch=micro_batch, mean=norm["mean"], std=norm["std"])
 
 
 # --------------------------------------------------------------------------- memory planning
@@ -436,11 +476,12 @@ def write_results(cfg, command, metrics, table=None):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {k: _jsonable(v) for k, v in metrics.items()}
-    record = {"command": command, "metrics": metrics, "config": dataclasses.asdict(cfg)}
+    record = {"command": command, "protocol": cfg.protocol, "deviations": protocols.deviations(cfg),
+              "metrics": metrics, "config": dataclasses.asdict(cfg)}
     (out / "metrics.json").write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     lines = [f"# videomoco {command}", "", f"checkpoint: `{cfg.pretrained or 'random init'}`", "",
-             "| metric | value |", "| --- | --- |"]
+             f"{protocols.describe(cfg)}", "", "| metric | value |", "| --- | --- |"]
     lines += [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]
     if table:
         lines += ["", table]

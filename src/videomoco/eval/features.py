@@ -10,24 +10,25 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from videomoco.data.augment import normalize
+from videomoco.data.augment import KINETICS_MEAN, KINETICS_STD, normalize
 
 
 @torch.inference_mode()
-def extract_features(encoder, loader, device="cpu", head=False, clip_fn=None, progress=False, micro_batch=None):
+def extract_features(encoder, loader, device="cpu", head=False, clip_fn=None, progress=False, micro_batch=None,
+                     mean=KINETICS_MEAN, std=KINETICS_STD):
     """Run `encoder` over `loader`; returns clip-level rows as numpy arrays.
 
     `head=False` gives `forward_features` (pooled, pre-head `(N, feature_dim)`), `head=True` the full
     forward (logits). `clip_fn(x) -> x` is applied to the normalised float clip (robustness drops), on
     the whole loader batch. `micro_batch`: clips per forward (None: the whole batch); BN is in eval
-    mode, so the split does not change the features.
+    mode, so the split does not change the features. `mean`, `std`: the input normalisation.
     Returns `{"features": (N, D) float32, "labels": (N,) int64, "video_ids": (N,) int64}`.
     """
     encoder.eval()
     forward = encoder if head else encoder.forward_features
     feats, labels, ids = [], [], []
     for clip, label, video_id in tqdm(loader, disable=not progress, desc="features", leave=False):
-        x = normalize(clip.to(device, non_blocking=True))  # (B, 3, T, H, W) float
+        x = normalize(clip.to(device, non_blocking=True), mean, std)  # (B, 3, T, H, W) float
         if clip_fn is not None:
             x = clip_fn(x)
         feats += [forward(part).float().cpu() for part in (x.split(micro_batch) if micro_batch else (x,))]
@@ -63,10 +64,14 @@ def video_average(values, video_ids, labels=None):
     return ids[order], mean, video_labels[order]
 
 
-def video_scores(logits, video_ids, labels):
-    """Video-level prediction: the softmax of each clip `(N, C)` averaged over the clips of its video."""
-    probs = F.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-    return video_average(probs, video_ids, labels)
+def video_scores(logits, video_ids, labels, aggregation="softmax"):
+    """Video-level prediction from clip logits `(N, C)`: their softmax (`aggregation="softmax"`) or the logits
+    themselves ("logits", the authors' eval.py) averaged over the clips of each video."""
+    if aggregation not in ("softmax", "logits"):
+        raise ValueError(f"aggregation must be softmax or logits, got {aggregation!r}")
+    scores = torch.as_tensor(logits, dtype=torch.float64)
+    scores = F.softmax(scores, dim=1) if aggregation == "softmax" else scores
+    return video_average(scores.numpy(), video_ids, labels)
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)):

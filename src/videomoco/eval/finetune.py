@@ -1,24 +1,28 @@
-"""Full fine-tuning on UCF101 / HMDB51 (the authors' eval.py protocol), clip- and video-level accuracy.
+"""Fine-tuning on UCF101 / HMDB51 under an evaluation protocol (`--protocol`, eval/protocols.py), clip- and
+video-level accuracy.
 
     load_encoder(--pretrained) with a fresh fc = Linear(feature_dim, C) ~ N(0, 0.01)
-    train: one random clip per video per epoch, random resized crop + horizontal flip, SGD momentum 0.9,
-           step decay by --lr-decay at each --schedule milestone (the authors' adjust_learning_rate)
-    test:  --num-clips uniformly spaced clips x --num-crops crops per video; clip level = every clip
-           on its own, video level = softmax averaged over the clips (and crops) of the video
+    train: --clips-per-video random clips per video per epoch, random resized crop (the protocol's scale and
+           ratio) + horizontal flip, SGD momentum, step decay by --lr-decay at each --schedule milestone (the
+           authors' adjust_learning_rate) or cosine; BN in train or eval mode (--bn); all layers or only fc
+    test:  the protocol's test clips x --num-crops crops per video; clip level = every clip on its own,
+           video level = the softmax or the logits (--aggregation) averaged over the clips of the video
 
-The authors' eval.py keeps BN in eval mode while training (a leftover of their linear-probe script);
-we train BN (`model.train()`), the usual fine-tuning protocol. Checkpoints (`checkpoint.pth` in `--out`,
-atomic, every epoch) hold the model in torchvision keys plus `arch`, `width`, `num_classes`, so
-`load_encoder` reads them; `--resume` continues one and refuses a head of another class count.
+The protocol `videomoco` (the default) trains BN; `authors` (their eval.py at aba3795) keeps it in eval mode,
+averages logits and also reports, labelled `best_on_test_*`, the best epoch on the test split (what their
+eval.py keeps as best_acc1). Inputs are normalised with the checkpoint's recorded statistics unless the
+protocol names others. Checkpoints (`checkpoint.pth` in `--out`, atomic, every epoch) hold the model in
+torchvision keys plus `arch`, `width`, `num_classes`, `input_norm`, so `load_encoder` reads them; `--resume`
+continues one and refuses a head of another class count.
 A batch that does not fit the device's memory runs in micro-batches (`--micro-batch`, by default
 planned from a measured step before the first batch): gradients are accumulated into one update of
-the batch's mean loss, while BN normalises each micro-batch on its own.
+the batch's mean loss, while BN in train mode normalises each micro-batch on its own.
 
-    videomoco finetune DATA --dataset ucf101 --split 1 --pretrained CKPT --out runs/ft
+    videomoco finetune DATA --dataset ucf101 --split 1 --pretrained CKPT --protocol authors --out runs/ft
 """
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -29,9 +33,10 @@ from matplotlib.figure import Figure
 
 from videomoco.data.augment import normalize
 from videomoco.data.datasets import build_loader, set_epoch
-from videomoco.engine.checkpoint import finetune_state, load_checkpoint, restore, save_checkpoint
+from videomoco.engine.checkpoint import (checkpoint_input_norm, encoder_input_norm, finetune_state, load_checkpoint,
+                                         restore, save_checkpoint)
 from videomoco.engine.schedule import learning_rate
-from videomoco.eval import common
+from videomoco.eval import common, protocols
 from videomoco.eval.features import confusion_matrix, per_class_accuracy, topk_accuracy, video_scores
 from videomoco.models import set_grad_checkpointing
 
@@ -40,15 +45,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FinetuneConfig(common.EvalConfig):
-    epochs: int = 100
-    lr: float = 0.05
-    lr_decay: float = 0.1
-    schedule: list = field(default_factory=lambda: [60, 80])
-    cos: bool = False
+    PROTOCOL_PART = "finetune"  # the fields left at None come from the protocol's FinetuneRecipe
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    lr_decay: float | None = None
+    schedule: list | None = None
+    cos: bool | None = None
     warmup: bool = False
     wp_lr: float = 0.0025
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    momentum: float | None = None
+    weight_decay: float | None = None
+    clips_per_video: int | None = None  # random training clips per video per epoch
+    aggregation: str | None = None  # softmax | logits: what is averaged over a video's test clips
+    bn: str | None = None  # train | eval: BatchNorm's statistics while fine-tuning
+    train_layers: str | None = None  # all | fc (every layer but the classifier frozen: a linear probe)
     num_classes: int = 0  # 0 = from the dataset; else must match it
     eval_every: int = 0  # evaluate every N epochs as well as at the end (0: only at the end)
     resume: str = ""
@@ -64,11 +76,17 @@ def add_arguments(parser):
     flag("lr", "SGD learning rate")
     flag("lr_decay", "factor at each --schedule milestone")
     flag("schedule", "epochs where the LR drops", nargs="*")
-    flag("cos", "cosine LR schedule instead of steps", action="store_true")
+    flag("cos", "cosine LR schedule instead of steps", action="store_const", const=True)
     flag("warmup", "linear warm-up from --wp_lr to --lr until schedule[0]", action="store_true")
     flag("wp_lr", "initial warm-up learning rate")
     flag("momentum", "SGD momentum")
     flag("weight_decay", "weight decay")
+    flag("clips_per_video", "random training clips per video per epoch")
+    flag("aggregation", "averaged over a video's test clips", choices=list(protocols.AGGREGATIONS))
+    flag("bn", "BatchNorm while fine-tuning: batch statistics (train) or frozen running ones (eval)",
+         choices=list(protocols.BN_MODES))
+    flag("train_layers", "train every layer, or only the classifier (fc: a linear probe)",
+         choices=list(protocols.TRAIN_LAYERS))
     flag("num_classes", "expected class count, checked against the dataset (0: from the dataset)")
     flag("eval_every", "also evaluate every N epochs (0: only at the end)")
     flag("resume", "continue from a fine-tuning checkpoint.pth")
@@ -83,17 +101,20 @@ def flip(x, generator=None):
     return torch.where(mask.to(x.device)[:, None, None, None, None], x.flip(-1), x)
 
 
-def train_one_epoch(model, loader, optimizer, device, generator=None, micro_batch=None):
+def train_one_epoch(model, loader, optimizer, device, generator=None, micro_batch=None, norm=None, bn="train"):
     """One pass over `loader`; returns the mean loss and clip accuracy of the epoch.
 
     micro_batch: clips per forward/backward (None: the whole batch). The gradients of a batch's
     micro-batches, each loss weighted by its share of the batch, add up to those of the batch's mean
     loss: one optimizer step per batch. (BN in train mode normalises each micro-batch on its own.)
+    norm: `{"mean", "std"}` of the input (None: Kinetics'); bn="eval" keeps BN's running statistics (the
+    authors' eval.py), so micro-batches change nothing.
     """
-    model.train()
+    model.train(bn == "train")
+    stats = (norm["mean"], norm["std"]) if norm else ()
     total_loss, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
     for clip, label, _ in loader:
-        x = flip(normalize(clip.to(device, non_blocking=True)), generator)  # (B, 3, T, H, W), flips drawn per batch
+        x = flip(normalize(clip.to(device, non_blocking=True), *stats), generator)  # (B, 3, T, H, W), flips per batch
         label = label.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         parts = list(zip(x.split(micro_batch), label.split(micro_batch))) if micro_batch else [(x, label)]
@@ -110,11 +131,12 @@ def train_one_epoch(model, loader, optimizer, device, generator=None, micro_batc
     return float(total_loss) / max(seen, 1), 100.0 * float(correct) / max(seen, 1)
 
 
-def evaluate(cfg, model, num_classes):
-    """Clip- and video-level top-1/top-5, per-class accuracy and the video-level confusion matrix."""
-    rows = common.extract(cfg, model, "test", head=True)
+def evaluate(cfg, model, num_classes, norm=None):
+    """Clip- and video-level top-1/top-5, per-class accuracy and the video-level confusion matrix (the video's
+    score: `cfg.aggregation` of its clips' logits)."""
+    rows = common.extract(cfg, model, "test", head=True, norm=norm)
     logits, labels = rows["features"], rows["labels"]
-    _, video_probs, video_labels = video_scores(logits, rows["video_ids"], labels)
+    _, video_probs, video_labels = video_scores(logits, rows["video_ids"], labels, cfg.aggregation)
     cm = confusion_matrix(video_probs.argmax(1), video_labels, num_classes)
     metrics = {f"clip_{k}": v for k, v in topk_accuracy(logits, labels).items()}
     metrics.update({f"video_{k}": v for k, v in topk_accuracy(video_probs, video_labels).items()})
@@ -139,17 +161,31 @@ def plot_confusion(cm, path, names=None):
 
 
 def _resume(cfg, model, optimizer, num_classes):
+    """Load `cfg.resume` into `model` and `optimizer` (and its recorded input normalisation); its epoch."""
     ckpt = load_checkpoint(cfg.resume, resume=True)  # fields and weights checked
     head = ckpt.get("num_classes")
     if head != num_classes:
         raise ValueError(f"{cfg.resume} has a {head}-class head but {cfg.data} ({cfg.dataset}) has {num_classes} classes")
     restore(cfg.resume, "state_dict", model.load_state_dict, ckpt["state_dict"])
     restore(cfg.resume, "optimizer", optimizer.load_state_dict, ckpt["optimizer"])
+    recorded = checkpoint_input_norm(ckpt)
+    if recorded["name"] != encoder_input_norm(model)["name"]:
+        log.info("--resume %s was fine-tuned on %s-normalised inputs: using them", cfg.resume, recorded["name"])
+    model.preprocessing = {**getattr(model, "preprocessing", {}), "input_norm": recorded}
     return ckpt["epoch"]
 
 
+def _optimizer(cfg, model):
+    """SGD over the trained parameters: all, or with `train_layers="fc"` the classifier's (the rest frozen)."""
+    if cfg.train_layers == "fc":
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("fc."))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def run(cfg):
-    common.seed_everything(cfg.seed)
+    common.start(cfg, "finetune")
     train_set = common.labeled_dataset(cfg, "train", mode="train")
     names = common.class_names(train_set)
     num_classes = len(names) if names else int(train_set.labels.max()) + 1
@@ -167,8 +203,10 @@ def run(cfg):
     model = model.to(cfg.device)
     if cfg.grad_checkpointing:
         set_grad_checkpointing(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = _optimizer(cfg, model)
     start = _resume(cfg, model, optimizer, num_classes) if cfg.resume else 0
+    norm = common.input_stats(cfg, model)
+    best_each_epoch = protocols.part(cfg, "finetune").report == "last+best"
     micro_batch = None
     if not cfg.evaluate and start < cfg.epochs:  # planned once, before the first batch
         micro_batch = common.plan_micro_batch(cfg, model, min(cfg.batch_size, len(train_set)), train=True,
@@ -177,21 +215,27 @@ def run(cfg):
                           seed=cfg.seed, pin_memory=str(cfg.device).startswith("cuda"))
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     out = Path(cfg.out)
-    history = []
+    history, best = [], None
     for epoch in range(start, start if cfg.evaluate else cfg.epochs):
         lr = learning_rate(epoch, cfg.lr, cfg.epochs, cfg.schedule, cfg.lr_decay, cfg.cos, cfg.warmup, cfg.wp_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         set_epoch(loader, epoch)
-        loss, acc = train_one_epoch(model, loader, optimizer, cfg.device, generator, micro_batch)
+        loss, acc = train_one_epoch(model, loader, optimizer, cfg.device, generator, micro_batch, norm, cfg.bn)
         log.info("epoch %d/%d lr %.4g loss %.4f train clip acc %.2f", epoch + 1, cfg.epochs, lr, loss, acc)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_clip_top1": acc}
-        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-            record.update(evaluate(cfg, model, num_classes)[0])
+        last = epoch + 1 == cfg.epochs
+        if not last and (best_each_epoch or cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+            record.update(evaluate(cfg, model, num_classes, norm)[0])
+            best = _better(best, record)
         history.append(record)
-        save_checkpoint(finetune_state(model, optimizer, epoch + 1, num_classes, names), out / "checkpoint.pth")
+        save_checkpoint(finetune_state(model, optimizer, epoch + 1, num_classes, names, norm), out / "checkpoint.pth")
 
-    metrics, cm = evaluate(cfg, model, num_classes)
+    metrics, cm = evaluate(cfg, model, num_classes, norm)
+    if best_each_epoch:  # what the authors' eval.py keeps (best_acc1): chosen on the test split, so labelled
+        best = _better(best, {"epoch": start if cfg.evaluate else cfg.epochs, **metrics})
+        metrics.update(best_on_test_video_top1=best["video_top1"], best_on_test_video_top5=best["video_top5"],
+                       best_on_test_epoch=best["epoch"])
     per_class = per_class_accuracy(cm)
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion(cm, out / "confusion.png", names)
@@ -200,6 +244,11 @@ def run(cfg):
                    per_class_video_top1={(names[i] if names else str(i)): (None if np.isnan(a) else float(a))
                                          for i, a in enumerate(per_class)})
     return common.write_results(cfg, "finetune", metrics)
+
+
+def _better(best, record):
+    """The record with the higher video top-1, the earlier on a tie (the authors' `acc1 > best_acc1`)."""
+    return record if best is None or record["video_top1"] > best["video_top1"] else best
 
 
 def main(args):

@@ -2,7 +2,9 @@
 
 kNN follows the InstDisc / MoCo monitor: cosine similarity to every train video, the top-k neighbours
 vote for their class with weight `exp(sim / T)` (T = 0.07); k = 1 is plain nearest neighbour.
-Retrieval: a test video is a hit at k when any of its k nearest train videos shares its class.
+Retrieval (VCOP / RSPNet / CoCLR): a test video is a hit at k when any of its k nearest train videos shares
+its class; a video's feature is the mean of its test clips' (the protocol's clips and crops), and with
+`--center` (protocol `coclr`) each set's mean feature is subtracted before the cosine similarity.
 
     videomoco knn DATA --dataset ucf101 --split 1 --pretrained CKPT --out runs/knn
 """
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from videomoco.engine.monitor import knn_scores, neighbours  # the vote pretraining's --monitor uses too
-from videomoco.eval import common, features
+from videomoco.eval import common, features, protocols
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,11 @@ def retrieval_recall(train_feats, train_labels, test_feats, test_labels, ks=RECA
 
 @dataclass
 class KnnConfig(common.EvalConfig):
+    PROTOCOL_PART = "retrieval"  # the fields left at None come from the protocol's RetrievalRecipe
+
     ks: list = field(default_factory=lambda: [1, 20])
     temperature: float = 0.07
+    center: bool | None = None  # subtract each set's mean feature (CoCLR's retrieval)
     out: str = "runs/knn"
 
 
@@ -48,6 +53,14 @@ def add_arguments(parser):
     common.add_common_arguments(parser, KnnConfig)
     common.add_flag(parser, KnnConfig, "ks", "k values for kNN", nargs="+")
     common.add_flag(parser, KnnConfig, "temperature", "vote weight exp(sim / T)")
+    common.add_flag(parser, KnnConfig, "center", "subtract each set's mean feature before the cosine similarity "
+                    "(default: the protocol's)", action="store_const", const=True)
+
+
+def centered(feats):
+    """`feats (N, D)` minus their mean row (CoCLR's retrieval, per set)."""
+    feats = np.asarray(feats, dtype=np.float32)
+    return feats - feats.mean(axis=0, keepdims=True)
 
 
 def video_features(cfg, encoder, subset, clip_fn=None):
@@ -58,21 +71,24 @@ def video_features(cfg, encoder, subset, clip_fn=None):
 
 
 def run(cfg):
-    common.seed_everything(cfg.seed)
+    common.start(cfg, "knn")
     encoder = common.load_model(cfg).to(cfg.device)
     train_x, train_y = video_features(cfg, encoder, "train")
     test_x, test_y = video_features(cfg, encoder, "test")
+    if cfg.center:
+        train_x, test_x = centered(train_x), centered(test_x)
     metrics = {"num_train_videos": len(train_y), "num_test_videos": len(test_y)}
     metrics.update(knn_accuracy(train_x, train_y, test_x, test_y, cfg.ks, cfg.temperature))
-    metrics.update(retrieval_recall(train_x, train_y, test_x, test_y))
-    return common.write_results(cfg, "knn", metrics, table=gallery_caveat(cfg.ks, len(train_y)))
+    recall_ks = protocols.part(cfg, "retrieval").recall_ks
+    metrics.update(retrieval_recall(train_x, train_y, test_x, test_y, recall_ks))
+    return common.write_results(cfg, "knn", metrics, table=gallery_caveat(cfg.ks, len(train_y), recall_ks))
 
 
-def gallery_caveat(ks, gallery):
+def gallery_caveat(ks, gallery, recall_ks=RECALL_KS):
     """A warning (logged, and returned for the summary) when a k of the kNN vote or of R@k is not below the
     `gallery` of train videos: such a k takes the whole gallery (R@k is then 100% for every class it holds)."""
     vote = [f"k={k}" for k in ks if k >= gallery]
-    recall = [f"R@{k}" for k in RECALL_KS if k >= gallery]
+    recall = [f"R@{k}" for k in recall_ks if k >= gallery]
     if not vote + recall:
         return None
     text = (f"Caveat: {', '.join(vote + recall)} not below the {gallery} train videos: they take every train video, "

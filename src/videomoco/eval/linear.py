@@ -1,4 +1,4 @@
-"""Linear probe: a linear classifier on frozen, pooled encoder features.
+"""Linear probe: a linear classifier on frozen, pooled encoder features, under an evaluation protocol.
 
 The encoder runs once per subset, in eval mode (BN uses its running statistics and never updates
 them) and without gradients; its clip features are cached in `--out` (`features_train.npy`,
@@ -7,9 +7,15 @@ in seconds. After training we check that no encoder weight or BN statistic chang
 
 The classifier sees the features standardised with the train set's per-dimension mean and standard
 deviation (a BatchNorm without affine, as in MAE's and MoCo v3's probes; folded into the returned
-`nn.Linear`). Pooled post-ReLU features share a large common component; after L2 normalisation
+classifier). Pooled post-ReLU features share a large common component; after L2 normalisation
 the class signal is a few hundredths per dimension, and a probe on them underfits (loss near ln C)
 even where the classes are linearly separable (tests/test_linear.py).
+
+The protocol (`--protocol`) sets the probe: `videomoco` trains on every clip's L2-normalised, standardised
+feature with Adam and a cosine schedule; `coclr` (their feature_linear_probe.py and README command) on
+video-level features (the mean over a video's clips) with a BatchNorm1d before the layer, SGD lr 1.0, weight
+decay 1e-3, steps at 60 and 80, and also reports, labelled `best_on_test_*`, the best of its evaluations every
+5 epochs.
 
     videomoco linear DATA --dataset ucf101 --split 1 --pretrained CKPT --out runs/linear
 """
@@ -25,24 +31,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from videomoco.eval import common
-from videomoco.eval.features import topk_accuracy, video_scores
+from videomoco.eval import common, protocols
+from videomoco.eval.features import topk_accuracy, video_average, video_scores
 
 log = logging.getLogger(__name__)
 
 CACHE_KEYS = ("features", "labels", "video_ids")
-CACHE_FIELDS = ("data", "dataset", "split", "pretrained", "arch", "width", "frames", "frame_stride", "crop",
-                "num_clips", "num_crops")
+CACHE_FIELDS = ("data", "dataset", "split", "pretrained", "arch", "width", "protocol", "input_norm", "frames",
+                "frame_stride", "crop", "num_clips", "num_crops")
 
 
 @dataclass
 class LinearConfig(common.EvalConfig):
-    epochs: int = 100
-    lr: float = 0.01
-    weight_decay: float = 0.0
-    classifier_batch_size: int = 1024
-    l2_normalize: bool = True
-    standardize: bool = True
+    PROTOCOL_PART = "probe"  # the fields left at None come from the protocol's ProbeRecipe
+
+    epochs: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    classifier_batch_size: int | None = None
+    l2_normalize: bool | None = None
+    standardize: bool | None = None  # per-dimension train mean/std, folded into the classifier
+    features: str | None = None  # clip | video: a row per clip, or the mean of a video's clips
+    optimizer: str | None = None  # adam (cosine schedule) | sgd (momentum 0.9, steps at the protocol's schedule)
+    final_bn: bool | None = None  # a BatchNorm1d before the linear layer
     cache_dir: str = ""  # where the feature cache lives; empty = --out
     out: str = "runs/linear"
 
@@ -51,13 +62,17 @@ def add_arguments(parser):
     common.add_common_arguments(parser, LinearConfig)
     flag = partial(common.add_flag, parser, LinearConfig)
     flag("epochs", "classifier epochs over the cached features")
-    flag("lr", "Adam learning rate of the classifier")
+    flag("lr", "learning rate of the classifier")
     flag("weight_decay", "weight decay of the classifier")
     flag("classifier_batch_size", "features per classifier step")
-    parser.add_argument("--no-l2-normalize", dest="l2_normalize", action="store_false",
-                        help="train on raw features instead of L2-normalised ones")
-    parser.add_argument("--no-standardize", dest="standardize", action="store_false",
-                        help="do not standardise the features per dimension (train mean and std) for the classifier")
+    flag("features", "a row per clip, or the mean of each video's clips", choices=list(protocols.PROBE_FEATURES))
+    flag("optimizer", "adam (cosine) or sgd (momentum 0.9, the protocol's steps)", choices=list(protocols.PROBE_OPTIMIZERS))
+    flag("final_bn", "a BatchNorm1d before the linear layer", action="store_const", const=True)
+    parser.add_argument("--no-l2-normalize", dest="l2_normalize", action="store_const", const=False, default=None,
+                        help="train on raw features instead of L2-normalised ones (default: the protocol's)")
+    parser.add_argument("--no-standardize", dest="standardize", action="store_const", const=False, default=None,
+                        help="do not standardise the features per dimension (train mean and std) for the classifier "
+                             "(default: the protocol's)")
     flag("cache_dir", "feature cache directory (default: --out)")
 
 
@@ -95,39 +110,69 @@ def standardizer(x, eps=1e-6):
 
 
 def fold_standardization(clf, mean, std):
-    """`clf` trained on `(x - mean) / std`, rewritten as one `nn.Linear` on `x` (the same logits)."""
+    """`clf` (a `classifier`) trained on `(x - mean) / std`, rewritten to take `x` (the same logits)."""
     with torch.no_grad():
-        weight = clf.weight / std  # (C, D)
-        clf.bias.sub_(weight @ mean)
-        clf.weight.copy_(weight)
+        if isinstance(clf, nn.Linear):
+            weight = clf.weight / std  # (C, D)
+            clf.bias.sub_(weight @ mean)
+            clf.weight.copy_(weight)
+        else:  # BatchNorm1d first: its running statistics absorb the standardisation
+            bn = clf[0]
+            bn.running_var.copy_(std**2 * (bn.running_var + bn.eps) - bn.eps)
+            bn.running_mean.copy_(mean + std * bn.running_mean)
     return clf
 
 
+def classifier(dim, num_classes, final_bn=False, generator=None):
+    """`nn.Linear(dim, C)` with its init drawn from `generator` (the same probe whatever ran before it); with
+    `final_bn` (CoCLR's LP) a `BatchNorm1d(dim)` before it and N(0, 0.01) weights, zero bias."""
+    linear = nn.Linear(dim, num_classes)
+    with torch.no_grad():
+        if final_bn:
+            linear.weight.normal_(0.0, 0.01, generator=generator)
+            linear.bias.zero_()
+            return nn.Sequential(nn.BatchNorm1d(dim), linear)
+        bound = dim ** -0.5
+        linear.weight.uniform_(-bound, bound, generator=generator)
+        linear.bias.uniform_(-bound, bound, generator=generator)
+    return linear
+
+
 def train_classifier(x, y, num_classes, epochs=100, lr=0.01, weight_decay=0.0, batch_size=1024, seed=0,
-                     standardize=True):
-    """Fit `nn.Linear(D, C)` on features `x (N, D)` / labels `y (N,)` with Adam and cross-entropy.
+                     standardize=True, optimizer="adam", schedule=(), final_bn=False, after_epoch=None):
+    """Fit a `classifier` on features `x (N, D)` / labels `y (N,)` with cross-entropy.
 
     standardize: train on `(x - mean) / std` per dimension (the train set's), returned folded into the
-    `nn.Linear`, so it applies to features as `x` comes. Returns `(classifier, last batch loss)`."""
+    classifier, so it applies to features as `x` comes. optimizer "adam": Adam with a cosine schedule; "sgd":
+    SGD momentum 0.9, the lr times 0.1 from each epoch of `schedule` (CoCLR's adjust_learning_rate).
+    `after_epoch(epoch, predict)` (0-based) runs after every epoch with `predict(x) -> logits` in eval mode.
+    Returns `(classifier in eval mode, last batch's loss)`.
+    """
     g = torch.Generator().manual_seed(seed)
     x, y = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.long)
     mean, std = standardizer(x) if standardize else (torch.zeros(x.shape[1]), torch.ones(x.shape[1]))
     z = (x - mean) / std
-    clf = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():  # nn.Linear's init, drawn from `seed`: the same probe whatever ran before it
-        bound = x.shape[1] ** -0.5
-        clf.weight.uniform_(-bound, bound, generator=g)
-        clf.bias.uniform_(-bound, bound, generator=g)
-    opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
-    for _ in range(epochs):
+    clf = classifier(x.shape[1], num_classes, final_bn, g)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.1 ** sum(e >= m for m in schedule))
+    else:
+        opt = torch.optim.Adam(clf.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
+    for epoch in range(epochs):
+        clf.train()
         for idx in torch.randperm(len(z), generator=g).split(batch_size):
+            if final_bn and len(idx) < 2:  # BatchNorm cannot train on one row
+                continue
             loss = F.cross_entropy(clf(z[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         sched.step()
-    return fold_standardization(clf, mean, std), float(loss.detach())
+        if after_epoch is not None:
+            with torch.no_grad():
+                after_epoch(epoch, lambda t: clf.eval()((torch.as_tensor(t) - mean) / std))
+    return fold_standardization(clf.eval(), mean, std), float(loss.detach())
 
 
 def _prepare(x, l2_normalize):
@@ -135,28 +180,53 @@ def _prepare(x, l2_normalize):
     return F.normalize(x, dim=1) if l2_normalize else x
 
 
+def rows(cached, features):
+    """The probe's rows of a subset: every clip (`features="clip"`) or each video's mean clip feature ("video")."""
+    if features == "clip":
+        return cached
+    ids, mean, labels = video_average(cached["features"], cached["video_ids"], cached["labels"])
+    return {"features": mean, "labels": labels, "video_ids": ids}
+
+
+def probe_metrics(logits, test):
+    """Clip-level (one row per clip; for video rows, the video itself) and video-level top-1/top-5 (softmax
+    averaged over a video's rows)."""
+    _, video_probs, video_labels = video_scores(logits, test["video_ids"], test["labels"])
+    metrics = {f"clip_{k}": v for k, v in topk_accuracy(logits, test["labels"]).items()}
+    metrics.update({f"video_{k}": v for k, v in topk_accuracy(video_probs, video_labels).items()})
+    return metrics, len(video_labels)
+
+
 def run(cfg):
-    common.seed_everything(cfg.seed)
+    common.start(cfg, "linear")
     encoder = common.load_model(cfg).to(cfg.device).eval().requires_grad_(False)
     before = snapshot(encoder)
-    train = cached_features(cfg, encoder, "train")
-    test = cached_features(cfg, encoder, "test")
+    train = rows(cached_features(cfg, encoder, "train"), cfg.features)
+    test = rows(cached_features(cfg, encoder, "test"), cfg.features)
     num_classes = int(max(train["labels"].max(), test["labels"].max())) + 1
+    recipe = protocols.part(cfg, "probe")
+    test_x = _prepare(test["features"], cfg.l2_normalize)
+    evaluations = []  # (epoch, video top-1) every recipe.eval_every epochs (CoCLR: `epoch % eval_freq == 0`)
+
+    def after_epoch(epoch, predict):
+        if recipe.eval_every and epoch % recipe.eval_every == 0:
+            evaluations.append((epoch + 1, probe_metrics(predict(test_x).numpy(), test)[0]))
 
     clf, loss = train_classifier(_prepare(train["features"], cfg.l2_normalize), train["labels"], num_classes,
                                  cfg.epochs, cfg.lr, cfg.weight_decay, cfg.classifier_batch_size, cfg.seed,
-                                 cfg.standardize)
+                                 cfg.standardize, cfg.optimizer, recipe.schedule, cfg.final_bn, after_epoch)
     with torch.no_grad():
-        logits = clf(_prepare(test["features"], cfg.l2_normalize)).numpy()
+        logits = clf(test_x).numpy()
     changed = changed_tensors(encoder, before)
     if changed:
         raise RuntimeError(f"linear probe changed {len(changed)} encoder tensors (e.g. {changed[0]}); the encoder must stay frozen")
 
-    _, video_probs, video_labels = video_scores(logits, test["video_ids"], test["labels"])
-    metrics = {"num_train_clips": len(train["labels"]), "num_test_clips": len(test["labels"]),
-               "num_test_videos": len(video_labels), "final_train_loss": loss, "encoder_unchanged": True}
-    metrics.update({f"clip_{k}": v for k, v in topk_accuracy(logits, test["labels"]).items()})
-    metrics.update({f"video_{k}": v for k, v in topk_accuracy(video_probs, video_labels).items()})
+    scores, num_videos = probe_metrics(logits, test)
+    metrics = {"num_train_rows": len(train["labels"]), "num_test_rows": len(test["labels"]),
+               "num_test_videos": num_videos, "final_train_loss": loss, "encoder_unchanged": True, **scores}
+    if recipe.report == "last+best" and evaluations:  # chosen on the test split (CoCLR's `val_acc >= best_acc`)
+        epoch, best = max(reversed(evaluations), key=lambda e: e[1]["video_top1"])
+        metrics.update(best_on_test_video_top1=best["video_top1"], best_on_test_epoch=epoch)
     return common.write_results(cfg, "linear", metrics)
 
 

@@ -83,13 +83,14 @@ def dropped_features(cfg, encoder, loader, drop_fns, micro_batch=None):
     if micro_batch is None:
         micro_batch = common.plan_micro_batch(cfg, encoder, cfg.batch_size, input_views=2)
     encoder.eval()
+    norm = common.input_stats(cfg, encoder)
 
     def features(x):
         return torch.cat([encoder.forward_features(part).float().cpu() for part in x.split(micro_batch)])
 
     clean, dropped, labels, ids = [], {}, [], []
     for clip, label, video_id in tqdm(loader, desc="robustness", leave=False):
-        x = normalize(clip.to(cfg.device))  # (B, 3, T, H, W)
+        x = normalize(clip.to(cfg.device), norm["mean"], norm["std"])  # (B, 3, T, H, W)
         clean.append(features(x))
         for name, fn in drop_fns.items():
             for r in cfg.ratios:
@@ -176,7 +177,7 @@ def plot(rows, names, ks, path):
 
 
 def run(cfg):
-    common.seed_everything(cfg.seed)
+    common.start(cfg, "robustness")
     encoder = common.load_model(cfg).to(cfg.device).eval()
     generator = load_generator(cfg.generator, cfg.fill).to(cfg.device) if cfg.generator else None
     rows = common.extract(cfg, encoder, "train")

@@ -1,14 +1,17 @@
-"""The whole evaluation protocol in one table: fine-tune, linear probe and kNN/retrieval on UCF101 and
-HMDB51, over splits and seeds, reported as mean +- std.
+"""The whole evaluation in one table, under one protocol: fine-tune, linear probe and kNN/retrieval on UCF101
+and HMDB51, per split (mean +- std over seeds) and as the mean over splits.
 
-    videomoco evaluate --suite paper --ucf101 DIR --hmdb51 DIR --pretrained CKPT \
-        [--splits 1 2 3] [--seeds 0 1 2] [--protocols finetune linear knn] --out runs/eval
+    videomoco evaluate --protocol authors --ucf101 DIR --hmdb51 DIR --pretrained CKPT \
+        [--splits 1 2 3] [--seeds 0 1 2] [--tasks finetune linear knn] --out runs/eval
     videomoco evaluate --folder MYDATA --pretrained CKPT ...    # your own labels: MYDATA/{train,test}/<class>/
 
-Each run writes its own directory `OUT/<dataset>/split<k>/<protocol>_seed<n>/`; the table goes to
-`OUT/results.md` and `OUT/results.json` (every run's metrics plus the aggregates). kNN has no
+`--protocol` (eval/protocols.py, docs/eval.md) sets every choice of every task; a flag next to it overrides
+that one choice (a deviation, written with the results). Each run writes its own directory
+`OUT/<dataset>/split<k>/<task>_seed<n>/`; the table goes to `OUT/results.md` and `OUT/results.json` (every
+run's metrics, the protocol and its deviations, and the rows). Papers report split 1 or the mean of the three
+splits: both are rows of their own, and the seeds of a split give its mean +- std (n = seeds). kNN has no
 randomness, so it runs once per split; the linear probe shares one feature cache per split.
-`--suite quick` shortens every schedule (1 fine-tuning epoch, 10 probe epochs) for smoke tests.
+`--suite quick` shortens every schedule (1 fine-tuning epoch, 10 probe epochs) for smoke tests: deviations.
 """
 
 import dataclasses
@@ -22,18 +25,19 @@ import numpy as np
 
 from videomoco import markdown
 from videomoco.data.index import open_index
-from videomoco.eval import common, finetune, knn, linear
+from videomoco.eval import common, finetune, knn, linear, protocols
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = {"finetune": finetune, "linear": linear, "knn": knn}
-REPORTED = {  # protocol -> metrics in the table, in order
+TASKS = {"finetune": finetune, "linear": linear, "knn": knn}
+REPORTED = {  # task -> metrics in the table, in order
     "finetune": ("clip_top1", "clip_top5", "video_top1", "video_top5"),
     "linear": ("clip_top1", "video_top1"),
     "knn": ("knn_top1_k1", "knn_top1_k20", "R@1", "R@5", "R@10", "R@20", "R@50"),
 }
-PRESETS = {  # suite -> (fine-tuning epochs, LR milestones, linear-probe epochs)
-    "paper": (100, [60, 80], 100),
+BEST = "best_on_test_video_top1"  # reported too, labelled, where the protocol keeps the best epoch on the test split
+PRESETS = {  # suite -> overrides of the protocol's schedules (fine-tuning epochs, LR milestones, probe epochs)
+    "paper": (None, None, None),
     "quick": (1, [], 10),
 }
 
@@ -46,24 +50,26 @@ class SuiteConfig(common.EvalConfig):
     folder: str = ""  # one's own labelled videos: DIR/train/<class>/ and DIR/test/<class>/ (or val/)
     splits: list = field(default_factory=lambda: [1, 2, 3])
     seeds: list = field(default_factory=lambda: [0])
-    protocols: list = field(default_factory=lambda: ["finetune", "linear", "knn"])
-    finetune_epochs: int = 0  # 0 = the suite's preset
-    finetune_lr: float = 0.05
+    tasks: list = field(default_factory=lambda: ["finetune", "linear", "knn"])
+    batch_size: int | None = None  # None: the fine-tuning protocol's, and 16 for the probes
+    finetune_epochs: int = 0  # 0 = the protocol's (or the quick suite's)
+    finetune_lr: float | None = None  # None = the protocol's
     out: str = "runs/evaluate"
 
 
 def add_arguments(parser):
     common.add_common_arguments(parser, SuiteConfig, data=False)
     flag = partial(common.add_flag, parser, SuiteConfig)
-    flag("suite", "paper schedules or a quick smoke test", choices=sorted(PRESETS))
+    flag("suite", "paper: the protocol's schedules; quick: a smoke test", choices=sorted(PRESETS))
     flag("ucf101", "UCF101 root (with ucfTrainTestlist/) or its index")
     flag("hmdb51", "HMDB51 root (with testTrainMulti_7030_splits/) or its index")
     flag("folder", "your own labelled videos: DIR/train/<class>/ and DIR/test/<class>/ (or DIR/val/<class>/)")
-    flag("splits", "official splits (1 = authors' parity)", nargs="+")
+    flag("splits", "official splits (papers: 1, or the mean of 1 2 3)", nargs="+")
     flag("seeds", "seeds of the fine-tuning and linear runs", nargs="+")
-    flag("protocols", "protocols to run", nargs="+", choices=list(PROTOCOLS))
-    flag("finetune_epochs", "override the suite's fine-tuning epochs (0: the preset's)")
-    flag("finetune_lr", "fine-tuning learning rate")
+    parser.add_argument("--tasks", "--protocols", dest="tasks", nargs="+", choices=list(TASKS),
+                        default=SuiteConfig().tasks, help="evaluations to run (--protocols: the former spelling)")
+    flag("finetune_epochs", "override the protocol's fine-tuning epochs (0: the protocol's)")
+    flag("finetune_lr", "override the protocol's fine-tuning learning rate")
 
 
 LAYOUTS = {"ucf101": "ucf101", "hmdb51": "hmdb51", "folder": "kinetics"}  # flag -> the index layout it reads
@@ -71,7 +77,7 @@ LAYOUTS = {"ucf101": "ucf101", "hmdb51": "hmdb51", "folder": "kinetics"}  # flag
 
 def check_layout(dataset, root):
     """One line naming the right flag when `root` (given as --ucf101 / --hmdb51 / --folder) holds another layout;
-    before any run, so no protocol's error names a flag that `evaluate` does not have."""
+    before any run, so no task's error names a flag that `evaluate` does not have."""
     index = open_index(root)
     if index.layout == LAYOUTS[dataset]:
         return
@@ -83,38 +89,57 @@ def check_layout(dataset, root):
     raise ValueError(f"--{dataset} {root} is indexed as {index.layout}, not {dataset}: {fix}")
 
 
-def protocol_config(cfg, protocol, dataset, root, split, seed):
-    """The config of one run: the suite's shared fields plus the protocol's schedule."""
+def task_config(cfg, task, dataset, root, split, seed):
+    """The config of one run: the suite's shared fields (those left at None: the protocol's) and the suite's
+    schedule overrides."""
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(common.EvalConfig)}
+    shared = {k: v for k, v in shared.items() if v is not None}
     run_dir = Path(cfg.out) / dataset / f"split{split}"
-    shared.update(data=root, dataset=dataset, split=split, seed=seed, out=str(run_dir / f"{protocol}_seed{seed}"))
+    shared.update(data=root, dataset=dataset, split=split, seed=seed, out=str(run_dir / f"{task}_seed{seed}"))
     epochs, schedule, linear_epochs = PRESETS[cfg.suite]
-    if protocol == "finetune":
-        return finetune.FinetuneConfig(**shared, epochs=cfg.finetune_epochs or epochs, schedule=schedule, lr=cfg.finetune_lr)
-    if protocol == "linear":
+    if task == "finetune":
+        return finetune.FinetuneConfig(**shared, epochs=cfg.finetune_epochs or epochs, schedule=schedule,
+                                       lr=cfg.finetune_lr)
+    if task == "linear":
         return linear.LinearConfig(**shared, epochs=linear_epochs, cache_dir=str(run_dir / "linear_features"))
     return knn.KnnConfig(**shared)
 
 
-def aggregate(runs):
-    """`[{"dataset", "protocol", "metrics"}]` -> rows `{"dataset", "protocol", "metric", "mean", "std", "n"}`."""
+def _stats(values):
+    values = np.asarray(values, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def aggregate(runs, protocol):
+    """`[{"dataset", "task", "split", "seed", "metrics"}]` -> rows `{"protocol", "dataset", "task", "metric",
+    "split", "mean", "std", "n"}`: one per split (over its seeds, n = seeds) and, with several splits, one for
+    the mean over the splits of their means (`split` "mean 1,2,3", std over splits, n = splits)."""
     rows = []
     for dataset in dict.fromkeys(r["dataset"] for r in runs):
-        for protocol in PROTOCOLS:
-            mine = [r["metrics"] for r in runs if r["dataset"] == dataset and r["protocol"] == protocol]
-            for metric in REPORTED[protocol] if mine else ():
-                values = np.array([m[metric] for m in mine], dtype=np.float64)
-                std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-                rows.append({"dataset": dataset, "protocol": protocol, "metric": metric,
-                             "mean": float(values.mean()), "std": std, "n": len(values)})
+        for task in TASKS:
+            mine = [r for r in runs if r["dataset"] == dataset and r["task"] == task]
+            metrics = [m for m in REPORTED[task] + (BEST,) if mine and all(m in r["metrics"] for r in mine)]
+            splits = sorted({r["split"] for r in mine})
+            for metric in metrics:
+                means = []
+                for split in splits:
+                    stats = _stats([r["metrics"][metric] for r in mine if r["split"] == split])
+                    means.append(stats["mean"])
+                    rows.append({"protocol": protocol, "dataset": dataset, "task": task, "metric": metric,
+                                 "split": str(split), **stats})
+                if len(splits) > 1:
+                    rows.append({"protocol": protocol, "dataset": dataset, "task": task, "metric": metric,
+                                 "split": "mean " + ",".join(map(str, splits)), **_stats(means)})
     return rows
 
 
 def results_table(rows):
-    """The aggregated rows as markdown: one line per dataset, protocol and metric."""
-    return "\n".join(markdown.table(["dataset", "protocol", "metric", "mean ± std (%)", "runs"],
-                                    [[r["dataset"], r["protocol"], r["metric"], f"{r['mean']:.2f} ± {r['std']:.2f}",
-                                      r["n"]] for r in rows]))
+    """The aggregated rows as markdown: one line per dataset, task, metric and split (or mean of splits)."""
+    return "\n".join(markdown.table(
+        ["protocol", "dataset", "task", "metric", "split", "mean ± std (%)", "n"],
+        [[r["protocol"], r["dataset"], r["task"], r["metric"], r["split"], f"{r['mean']:.2f} ± {r['std']:.2f}",
+          f"{r['n']} {'splits' if r['split'].startswith('mean') else 'seeds'}"] for r in rows]))
 
 
 def run(cfg):
@@ -127,24 +152,32 @@ def run(cfg):
         raise ValueError(f"--splits must be 1, 2 or 3, got {bad[0]}")
     for dataset, root in datasets.items():
         check_layout(dataset, root)
-    runs = []
+    runs, deviations = [], {}
     for dataset, root in datasets.items():
         for split in cfg.splits if dataset != "folder" else cfg.splits[:1]:  # a folder has one train/test split
-            for protocol in cfg.protocols:
-                for seed in cfg.seeds[:1] if protocol == "knn" else cfg.seeds:  # kNN is deterministic
-                    run_cfg = protocol_config(cfg, protocol, dataset, root, split, seed)
-                    log.info("%s %s split %d seed %d -> %s", protocol, dataset, split, seed, run_cfg.out)
-                    metrics = PROTOCOLS[protocol].run(run_cfg)
-                    runs.append({"dataset": dataset, "protocol": protocol, "split": split, "seed": seed,
-                                 "out": run_cfg.out, "metrics": {k: metrics[k] for k in REPORTED[protocol]}})
-    rows = aggregate(runs)
+            for task in cfg.tasks:
+                for seed in cfg.seeds[:1] if task == "knn" else cfg.seeds:  # kNN is deterministic
+                    run_cfg = task_config(cfg, task, dataset, root, split, seed)
+                    log.info("%s %s split %d seed %d -> %s", task, dataset, split, seed, run_cfg.out)
+                    metrics = TASKS[task].run(run_cfg)
+                    deviations[task] = protocols.deviations(run_cfg)
+                    kept = [m for m in REPORTED[task] + (BEST,) if m in metrics]
+                    runs.append({"protocol": cfg.protocol, "dataset": dataset, "task": task, "split": split,
+                                 "seed": seed, "out": run_cfg.out, "metrics": {k: metrics[k] for k in kept}})
+    rows = aggregate(runs, cfg.protocol)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     table = results_table(rows)
-    header = f"# VideoMoCo evaluation ({cfg.suite})\n\ncheckpoint: `{cfg.pretrained or 'random init'}`, " \
-             f"splits {cfg.splits}, seeds {cfg.seeds}\n\n"
+    changed = "; ".join(f"{task}: " + ", ".join(f"{k} {v['used']} (protocol: {v['protocol']})" for k, v in dev.items())
+                        for task, dev in deviations.items() if dev) or "none"
+    header = (f"# VideoMoCo evaluation, protocol {cfg.protocol} ({cfg.suite})\n\ncheckpoint: "
+              f"`{cfg.pretrained or 'random init'}`, splits {cfg.splits}, seeds {cfg.seeds}\n\n"
+              f"deviations from the protocol: {changed}\n\n"
+              f"`{BEST}`: the best epoch chosen on the test split itself (what the source reports), not a "
+              "held-out choice.\n\n")
     (out / "results.md").write_text(header + table + "\n")
-    record = {"config": dataclasses.asdict(cfg), "runs": runs, "table": rows}
+    record = {"protocol": cfg.protocol, "deviations": deviations, "config": dataclasses.asdict(cfg), "runs": runs,
+              "table": rows}
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     print(header + table)
     return record

@@ -1,14 +1,17 @@
-"""The authors' `eval.py` command line (tinapan-pt/VideoMoCo), forwarded to `videomoco finetune`.
+"""The authors' `eval.py` command line (tinapan-pt/VideoMoCo), run as `videomoco finetune --protocol authors`.
 
-    python eval.py DATA --pretrained checkpoint_0199.pth.tar -a r2plus1d_18 -fpc 16 -cs 112 -cpv 10
+    python eval.py DATA --pretrained checkpoint_0199.pth.tar -a r2plus1d_18
 
 DATA is their layout (`DATA/data/<Class>/*.avi` + `DATA/anno/{classInd,trainlist01,testlist01}.txt`)
-or a UCF101 root with `ucfTrainTestlist/`. Only flags given on the command line are forwarded, so
-`videomoco finetune`'s defaults apply otherwise: 16 frames, crop 112, 10 clips, 100 epochs, milestones
-60 80, momentum 0.9, no weight decay, --lr 0.05, batch 16. Those are the defaults of the authors' first
-release of eval.py (but their lr 30, a linear-probe leftover); their current eval.py defaults to 32 frames,
-crop 224, lr 0.005, 10 epochs, milestones 6 8, weight decay 1e-4: pass them to get those. Distributed and
-logging flags are accepted and ignored.
+or a UCF101 root with `ucfTrainTestlist/`. The protocol `authors` is their current eval.py (aba3795, unchanged
+at 42e069a): 32 frames, crop 224, ImageNet mean/std, 10 random clips per video per epoch, RandomResizedCrop
+(0.08, 1) + flip, BN in eval mode, SGD lr 0.005 momentum 0.9 weight decay 1e-4, batch 256, 10 epochs with
+steps at 6 and 8; at test 10 clips per video, a 224 centre crop of the raw frames, logits averaged; the last
+epoch is reported and, labelled best_on_test_*, the best epoch on the test split (their best_acc1, the 82.5 of
+their README). Their first eval.py (0ed0a13: lr 30, 100 epochs, steps 60 80, every layer but fc frozen) was a
+linear probe: `videomoco finetune --protocol authors-lincls`. Only flags given on the command line are
+forwarded; each overrides that one choice and is logged as a deviation. Distributed and logging flags are
+accepted and ignored.
 """
 
 import argparse
@@ -54,7 +57,7 @@ def translate(argv):
         from videomoco.data.index import build_index
 
         data = Path(build_index(data / "data", layout=args["dataset"], split_dir=data / "anno").dir)
-    out = ["finetune", str(data), "--dataset", args.pop("dataset"), "--split", args.pop("split")]
+    out = ["finetune", str(data), "--protocol", "authors", "--dataset", args.pop("dataset"), "--split", args.pop("split")]
     gpu = args.pop("gpu")
     if gpu is not None:
         out += ["--device", f"cuda:{gpu}"]

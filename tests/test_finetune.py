@@ -117,8 +117,8 @@ def test_root_eval_py_translates_the_authors_flags(tmp_path):
     argv = module.translate([str(tmp_path), "-a", "r2plus1d_18", "-fpc", "32", "-cs", "224", "-cpv", "5", "--lr", "0.1",
                              "--schedule", "10", "20", "--wd", "5e-4", "--pretrained", "ckpt.pth", "--cos", "-e",
                              "--multiprocessing-distributed", "--dist-url", "tcp://localhost:10001", "--gpu", "0"])
-    assert argv[:6] == ["finetune", str(tmp_path), "--dataset", "ucf101", "--split", "1"]
-    pairs = dict(zip(argv[6::1], argv[7::1]))
+    assert argv[:8] == ["finetune", str(tmp_path), "--protocol", "authors", "--dataset", "ucf101", "--split", "1"]
+    pairs = dict(zip(argv[8::1], argv[9::1]))
     assert pairs["--arch"] == "r2plus1d_18" and pairs["--frames"] == "32" and pairs["--crop"] == "224"
     assert pairs["--num-clips"] == "5" and pairs["--lr"] == "0.1" and float(pairs["--weight-decay"]) == 5e-4
     assert pairs["--device"] == "cuda:0" and "--cos" in argv and "--evaluate" in argv
@@ -134,8 +134,13 @@ def test_root_eval_py_runs_on_the_authors_data_layout(tmp_path, make_video):
     argv = authors_eval_py().translate([str(tmp_path), "--pretrained", str(tmp_path / "ckpt.pth"), "--epochs", "1",
                                         "-fpc", "8", "-cs", "32", "-cpv", "2", "-b", "2", "-j", "0", "--ckp_dir", str(out)])
     assert cli(argv + ["--device", "cpu"]) == 0
-    m = json.loads((out / "metrics.json").read_text())["metrics"]
+    record = json.loads((out / "metrics.json").read_text())
+    m = record["metrics"]
     assert m["num_test_videos"] == 2 and m["num_classes"] == 2
+    # the authors' protocol: their flags given here are the deviations; the best epoch on the test split labelled
+    assert record["protocol"] == "authors" and set(record["deviations"]) == {"epochs", "frames", "crop", "num_clips", "batch_size"}
+    assert m["best_on_test_epoch"] == 1 and m["best_on_test_video_top1"] == m["video_top1"]
+    assert record["config"]["bn"] == "eval" and record["config"]["aggregation"] == "logits"
 
 
 def test_grad_checkpointing_flag_trains_the_same_model(tmp_path, make_video, monkeypatch):

@@ -33,6 +33,7 @@ from videomoco.engine.checkpoint import (WRITE_ERRNOS, CheckpointError, WriteErr
                                          load_encoder, resolve_encoder, write_error)
 from videomoco.engine import memory
 from videomoco.engine.config import check_output_dir, error_line, micro_batch_arg, resolve_device
+from videomoco.engine.pretrain import AMP_DTYPES, resolve_precision
 from videomoco.eval import protocols
 from videomoco.eval.features import extract_features
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARED,
@@ -42,6 +43,7 @@ from videomoco.models import build_encoder, list_encoders
 log = logging.getLogger(__name__)
 
 DATASETS = ("ucf101", "hmdb51", "folder")
+PRECISIONS = ("auto", "fp32", "bf16")
 SPLIT = Number(int, 1, 3)
 
 
@@ -65,6 +67,7 @@ class EvalConfig:
     batch_size: int = 16
     workers: int = 4
     device: str = "auto"  # resolved by `check_values`: cuda when a GPU is visible, else cpu
+    precision: str = "auto"  # autocast dtype: auto = bf16 on a CUDA GPU with native bf16, else fp32
     seed: int = 0
     micro_batch: int | str = "auto"  # clips per forward / per fine-tuning micro-batch; auto: planned from memory
     memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
@@ -117,6 +120,8 @@ def add_common_arguments(parser, cfg_cls=EvalConfig, data=True):
     add_flag(parser, cfg_cls, "batch_size", "videos (test: clips) per batch")
     add_flag(parser, cfg_cls, "workers", "data loading workers")
     add_flag(parser, cfg_cls, "device", "cpu, cuda or cuda:N")
+    add_flag(parser, cfg_cls, "precision", "autocast dtype; auto: bf16 on a CUDA GPU with native bf16, else fp32",
+             choices=list(PRECISIONS))
     add_flag(parser, cfg_cls, "seed")
     add_memory_arguments(parser, cfg_cls)
     add_flag(parser, cfg_cls, "out", "output directory (metrics.json, summary.md, ...)")
@@ -154,6 +159,8 @@ def check_values(cfg):
         if f.name in RANGES and value is not None:
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 RANGES[f.name].check(item, f"--{f.name.replace('_', '-')}")
+    if getattr(cfg, "precision", "auto") not in PRECISIONS:
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if getattr(cfg, "num_crops", 1) not in (1, 3):
         raise ValueError(f"--num-crops must be 1 or 3, got {cfg.num_crops}")
     if hasattr(cfg, "device"):
@@ -249,6 +256,18 @@ def start(cfg, command):
     log.info("%s: %s", command, protocols.describe(cfg))
 
 
+def accelerate(cfg, model):
+    """Set `model` up for speed on `cfg.device` as pretraining does: on CUDA, cudnn.benchmark and a
+    channels_last_3d model (`features.device_layout` gives its inputs the same layout). Returns the autocast
+    dtype of `cfg.precision` (None: fp32)."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last_3d)
+    precision = resolve_precision(getattr(cfg, "precision", "auto"), device)
+    return AMP_DTYPES[precision]
+
+
 def input_stats(cfg, model):
     """The input normalisation `{"name", "mean", "std"}` an evaluation feeds `model`: the protocol's (or
     `--input-norm`'s) when it names one, else the one the checkpoint recorded (`model.preprocessing`); one log
@@ -339,7 +358,8 @@ def extract(cfg, encoder, subset, head=False, clip_fn=None, micro_batch=None, no
         micro_batch = plan_micro_batch(cfg, encoder, cfg.batch_size, head=head)
     norm = norm or input_stats(cfg, encoder)
     return extract_features(encoder, loader, cfg.device, head=head, clip_fn=clip_fn, progress=True,
-                            micro_batch=micro_batch, mean=norm["mean"], std=norm["std"])
+                            micro_batch=micro_batch, mean=norm["mean"], std=norm["std"],
+                            amp_dtype=accelerate(cfg, encoder))
 
 
 # --------------------------------------------------------------------------- memory planning

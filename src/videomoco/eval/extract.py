@@ -29,6 +29,7 @@ from videomoco.data.augment import input_norm, normalize
 from videomoco.data.datasets import DECODE_ERRORS, clamp_workers
 from videomoco.data.index import open_index
 from videomoco.eval import common
+from videomoco.eval.features import device_layout
 from videomoco.flags import fail
 from videomoco.transforms import crop_clips, read_clips
 
@@ -51,6 +52,7 @@ class ExtractConfig:
     chunk_size: int = 512  # videos per saved chunk
     workers: int = 4
     device: str = "auto"  # resolved by `common.check_values`
+    precision: str = "auto"  # autocast dtype: auto = bf16 on a CUDA GPU with native bf16, else fp32
     micro_batch: int | str = "auto"  # clips per forward; auto: planned from memory
     memory_budget: str = ""  # what the planner may assume this process can use in all, e.g. 16GB
 
@@ -74,6 +76,8 @@ def add_arguments(parser):
     flag("chunk_size", "videos per resumable chunk")
     flag("workers", "data loading workers")
     flag("device", "cpu, cuda or cuda:N")
+    flag("precision", "autocast dtype; auto: bf16 on a CUDA GPU with native bf16, else fp32",
+         choices=list(common.PRECISIONS))
     common.add_memory_arguments(parser, ExtractConfig)
 
 
@@ -116,11 +120,13 @@ def extract_chunk(encoder, dataset, rows, cfg, micro_batch=None, bar=None):
                         num_workers=clamp_workers(cfg.workers))
     # what the encoder was trained with (a random-init baseline has no record: Kinetics')
     norm = getattr(encoder, "preprocessing", {}).get("input_norm") or input_norm("kinetics")
+    amp_dtype = common.accelerate(cfg, encoder)
     feats, oks = [], []
     for clips, _, ok in loader:
         b, n = clips.shape[:2]
         x = normalize(clips.flatten(0, 1).to(cfg.device), norm["mean"], norm["std"])  # (B*N, 3, T, S, S)
-        out = torch.cat([encoder.forward_features(part) for part in x.split(micro_batch)])
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = torch.cat([encoder.forward_features(device_layout(part)).float() for part in x.split(micro_batch)])
         feats.append(out.float().view(b, n, -1).mean(1).cpu())  # (B, D)
         oks.append(ok)
         if bar is not None:

@@ -13,15 +13,21 @@ from tqdm import tqdm
 from videomoco.data.augment import KINETICS_MEAN, KINETICS_STD, normalize
 
 
+def device_layout(x):
+    """`x (B, C, T, H, W)` in channels_last_3d on CUDA (where `common.accelerate` puts the model), else as is."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.is_cuda else x
+
+
 @torch.inference_mode()
 def extract_features(encoder, loader, device="cpu", head=False, clip_fn=None, progress=False, micro_batch=None,
-                     mean=KINETICS_MEAN, std=KINETICS_STD):
+                     mean=KINETICS_MEAN, std=KINETICS_STD, amp_dtype=None):
     """Run `encoder` over `loader`; returns clip-level rows as numpy arrays.
 
     `head=False` gives `forward_features` (pooled, pre-head `(N, feature_dim)`), `head=True` the full
     forward (logits). `clip_fn(x) -> x` is applied to the normalised float clip (robustness drops), on
     the whole loader batch. `micro_batch`: clips per forward (None: the whole batch); BN is in eval
-    mode, so the split does not change the features. `mean`, `std`: the input normalisation.
+    mode, so the split does not change the features. `mean`, `std`: the input normalisation; `amp_dtype`:
+    the autocast dtype of the forward (None: fp32); features come back in float32 either way.
     Returns `{"features": (N, D) float32, "labels": (N,) int64, "video_ids": (N,) int64}`.
     """
     encoder.eval()
@@ -31,7 +37,9 @@ def extract_features(encoder, loader, device="cpu", head=False, clip_fn=None, pr
         x = normalize(clip.to(device, non_blocking=True), mean, std)  # (B, 3, T, H, W) float
         if clip_fn is not None:
             x = clip_fn(x)
-        feats += [forward(part).float().cpu() for part in (x.split(micro_batch) if micro_batch else (x,))]
+        with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            feats += [forward(device_layout(part)).float().cpu()
+                      for part in (x.split(micro_batch) if micro_batch else (x,))]
         labels.append(torch.as_tensor(label).view(-1).cpu())
         ids.append(torch.as_tensor(video_id).view(-1).cpu())
     if not feats:

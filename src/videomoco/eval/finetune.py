@@ -37,7 +37,7 @@ from videomoco.engine.checkpoint import (checkpoint_input_norm, encoder_input_no
                                          restore, save_checkpoint)
 from videomoco.engine.schedule import learning_rate
 from videomoco.eval import common, protocols
-from videomoco.eval.features import confusion_matrix, per_class_accuracy, topk_accuracy, video_scores
+from videomoco.eval.features import confusion_matrix, device_layout, per_class_accuracy, topk_accuracy, video_scores
 from videomoco.models import set_grad_checkpointing
 
 log = logging.getLogger(__name__)
@@ -101,14 +101,16 @@ def flip(x, generator=None):
     return torch.where(mask.to(x.device)[:, None, None, None, None], x.flip(-1), x)
 
 
-def train_one_epoch(model, loader, optimizer, device, generator=None, micro_batch=None, norm=None, bn="train"):
+def train_one_epoch(model, loader, optimizer, device, generator=None, micro_batch=None, norm=None, bn="train",
+                    amp_dtype=None):
     """One pass over `loader`; returns the mean loss and clip accuracy of the epoch.
 
     micro_batch: clips per forward/backward (None: the whole batch). The gradients of a batch's
     micro-batches, each loss weighted by its share of the batch, add up to those of the batch's mean
     loss: one optimizer step per batch. (BN in train mode normalises each micro-batch on its own.)
     norm: `{"mean", "std"}` of the input (None: Kinetics'); bn="eval" keeps BN's running statistics (the
-    authors' eval.py), so micro-batches change nothing.
+    authors' eval.py), so micro-batches change nothing. amp_dtype: autocast dtype of the forward (bf16 needs no
+    loss scaling; None: fp32).
     """
     model.train(bn == "train")
     stats = (norm["mean"], norm["std"]) if norm else ()
@@ -119,7 +121,8 @@ def train_one_epoch(model, loader, optimizer, device, generator=None, micro_batc
         optimizer.zero_grad(set_to_none=True)
         parts = list(zip(x.split(micro_batch), label.split(micro_batch))) if micro_batch else [(x, label)]
         for xs, ys in parts:
-            logits = model(xs)  # (b, C)
+            with torch.autocast(torch.device(device).type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(device_layout(xs)).float()  # (b, C)
             loss = F.cross_entropy(logits, ys)
             (loss * (len(ys) / len(label)) if len(parts) > 1 else loss).backward()
             total_loss += loss.detach() * len(ys)
@@ -206,6 +209,7 @@ def run(cfg):
     optimizer = _optimizer(cfg, model)
     start = _resume(cfg, model, optimizer, num_classes) if cfg.resume else 0
     norm = common.input_stats(cfg, model)
+    amp_dtype = common.accelerate(cfg, model)
     best_each_epoch = protocols.part(cfg, "finetune").report == "last+best"
     micro_batch = None
     if not cfg.evaluate and start < cfg.epochs:  # planned once, before the first batch
@@ -221,7 +225,8 @@ def run(cfg):
         for group in optimizer.param_groups:
             group["lr"] = lr
         set_epoch(loader, epoch)
-        loss, acc = train_one_epoch(model, loader, optimizer, cfg.device, generator, micro_batch, norm, cfg.bn)
+        loss, acc = train_one_epoch(model, loader, optimizer, cfg.device, generator, micro_batch, norm, cfg.bn,
+                                    amp_dtype)
         log.info("epoch %d/%d lr %.4g loss %.4f train clip acc %.2f", epoch + 1, cfg.epochs, lr, loss, acc)
         record = {"epoch": epoch + 1, "lr": lr, "train_loss": loss, "train_clip_top1": acc}
         last = epoch + 1 == cfg.epochs

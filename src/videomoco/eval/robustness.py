@@ -27,7 +27,7 @@ from videomoco.data.augment import normalize
 from videomoco.engine.checkpoint import (CheckpointError, check_finite, checkpoint_generator_kind, read_checkpoint,
                                          restore)
 from videomoco.eval import common
-from videomoco.eval.features import video_average
+from videomoco.eval.features import device_layout, video_average
 from videomoco.eval.knn import knn_accuracy
 from videomoco.method.generator import FILL_MODES, build_generator, drop_frames, random_drop
 
@@ -84,9 +84,11 @@ def dropped_features(cfg, encoder, loader, drop_fns, micro_batch=None):
         micro_batch = common.plan_micro_batch(cfg, encoder, cfg.batch_size, input_views=2)
     encoder.eval()
     norm = common.input_stats(cfg, encoder)
+    amp_dtype = common.accelerate(cfg, encoder)
 
     def features(x):
-        return torch.cat([encoder.forward_features(part).float().cpu() for part in x.split(micro_batch)])
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return torch.cat([encoder.forward_features(device_layout(part)).float().cpu() for part in x.split(micro_batch)])
 
     clean, dropped, labels, ids = [], {}, [], []
     for clip, label, video_id in tqdm(loader, desc="robustness", leave=False):

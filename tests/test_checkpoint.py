@@ -393,7 +393,7 @@ def test_checkpoints_follow_the_umask(tmp_path, umask, mode):
 
 
 def test_authors_checkpoint_carries_imagenet_statistics_and_features_depend_on_them(tmp_path):
-    """The authors' format loads with ImageNet statistics recorded (`model.input_norm`), which evaluation then
+    """The authors' format loads with ImageNet statistics recorded (`model.preprocessing`), which evaluation then
     feeds it; the other statistics give other features. Ours records Kinetics', through export and fine-tuning."""
     from eval_data import pretrain_checkpoint
 
@@ -408,7 +408,8 @@ def test_authors_checkpoint_carries_imagenet_statistics_and_features_depend_on_t
                "state_dict": {f"module.encoder_q.{k}": v for k, v in enc.state_dict().items()}}
     torch.save(authors, tmp_path / "checkpoint_0100.pth.tar")
     model = load_encoder(tmp_path / "checkpoint_0100.pth.tar").eval()
-    assert model.input_norm["name"] == "imagenet" and model.input_norm["mean"] == list(IMAGENET_MEAN)
+    recorded = model.preprocessing["input_norm"]
+    assert recorded["name"] == "imagenet" and recorded["mean"] == list(IMAGENET_MEAN)
 
     clip = torch.randint(0, 256, (2, 3, 4, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
@@ -426,11 +427,11 @@ def test_authors_checkpoint_carries_imagenet_statistics_and_features_depend_on_t
     # the record travels: export sidecar, fine-tuning checkpoint
     exported = save_export(model, tmp_path / "enc.pth")
     assert exported["input_norm"]["name"] == "imagenet"
-    assert load_encoder(tmp_path / "enc.pth").input_norm["name"] == "imagenet"
+    assert load_encoder(tmp_path / "enc.pth").preprocessing["input_norm"]["name"] == "imagenet"
     save_export(model, tmp_path / "enc.safetensors", fmt="safetensors")
-    assert load_encoder(tmp_path / "enc.safetensors").input_norm["name"] == "imagenet"
+    assert load_encoder(tmp_path / "enc.safetensors").preprocessing["input_norm"]["name"] == "imagenet"
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     state = finetune_state(model, opt, 1, 8)
     assert state["input_norm"]["name"] == "imagenet"
     torch.save(state, tmp_path / "ft.pth")
-    assert load_encoder(tmp_path / "ft.pth").input_norm["name"] == "imagenet"
+    assert load_encoder(tmp_path / "ft.pth").preprocessing["input_norm"]["name"] == "imagenet"

@@ -136,11 +136,11 @@ def test_coclr_is_their_retrieval_and_feature_probe():
     # then L2-normalised; L686 ks
     assert p.retrieval == protocols.RetrievalRecipe(center=True, recall_ks=(1, 5, 10, 20, 50))
     # feature_linear_probe.py L28 batch 1024, L29 lr 1.0 (README L124), L30 wd 1e-3, L31 100 epochs,
-    # L34 schedule [60, 80] x 0.1 (L218-225), L121 SGD momentum 0.9, L36 --normalize off, README L124 --final_bn,
+    # L34 schedule [60, 80] x 0.1 (L218-225), L121 SGD momentum 0.9, L36 --normalize off (and no standardisation: the BN does it), README L124 --final_bn,
     # L32 eval_freq 5 and L137-146 the best of those evaluations (>=)
     assert p.probe == protocols.ProbeRecipe(features="video", optimizer="sgd", epochs=100, lr=1.0, weight_decay=1e-3,
                                             schedule=(60, 80), classifier_batch_size=1024, l2_normalize=False,
-                                            final_bn=True, eval_every=5, report="last+best")
+                                            standardize=False, final_bn=True, eval_every=5, report="last+best")
 
 
 def test_slowfast_is_pyslowfast_multi_view_test():

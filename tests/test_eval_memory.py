@@ -1,4 +1,4 @@
-"""Memory planning of the evaluation commands (`videomoco.eval.common.plan_micro_batch`)."""
+"""Memory planning of the evaluation commands (`videomoco.eval.planning.plan_micro_batch`)."""
 
 import json
 import re
@@ -8,7 +8,7 @@ import torch
 
 from videomoco.cli import main as cli
 from videomoco.engine import memory
-from videomoco.eval import common
+from videomoco.eval import common, planning
 from videomoco.eval.finetune import FinetuneConfig
 from videomoco.models import build_encoder
 
@@ -32,7 +32,7 @@ def fake_probe(monkeypatch, fixed=100 * MB, per_clip=50 * MB):
         calls.append((train, head))
         return memory.StepEstimate(fixed, per_clip, per_input_clip)
 
-    monkeypatch.setattr(common, "probe_estimate", probe)
+    monkeypatch.setattr(planning, "probe_estimate", probe)
     return calls
 
 
@@ -41,17 +41,17 @@ def test_plan_splits_a_batch_that_does_not_fit_and_refuses_one_clip_that_does_no
     model = torch.nn.Linear(1, 1)
     cfg = FinetuneConfig(frames=16, crop=112, batch_size=8, workers=0, device="cpu", memory_budget="400MB")
     # usable 320 MB: 8 clips need 100 + 8 x 50 MB; 4 clips + 4 waiting inputs (~2.9 MB each) fit
-    assert common.plan_micro_batch(cfg, model, 8, train=True) == 4
-    assert common.plan_micro_batch(cfg, model, 8, train=True) == 4 and len(calls) == 1  # planned once
+    assert planning.plan_micro_batch(cfg, model, 8, train=True) == 4
+    assert planning.plan_micro_batch(cfg, model, 8, train=True) == 4 and len(calls) == 1  # planned once
     cfg.memory_budget = "135MB"  # usable 108 MB: room for 0.11 of a clip beside the fixed 100 MB
     with pytest.raises(memory.MemoryPlanError) as err:
-        common.plan_micro_batch(cfg, model, 8, train=True)
+        planning.plan_micro_batch(cfg, model, 8, train=True)
     msg = str(err.value)
     assert "\n" not in msg and msg.startswith("a training batch of 8 clips of 3x16x112x112: one clip needs ~")
     assert "to fit, try --frames 1, --crop 37, a larger --memory-budget" in msg
     cfg.micro_batch = 3  # given: no probe
-    assert common.plan_micro_batch(cfg, model, 8, train=True) == 3
-    assert common.plan_micro_batch(cfg, torch.nn.Linear(1, 1), 8, train=True) == 3 and len(calls) == 1
+    assert planning.plan_micro_batch(cfg, model, 8, train=True) == 3
+    assert planning.plan_micro_batch(cfg, torch.nn.Linear(1, 1), 8, train=True) == 3 and len(calls) == 1
 
 
 def test_the_probes_leave_the_model_and_the_rng_as_they_were():
@@ -61,7 +61,7 @@ def test_the_probes_leave_the_model_and_the_rng_as_they_were():
     rng = torch.get_rng_state()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for train in (True, False):
-        estimate = common.probe_estimate(model, (3, 2, 16, 16), "cpu", train=train, optimizer=opt, per_input_clip=1)
+        estimate = planning.probe_estimate(model, (3, 2, 16, 16), "cpu", train=train, optimizer=opt, per_input_clip=1)
         assert estimate.fixed > 0 and estimate.per_clip >= 1
     assert torch.equal(torch.get_rng_state(), rng) and model.training and not opt.state
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -71,8 +71,8 @@ def test_the_probes_leave_the_model_and_the_rng_as_they_were():
 def test_knn_in_micro_batches_and_a_budget_too_small(tmp_path, make_video, monkeypatch, capsys):
     root = ucf101_root(tmp_path, make_video, classes=("A", "B"), train=1, test=1)
     probes = []
-    real = common.probe_estimate
-    monkeypatch.setattr(common, "probe_estimate", lambda *a, **k: probes.append(a) or real(*a, **k))
+    real = planning.probe_estimate
+    monkeypatch.setattr(planning, "probe_estimate", lambda *a, **k: probes.append(a) or real(*a, **k))
     metrics = {}
     for flags in ([], ["--micro-batch", "1"]):
         out = tmp_path / f"knn{len(flags)}"

@@ -213,3 +213,17 @@ def test_every_preset_is_a_frozen_record():
         with pytest.raises(Exception):
             p.crop = 1
     assert set(protocols.PROTOCOLS) >= {"videomoco", "authors", "vcop", "coclr", "slowfast"}
+
+
+def test_flags_not_given_take_the_protocol():
+    """Parsed from the command line: only the flags given are deviations (a regression: defaults taken from an
+    instance made every `videomoco` value a deviation of `authors`)."""
+    from videomoco.cli import build_parser
+    from videomoco.eval import common
+
+    args = build_parser("finetune").parse_args(["finetune", "DATA", "--protocol", "authors", "--crop", "112",
+                                                "--device", "cpu"])
+    cfg = common.config_from_args(FinetuneConfig, args)
+    assert protocols.deviations(cfg) == {"crop": {"protocol": 224, "used": 112}}
+    assert (cfg.bn, cfg.aggregation, cfg.lr, cfg.clips_per_video, cfg.input_norm) == ("eval", "logits", 0.005, 10,
+                                                                                     "imagenet")

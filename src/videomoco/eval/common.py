@@ -1,28 +1,20 @@
-"""What every evaluation command shares: the config fields and flags, model and data loading, memory
-planning, results files.
+"""What every evaluation command shares: the config fields and flags, model and data loading, results files.
 
-Memory planning (`plan_micro_batch`, the eval side of `videomoco.engine.memory`): before the first batch
-of a command, one forward (fine-tuning: one training step, on a copy) of 1 and 2 random clips is
-measured, and a loader batch that would not fit is run in micro-batches of clips: `--micro-batch auto`.
-Inference is split after normalisation (BN in eval mode: the same features); fine-tuning accumulates
-the gradients of the micro-batches into one update of the whole batch's mean loss. When not even one
-clip fits, the command stops with one line naming the estimate and what to lower.
+A command reads protocol -> data -> model -> loop -> metrics: `protocols.resolve` (run by the config) fills
+the protocol's choices, `labeled_dataset` builds its views, `load_model` the encoder, the command's loop runs it
+(micro-batches planned by `eval.planning`), `write_results` writes the metrics with the protocol's name.
 """
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
-import math
 import random
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from videomoco.data import augment
@@ -31,13 +23,12 @@ from videomoco.data.decode import VideoError
 from videomoco.data.index import open_index
 from videomoco.engine.checkpoint import (WRITE_ERRNOS, CheckpointError, WriteError, encoder_input_norm, load_checkpoint,
                                          load_encoder, resolve_encoder, write_error)
-from videomoco.engine import memory
 from videomoco.engine.config import check_output_dir, error_line, micro_batch_arg, resolve_device
 from videomoco.engine.pretrain import AMP_DTYPES, resolve_precision
-from videomoco.eval import protocols
+from videomoco.eval import planning, protocols
 from videomoco.eval.features import extract_features
 from videomoco.flags import (COUNT, FACTOR, MOMENTUM, NON_NEGATIVE, POSITIVE, POSITIVE_INT, RATIO, SEED, SHARED,
-                             Number, config_from, fail)
+                             Number, config_from, defaults, fail)
 from videomoco.models import build_encoder, list_encoders
 
 log = logging.getLogger(__name__)
@@ -96,7 +87,8 @@ def add_flag(parser, cfg_cls, name, help=None, **kwargs):
     if name in RANGES and "action" not in kwargs:
         kwargs.setdefault("type", RANGES[name])
     names = SHARED.get(name, (f"--{name.replace('_', '-')}",))
-    parser.add_argument(*names, dest=name, default=getattr(cfg_cls(), name), help=help, **kwargs)
+    # the field's default, not an instance's value: the fields a protocol owns stay None until the config is made
+    parser.add_argument(*names, dest=name, default=defaults(cfg_cls)[name], help=help, **kwargs)
 
 
 def add_common_arguments(parser, cfg_cls=EvalConfig, data=True):
@@ -166,9 +158,9 @@ def check_values(cfg):
     if hasattr(cfg, "device"):
         cfg.device = resolve_device(cfg.device)
     if hasattr(cfg, "micro_batch"):
-        cfg.micro_batch = _micro_batch(cfg)
+        cfg.micro_batch = planning.micro_batch(cfg)
     if getattr(cfg, "memory_budget", ""):
-        _budget_limit(cfg)
+        planning.budget_limit(cfg)
     return cfg
 
 
@@ -179,23 +171,6 @@ def check_config(cfg):
     if data and not Path(data).exists():  # values first, then paths; both before the model is built and measured
         raise FileNotFoundError(f"{data} is neither an index (index.csv) nor a dataset directory")
     return cfg
-
-
-def _micro_batch(cfg):
-    try:
-        return micro_batch_arg(cfg.micro_batch)
-    except argparse.ArgumentTypeError as e:
-        raise ValueError(f"--micro-batch {e}") from None
-
-
-def _budget_limit(cfg):
-    """`--memory-budget` in bytes, or None when not given."""
-    if not getattr(cfg, "memory_budget", ""):
-        return None
-    try:
-        return memory.parse_size(cfg.memory_budget)
-    except ValueError as e:
-        raise ValueError(f"--memory-budget: {e}") from None
 
 
 # what bad input raises: a missing or corrupt file, a bad value, a dataset whose videos do not decode
@@ -351,125 +326,15 @@ def make_loader(cfg, dataset):
 def extract(cfg, encoder, subset, head=False, clip_fn=None, micro_batch=None, norm=None):
     """Clip-level features (or logits with `head=True`) of a subset, in test mode (no augmentation).
 
-    micro_batch: clips per forward; None: `plan_micro_batch` (measured once per encoder and settings).
+    micro_batch: clips per forward; None: `planning.plan_micro_batch` (measured once per encoder and settings).
     norm: `{"mean", "std"}` of the input; None: `input_stats(cfg, encoder)`."""
     loader = make_loader(cfg, labeled_dataset(cfg, subset, mode="test"))  # a bad split fails before the probe
     if micro_batch is None:
-        micro_batch = plan_micro_batch(cfg, encoder, cfg.batch_size, head=head)
+        micro_batch = planning.plan_micro_batch(cfg, encoder, cfg.batch_size, head=head)
     norm = norm or input_stats(cfg, encoder)
     return extract_features(encoder, loader, cfg.device, head=head, clip_fn=clip_fn, progress=True,
                             micro_batch=micro_batch, mean=norm["mean"], std=norm["std"],
                             amp_dtype=accelerate(cfg, encoder))
-
-
-# --------------------------------------------------------------------------- memory planning
-
-_ESTIMATES = weakref.WeakKeyDictionary()  # model -> {(kind, head, clip, device): StepEstimate}: probed once
-
-
-def _command(cfg):
-    name = type(cfg).__name__
-    return "eval" if name == "EvalConfig" else name.removesuffix("Config").lower()
-
-
-def probe_estimate(model, clip, device, train=False, head=False, optimizer=None, momentum=0.9, per_input_clip=0):
-    """`memory.StepEstimate` of a forward of `model` (train: a fine-tuning step) on clips (C, T, H, W).
-
-    Inference runs `forward_features` (head: the full forward) under inference_mode in eval mode; a
-    training step (forward, cross-entropy, backward, SGD step) runs on a copy of the model, whose bytes
-    are subtracted, as are those of `optimizer`'s state (its copy stands in for it). The model's mode
-    and the global RNG are left as they were.
-    """
-    device = torch.device(device)
-    was_training = model.training
-    with memory.probing(device):
-        if train:
-            probe = copy.deepcopy(model).train()
-            opt = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=momentum)
-            subtract = memory.tensor_bytes(probe.state_dict().values()) + memory.optimizer_bytes(optimizer)
-
-            def step(m):
-                logits = probe(torch.randn((m, *clip), device=device))
-                F.cross_entropy(logits, torch.zeros(m, dtype=torch.long, device=device)).backward()
-                opt.step()
-        else:
-            subtract = 0
-            forward = model.eval() if head else model.eval().forward_features
-
-            def step(m):
-                with torch.inference_mode():
-                    forward(torch.randn((m, *clip), device=device))
-
-        try:
-            return memory.measure_step(step, device, per_input_clip, subtract=subtract,
-                                       smallest=memory.smallest_trainable(model) if train else 1)
-        except ValueError:
-            if not train:
-                raise
-            # BatchNorm cannot train on one clip whose feature map is 1x1x1: measure 2 and 4 clips instead
-            return memory.measure_step(step, device, per_input_clip, subtract=subtract, smallest=2)
-        finally:
-            model.train(was_training)
-
-
-def _fitting_options(cfg, estimate, usable, batch, clips_per_item):
-    """What to change when one clip does not fit: smaller clips, a smaller batch, more memory."""
-    hints = memory.fitting_hints(estimate, usable, batch, cfg.frames, cfg.crop, flags=("--frames", "--crop"))
-    room = usable - estimate.fixed
-    if room >= estimate.per_clip:
-        clips = 1 + (room - estimate.per_clip) // max(estimate.per_input_clip, 1)
-        if clips // clips_per_item >= 1:
-            hints.append(f"--batch-size {int(clips // clips_per_item)}")
-    hints.append("a larger --memory-budget" if cfg.memory_budget else "a device with more free memory")
-    return ", ".join(hints)
-
-
-def plan_micro_batch(cfg, model, clips_per_batch, train=False, head=False, optimizer=None, input_views=1, what=None):
-    """Clips per forward (train: per fine-tuning micro-batch) for batches of `clips_per_batch` clips.
-
-    `cfg.micro_batch` when it is a number (no probe); with 'auto', measured by `probe_estimate` (once per
-    model and clip settings) and planned by `memory.plan_micro_batches` within `cfg.memory_budget` (or
-    what the process holds + what the device has free), less the DataLoader workers' share on CPU.
-    Logs one line; raises `memory.MemoryPlanError` (a ValueError, one line) when not even one clip fits.
-    input_views: float copies of each clip of the batch held while a micro-batch is computed.
-    """
-    micro = _micro_batch(cfg)
-    device = torch.device(cfg.device)
-    clip = (3, cfg.frames, cfg.crop, cfg.crop)
-    b = max(int(clips_per_batch), 1)
-    kind = "training" if train else "inference"
-    what = what or f"{_command(cfg)} {kind}"
-    if micro != "auto":
-        if cfg.memory_budget:
-            log.warning("--memory-budget %s is not used: --micro-batch %d sets the split (no planning)",
-                        cfg.memory_budget, micro)
-        log.info("%s: batch %d: %s (--micro-batch %d)", what, b, memory.split_text(math.ceil(b / min(micro, b)), b),
-                 micro)
-        return min(micro, b)
-    per_input = memory.input_bytes_per_clip(clip, device, views=input_views)
-    try:
-        estimates = _ESTIMATES.setdefault(model, {})
-    except TypeError:  # not weak-referenceable: probe every time
-        estimates = {}
-    probe_key = (kind, head, clip, str(device))
-    if probe_key not in estimates:
-        log.info("%s: --micro-batch auto: measuring a %s of 1 and 2 clips", what,
-                 "training step" if train else "forward")
-        estimates[probe_key] = probe_estimate(model, clip, device, train, head, optimizer,
-                                              getattr(cfg, "momentum", 0.9), per_input)
-    estimate = dataclasses.replace(estimates[probe_key], per_input_clip=per_input)
-    budget = memory.budget_bytes(device, _budget_limit(cfg))
-    reserve = memory.worker_reserve(cfg.workers, b * math.prod(clip)) if device.type == "cpu" else 0
-    shape = "x".join(map(str, clip))
-    try:
-        plan = memory.plan_micro_batches(estimate, b, budget, reserve,
-                                         what=f"{'a training' if train else 'an inference'} batch of {b} clips of {shape}")
-    except memory.MemoryPlanError as e:
-        hints = _fitting_options(cfg, estimate, memory.usable_bytes(budget, reserve), b,
-                                 max(1, b // max(cfg.batch_size, 1)))
-        raise memory.MemoryPlanError(f"{e}; to fit, try {hints}") from None
-    log.info("%s", memory.plan_line(plan, estimate, f"{what}: batch {b}", b))
-    return plan.micro_batch
 
 
 def class_names(dataset):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from videomoco.data.augment import input_norm, normalize
 from videomoco.data.datasets import DECODE_ERRORS, clamp_workers
 from videomoco.data.index import open_index
-from videomoco.eval import common
+from videomoco.eval import common, planning
 from videomoco.eval.features import device_layout
 from videomoco.flags import fail
 from videomoco.transforms import crop_clips, read_clips
@@ -115,7 +115,7 @@ def extract_chunk(encoder, dataset, rows, cfg, micro_batch=None, bar=None):
     micro_batch: clips per forward; None: planned (once per encoder) for batches of batch_size x num_clips.
     bar: a progress bar counting videos, advanced after every batch."""
     if micro_batch is None:
-        micro_batch = common.plan_micro_batch(cfg, encoder, cfg.batch_size * cfg.num_clips)
+        micro_batch = planning.plan_micro_batch(cfg, encoder, cfg.batch_size * cfg.num_clips)
     loader = DataLoader(torch.utils.data.Subset(dataset, rows), batch_size=cfg.batch_size,
                         num_workers=clamp_workers(cfg.workers))
     # what the encoder was trained with (a random-init baseline has no record: Kinetics')

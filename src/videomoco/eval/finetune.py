@@ -36,7 +36,7 @@ from videomoco.data.datasets import build_loader, set_epoch
 from videomoco.engine.checkpoint import (checkpoint_input_norm, encoder_input_norm, finetune_state, load_checkpoint,
                                          restore, save_checkpoint)
 from videomoco.engine.schedule import learning_rate
-from videomoco.eval import common, protocols
+from videomoco.eval import common, planning, protocols
 from videomoco.eval.features import confusion_matrix, device_layout, per_class_accuracy, topk_accuracy, video_scores
 from videomoco.models import set_grad_checkpointing
 
@@ -213,7 +213,7 @@ def run(cfg):
     best_each_epoch = protocols.part(cfg, "finetune").report == "last+best"
     micro_batch = None
     if not cfg.evaluate and start < cfg.epochs:  # planned once, before the first batch
-        micro_batch = common.plan_micro_batch(cfg, model, min(cfg.batch_size, len(train_set)), train=True,
+        micro_batch = planning.plan_micro_batch(cfg, model, min(cfg.batch_size, len(train_set)), train=True,
                                               optimizer=optimizer)
     loader = build_loader(train_set, cfg.batch_size, cfg.workers, shuffle=True, drop_last=len(train_set) >= cfg.batch_size,
                           seed=cfg.seed, pin_memory=str(cfg.device).startswith("cuda"))

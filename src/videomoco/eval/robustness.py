@@ -26,7 +26,7 @@ from videomoco import markdown
 from videomoco.data.augment import normalize
 from videomoco.engine.checkpoint import (CheckpointError, check_finite, checkpoint_generator_kind, read_checkpoint,
                                          restore)
-from videomoco.eval import common
+from videomoco.eval import common, planning
 from videomoco.eval.features import device_layout, video_average
 from videomoco.eval.knn import knn_accuracy
 from videomoco.method.generator import FILL_MODES, build_generator, drop_frames, random_drop
@@ -81,7 +81,7 @@ def dropped_features(cfg, encoder, loader, drop_fns, micro_batch=None):
     Frames are dropped on the whole loader batch, the encoder runs on `micro_batch` clips at a time
     (None: planned once per encoder, for the clean and one dropped copy of the batch)."""
     if micro_batch is None:
-        micro_batch = common.plan_micro_batch(cfg, encoder, cfg.batch_size, input_views=2)
+        micro_batch = planning.plan_micro_batch(cfg, encoder, cfg.batch_size, input_views=2)
     encoder.eval()
     norm = common.input_stats(cfg, encoder)
     amp_dtype = common.accelerate(cfg, encoder)

@@ -225,12 +225,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def start(cfg, command):
-    """Seed the run and log its protocol and deviations (one line)."""
-    seed_everything(cfg.seed)
-    log.info("%s: %s", command, protocols.describe(cfg))
-
-
 def accelerate(cfg, model):
     """Set `model` up for speed on `cfg.device` as pretraining does: on CUDA, cudnn.benchmark and a
     channels_last_3d model (`features.device_layout` gives its inputs the same layout). Returns the autocast
@@ -361,6 +355,7 @@ def write_results(cfg, command, metrics, table=None):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = {k: _jsonable(v) for k, v in metrics.items()}
+    log.info("%s: %s", command, protocols.describe(cfg))
     record = {"command": command, "protocol": cfg.protocol, "deviations": protocols.deviations(cfg),
               "metrics": metrics, "config": dataclasses.asdict(cfg)}
     (out / "metrics.json").write_text(json.dumps(record, indent=2, default=_jsonable) + "\n")

@@ -188,7 +188,7 @@ def _optimizer(cfg, model):
 
 
 def run(cfg):
-    common.start(cfg, "finetune")
+    common.seed_everything(cfg.seed)
     train_set = common.labeled_dataset(cfg, "train", mode="train")
     names = common.class_names(train_set)
     num_classes = len(names) if names else int(train_set.labels.max()) + 1

@@ -71,7 +71,7 @@ def video_features(cfg, encoder, subset, clip_fn=None):
 
 
 def run(cfg):
-    common.start(cfg, "knn")
+    common.seed_everything(cfg.seed)
     encoder = common.load_model(cfg).to(cfg.device)
     train_x, train_y = video_features(cfg, encoder, "train")
     test_x, test_y = video_features(cfg, encoder, "test")

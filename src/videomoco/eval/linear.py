@@ -198,7 +198,7 @@ def probe_metrics(logits, test):
 
 
 def run(cfg):
-    common.start(cfg, "linear")
+    common.seed_everything(cfg.seed)
     encoder = common.load_model(cfg).to(cfg.device).eval().requires_grad_(False)
     before = snapshot(encoder)
     train = rows(cached_features(cfg, encoder, "train"), cfg.features)

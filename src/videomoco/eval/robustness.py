@@ -179,7 +179,7 @@ def plot(rows, names, ks, path):
 
 
 def run(cfg):
-    common.start(cfg, "robustness")
+    common.seed_everything(cfg.seed)
     encoder = common.load_model(cfg).to(cfg.device).eval()
     generator = load_generator(cfg.generator, cfg.fill).to(cfg.device) if cfg.generator else None
     rows = common.extract(cfg, encoder, "train")

@@ -228,7 +228,8 @@ def train_step_argv(sizes, device, arch, frames, batch, config):
     """`benchmarks.train_step` flags for one VideoMoCo step configuration."""
     return ["--mode", "videomoco", "--arch", arch, "--width", str(sizes.width), "--frames", str(frames),
             "--crop", str(sizes.crop), "--batch", str(batch), "--moco-k", str(sizes.moco_k),
-            "--warmup", str(sizes.warmup), "--iters", str(sizes.iters), "--device", str(device), *CONFIGS[config]]
+            "--warmup", str(sizes.warmup), "--iters", str(sizes.iters), "--device", str(device),
+            "--matmul_size", str(sizes.matmul_size), *CONFIGS[config]]
 
 
 def train_step_in_process(argv):
@@ -293,6 +294,7 @@ def amp_agreement(ctx):
         _, _, own_keep = amp_layers.step(args, state, precision, clips, device)
         losses, grads, _ = amp_layers.step(args, state, precision, clips, device, keep=ref_keep)
         rel = {k: abs(losses[k] - ref_losses[k]) / max(abs(ref_losses[k]), 1e-12) for k in losses}
+        cos = amp_layers.player_cosines(grads, ref_grads)
         cos = [cos["d"], cos["g"]]
         within = max(rel.values()) < AMP_TOLERANCE["loss_rel_diff"] and min(cos) > AMP_TOLERANCE["grad_cosine"]
         ok = within if not ctx.dry_run else all(math.isfinite(v) for v in [*losses.values(), *cos])

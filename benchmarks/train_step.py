@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one step per mode and print the N most expensive ops")
+    p.add_argument("--matmul_size", type=int, default=None,
+                   help="side of the square matmul that measures the peak (default: common.matmul_peak's)")
     p.add_argument("--flops-only", action="store_true",
                    help="only count the FLOPs of one step, on fake tensors (no compute, any size, CPU)")
     common.add_common_arguments(p)
@@ -154,13 +156,13 @@ def matmul_peak_dtype(precision, device):
     return torch.float32, "tf32" if tf32 else "fp32"
 
 
-def measure_peak(device, precision, quick=False):
+def measure_peak(device, precision, quick=False, size=None):
     """`common.matmul_peak` in the step's dtype, TFLOP/s; TF32 matmuls switched on for a "tf32" peak."""
     dtype, label = matmul_peak_dtype(precision, device)
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = label == "tf32" or previous
     try:
-        return common.matmul_peak(device, dtype=dtype, size=256 if quick else None, iters=2 if quick else 10)
+        return common.matmul_peak(device, dtype=dtype, size=256 if quick else size, iters=2 if quick else 10)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
@@ -269,10 +271,10 @@ def main(argv=None):
         rows = [count_flops_only(args, mode) for mode in modes]
         columns = list(rows[0])
     else:
-        peak_before = measure_peak(device, args.precision, args.quick)
+        peak_before = measure_peak(device, args.precision, args.quick, args.matmul_size)
         rows = bench(args, modes, device)
         # before and after: one burst of outside load can't lower it
-        peak_tflops = max(peak_before, measure_peak(device, args.precision, args.quick))
+        peak_tflops = max(peak_before, measure_peak(device, args.precision, args.quick, args.matmul_size))
         for row in rows:
             row.update(peak_tflops=peak_tflops, peak_dtype=matmul_peak_dtype(args.precision, device)[1],
                        mfu=row["achieved_tflops"] / peak_tflops)

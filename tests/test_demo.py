@@ -34,6 +34,32 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # the pretraining saw only the train split
     index = (out / "index_train" / "index.csv").read_text()
     assert "train/" in index and "val/" not in index
+    # MoCo and VideoMoCo share their first epochs (one start run) and the monitor's curve starts there
+    budget = BUDGETS["quick"]
+    assert "[demo] pretrain the shared start (plain MoCo):" in printed
+    for name in ("MoCo", "VideoMoCo"):
+        curve = summary["monitor"][name]
+        assert set(curve) == {"0", str(budget.epochs)}, curve  # the start's epoch 0 and the run's last epoch
+        assert curve["0"] == summary["monitor"]["MoCo"]["0"]
+    assert "(`--monitor`)" in report
+
+
+def test_quick_ablation_end_to_end(tmp_path, capsys):
+    """`demo --ablation` alone: its own render, a shared start per seed, every variant measured, the report."""
+    from videomoco.demo.ablation import METRICS
+
+    out = tmp_path / "ablation"
+    assert cli_main(["demo", "--quick", "--ablation", "--out", str(out), "--workers", "1"]) == 0
+    assert "[demo] pretrain MoCo" not in capsys.readouterr().out  # the default demo's runs are not repeated
+    budget = BUDGETS["quick"]
+    summary = json.loads((out / "summary.json").read_text())
+    runs = summary["ablation"]["runs"]
+    assert len(runs) == 6 and all(len(r) == budget.ablation_seeds for r in runs.values())
+    assert all(len(values) == len(METRICS) for r in runs.values() for values in r)
+    starts = sorted(p.name for p in (out / "ablation").glob("start_seed*"))
+    assert starts == [f"start_seed{s}" for s in range(budget.ablation_seeds)]
+    report = (out / "report.md").read_text()
+    assert "## Ablation" in report and "Resolution: the paired std" in report
 
 
 def test_budgets_are_consistent():

@@ -157,10 +157,13 @@ def _official_checkpoint(path, arch="r3d_18", width=8, dim=16, K=32, epoch=3):
     return model
 
 
-def test_resume_from_official_checkpoint(videos, tmp_path):
+def test_resume_from_official_checkpoint(videos, tmp_path, caplog):
     model = _official_checkpoint(tmp_path / "theirs.pth.tar", epoch=3)
     assert cli_run(videos, tmp_path, "--resume", str(tmp_path / "theirs.pth.tar"), "--epochs", "4",
                    "--resumeG", str(tmp_path / "netG.pth.tar"), "--adv_start_epoch", "0") == 0
+    # their encoder saw ImageNet statistics; this run (--aug ours) normalises with Kinetics': said once
+    warnings = [r.getMessage() for r in caplog.records if "normalised with imagenet statistics" in r.getMessage()]
+    assert len(warnings) == 1 and "normalises with kinetics" in warnings[0]
     rows = metrics(tmp_path)
     assert len(rows) == 2  # only epoch 3 ran
     ckpt = ck.load_checkpoint(tmp_path / "ckp" / "checkpoint_0004.pth.tar")

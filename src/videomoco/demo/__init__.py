@@ -39,8 +39,8 @@ class Budget:
     frame_stride: int = 1  # dots move about 1 px a frame
     crop: int = 32
     batch_size: int = 32
-    epochs: int = 24
-    adv_start_epoch: int = 12  # VideoMoCo: plain MoCo with decay first, then the generator joins
+    epochs: int = 16
+    adv_start_epoch: int = 8  # plain MoCo shared by both runs, then MoCo goes on and VideoMoCo adds decay and G
     # the plain heads let every embedding collapse onto one direction; with the BN head, lr 0.05, T 0.1,
     # key momentum 0.9 and views that share no frame, MoCo's kNN goes from 27 to 53-58 (docs/demo.md, "Tuning")
     lr: float = 0.05
@@ -55,16 +55,17 @@ class Budget:
     aug_grayscale: float = 1.0
     aug_invert: float = 0.5
     aug_scale_min: float = 0.8
-    key_momentum: float = 0.9  # 0.99 lags ~100 of the run's 432 steps behind the query encoder
+    key_momentum: float = 0.9  # 0.99 lags ~100 steps behind the query encoder (the run has 288)
     temporal_decay: float = 0.99  # per enqueue step; the paper's 0.99999 is for queues of 65536 keys
     views: str = "disjoint"  # clips that share frames share dots: a match that needs no motion
-    supervised_epochs: int = 16
-    supervised_lr: float = 0.01
+    monitor_every: int = 4  # epochs between the --monitor kNN checks of MoCo and VideoMoCo (0: none)
+    supervised_epochs: int = 8
+    supervised_lr: float = 0.05  # 0.01 reached 63% train clip accuracy in 8 epochs: underfit
     num_clips: int = 2  # test clips per video
     ratios: tuple = (0.0, 0.25, 0.5)
     generator: str = "motion"  # VideoMoCo's G: the one that reads the clip (docs/demo.md, "What the generator learns")
     # --ablation: paired seeds, and its own test set of the same scene (more videos: a tighter paired difference)
-    ablation_seeds: int = 5
+    ablation_seeds: int = 4
     ablation_test_per_class: int = 100
     window_videos: int = 360  # --ablation: window-scene clips for the kNN bank and the test, each
 
@@ -117,11 +118,12 @@ class Timer:
 
 
 def pretrain(cfg, budget, data, out, temporal_decay, adversarial, seed, resume="", max_steps=0, generator="",
-             decay_unit="step"):
+             decay_unit="step", monitor=""):
     """One pretraining run (the `videomoco pretrain` entry point) -> its final checkpoint path.
 
-    resume: a checkpoint to continue (the ablation's shared first epochs); max_steps: stop there;
-    generator: its kind ("": the budget's); decay_unit: "step" (the authors' code) or "key" (the paper)."""
+    resume: a checkpoint to continue (the shared first epochs); max_steps: stop there; generator: its kind
+    ("": the budget's); decay_unit: "step" (the authors' code) or "key" (the paper); monitor: a labelled root
+    for `--monitor` every `budget.monitor_every` epochs ("": none)."""
     from videomoco.engine.config import PretrainConfig
     from videomoco.engine.pretrain import run as run_pretrain
 
@@ -136,6 +138,7 @@ def pretrain(cfg, budget, data, out, temporal_decay, adversarial, seed, resume="
         aug_invert=budget.aug_invert, aug_scale_min=budget.aug_scale_min,
         print_freq=5, log_dir=str(out / "logs"), ckp_dir=str(out / "checkpoints"), save_every=budget.epochs,
         keep_last=1, image_every=1, device=cfg.device, seed=seed, generator=generator or budget.generator,
+        monitor=str(monitor) if monitor and budget.monitor_every else "", monitor_every=budget.monitor_every or 1,
         **({"decay_unit": decay_unit} if decay_unit != "step" else {}))
     shutil.rmtree(out, ignore_errors=True)  # a rerun starts clean: no old checkpoints, no appended logs
     result = run_pretrain(pcfg)
@@ -143,6 +146,12 @@ def pretrain(cfg, budget, data, out, temporal_decay, adversarial, seed, resume="
     if result.get("status") != expected or not result.get("checkpoint"):  # diverged, or stopped by a signal
         raise DemoError(f"pretraining in {out} {result.get('status', 'failed')}: {result.get('error', 'no checkpoint')}")
     return str(result["checkpoint"])
+
+
+def shared_steps(budget, num_train):
+    """The steps of the first `adv_start_epoch` epochs, which MoCo and VideoMoCo share (the loader drops the last
+    partial batch)."""
+    return num_train // budget.batch_size * budget.adv_start_epoch
 
 
 def eval_config(cfg, budget, data, device, pretrained="", seed=0):
@@ -167,17 +176,33 @@ def supervised(cfg, budget, data, out, device):
     return str(out / "checkpoint.pth")
 
 
-def run_ablation(cfg, budget, train_index, num_train, out, device):
-    """`demo.ablation.run` on the demo's recipe: `budget.ablation_seeds` paired seeds, evaluated on a test set of
-    `budget.ablation_test_per_class` videos per class of the demo's scene and on window-scene clips."""
+def render(cfg, budget, out, test_per_class, timer):
+    """Render the scene's videos into `out`/data and index its train split -> (synth result, index, train index
+    directory, number of train videos); pretraining reads only the train index, never the test videos."""
+    from videomoco.data.index import open_index
+
+    data = out / "data"
+    with timer("render the synthetic videos"):
+        synth = synthetic.run(synthetic.SynthConfig(
+            out=str(data), train_per_class=budget.train_per_class, val_per_class=test_per_class,
+            frames=budget.video_frames, size=budget.size, seed=cfg.seed, workers=cfg.workers, scene=budget.scene))
+    with timer("index"):
+        index = open_index(data)
+        train_split = index.select("train")
+        train_index = train_split.save(out / "index_train")
+    return synth, index, train_index, len(train_split)
+
+
+def run_ablation(cfg, budget, out, device, timer):
+    """`--ablation`: `demo.ablation.run` on the demo's recipe, `budget.ablation_seeds` paired seeds, evaluated on
+    `budget.ablation_test_per_class` test videos per class of the demo's scene and on window-scene clips
+    -> the summary written next to `report.md`."""
     import torch
 
     from videomoco.data.augment import normalize
 
-    root = out / "ablation"
-    data = synthetic.run(synthetic.SynthConfig(
-        out=str(root / "data"), train_per_class=budget.train_per_class, val_per_class=budget.ablation_test_per_class,
-        frames=budget.video_frames, size=budget.size, seed=cfg.seed, workers=cfg.workers, scene=budget.scene))["root"]
+    synth, _, train_index, num_train = render(cfg, budget, out, budget.ablation_test_per_class, timer)
+    data, root = out / "data", out / "ablation"
     window = {}
     for split in ("train", "val"):  # clips as long as the videos: the window is where the clip moves
         x, labels, windows = synthetic.window_clips(cfg.seed, split, budget.window_videos, budget.clip_frames,
@@ -188,8 +213,8 @@ def run_ablation(cfg, budget, train_index, num_train, out, device):
         return pretrain(cfg, budget, train_index, root / tag, variant.decay, bool(variant.generator), seed,
                         resume=resume, max_steps=max_steps, generator=variant.generator, decay_unit=variant.decay_unit)
 
-    def measure(ckpt, seed):
-        ecfg = eval_config(cfg, budget, data, device, ckpt, seed)
+    def measure(ckpt, seed):  # one clip per test video: 4 seeds fit in 45 minutes, 5 did not (docs/demo.md)
+        ecfg = dataclasses.replace(eval_config(cfg, budget, data, device, ckpt, seed), num_clips=1)
         m = evaluate(ecfg, [0.0, *ablation_runs.RATIOS])
         rows = {r["ratio"]: r for r in m["robustness"] if r["dropper"] == "random"}
         w = {r["dropper"]: r for r in evaluate_window(ecfg, window["train"][:2], window["val"])}
@@ -197,19 +222,21 @@ def run_ablation(cfg, budget, train_index, num_train, out, device):
         return [m[k], m["linear_top1"], *(rows[r][key] for r in ablation_runs.RATIOS for key in (k, "cosine")),
                 w["none"][k], w["moving"][k], w["still"][k], w["moving"]["cosine"], w["still"]["cosine"]]
 
-    shared_steps = num_train // budget.batch_size * budget.adv_start_epoch  # the loader drops the last partial batch
-    variants = ablation_runs.fixed_variants(budget.temporal_decay)
-    from videomoco.engine.config import PretrainConfig
-
-    if not hasattr(PretrainConfig(), "decay_unit"):  # until issue 23's field is on this branch
-        print("[demo] ablation: pretraining has no decay_unit yet: the paper's form of the decay is left out", flush=True)
-        variants = [v for v in variants if v.decay_unit == "step"]
-    return ablation_runs.run(variants, range(budget.ablation_seeds), shared_steps, train, measure)
+    with timer("ablation"):
+        result = ablation_runs.run(ablation_runs.fixed_variants(budget.temporal_decay), range(budget.ablation_seeds),
+                                   shared_steps(budget, num_train), train, measure)
+    summary = {"data": str(data), "classes": synth["classes"], "num_classes": len(synth["classes"]),
+               "num_train": num_train, "num_test": len(synth["classes"]) * budget.ablation_test_per_class,
+               "arch": cfg.arch, "width": cfg.width, "device": device, "budget": asdict(budget),
+               "ablation": result, "seconds": timer.seconds}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    report.write_ablation_report(out, summary)
+    return summary
 
 
 def run(cfg):
-    """The demo; returns the summary written next to `report.md` (`summary.json`)."""
-    from videomoco.data.index import open_index
+    """The demo (or with `cfg.ablation` the ablation alone); returns the summary written next to `report.md`
+    (`summary.json`)."""
     from videomoco.data.datasets import LabeledDataset
 
     budget = BUDGETS["quick" if cfg.quick else "default"]
@@ -217,20 +244,21 @@ def run(cfg):
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     timer = Timer()
+    if cfg.ablation:
+        summary = run_ablation(cfg, budget, out, device, timer)
+        print(f"[demo] total {sum(timer.seconds.values()):.0f} s; report: {out / 'report.md'}", flush=True)
+        return summary
+    synth, index, train_index, num_train = render(cfg, budget, out, budget.test_per_class, timer)
     data = out / "data"
-    with timer("render the synthetic videos"):
-        synth = synthetic.run(synthetic.SynthConfig(
-            out=str(data), train_per_class=budget.train_per_class, val_per_class=budget.test_per_class,
-            frames=budget.video_frames, size=budget.size, seed=cfg.seed, workers=cfg.workers,
-            scene=budget.scene))
-    with timer("index"):
-        index = open_index(data)
-        train_index = index.select("train").save(out / "index_train")  # pretraining never sees the test videos
     checkpoints = {}
+    with timer("pretrain the shared start (plain MoCo)"):  # the authors' recipe: MoCo first, then G joins
+        start = pretrain(cfg, budget, train_index, out / "start", 1.0, False, cfg.seed,
+                         max_steps=shared_steps(budget, num_train), monitor=data)
     for name, adversarial in (("MoCo", False), ("VideoMoCo", True)):
         with timer(f"pretrain {name}"):
             decay = budget.temporal_decay if adversarial else 1.0
-            checkpoints[name] = pretrain(cfg, budget, train_index, out / name.lower(), decay, adversarial, cfg.seed)
+            checkpoints[name] = pretrain(cfg, budget, train_index, out / name.lower(), decay, adversarial, cfg.seed,
+                                         resume=start, monitor=data)
     with timer("train the supervised reference"):
         checkpoints["supervised"] = supervised(cfg, budget, data, out / "supervised", device)
 
@@ -243,13 +271,10 @@ def run(cfg):
     with timer("time baselines"):
         ecfg = eval_config(cfg, budget, data, device, checkpoints["supervised"], cfg.seed)
         baselines = time_baselines(ecfg, results["supervised"][f"knn_top1_k{KNN_K}"])
-    ablation_result = None
-    if cfg.ablation:
-        with timer("ablation"):
-            ablation_result = run_ablation(cfg, budget, train_index, len(index.select("train")), out, device)
-
     with timer("plots"):
-        report.training_curves({n: out / n.lower() / "logs" for n in ("MoCo", "VideoMoCo")}, out / "training_curves.png")
+        log_dirs = {n: [out / "start" / "logs", out / n.lower() / "logs"] for n in ("MoCo", "VideoMoCo")}
+        monitor = {n: report.monitor_curve(dirs) for n, dirs in log_dirs.items()}
+        report.training_curves(log_dirs, out / "training_curves.png")
         report.accuracy_bars(results, out / "accuracy.png", chance=100 / len(synth["classes"]))
         report.robustness_curves(results, out / "robustness.png")
         test_set = LabeledDataset(index.select("val"), budget.clip_frames, budget.frame_stride, budget.crop,
@@ -257,10 +282,10 @@ def run(cfg):
         report.dropped_frames_strip(checkpoints["VideoMoCo"], test_set, out / "dropped_frames.png")
     summary = {
         "data": str(data), "classes": synth["classes"], "num_classes": len(synth["classes"]),
-        "num_train": len(index.select("train")), "num_test": len(index.select("val")),
+        "num_train": num_train, "num_test": len(index.select("val")),
         "arch": cfg.arch, "width": cfg.width, "device": device, "budget": asdict(budget),
         "checkpoints": checkpoints, "results": results, "baselines": baselines, "baseline_model": "supervised",
-        "report_ratio": ratio, "ablation": ablation_result,
+        "report_ratio": ratio, "monitor": monitor,
         "seconds": timer.seconds,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

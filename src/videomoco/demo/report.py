@@ -12,6 +12,7 @@ from videomoco import markdown
 from videomoco.demo.ablation import GROUPS as ABLATION_GROUPS
 from videomoco.demo.stats import paired_test, resolvable
 from videomoco.engine.logger import drop_strip
+from videomoco.engine.monitor import MONITOR_K
 from videomoco.eval.robustness import load_generator
 from videomoco.method.generator import drop_frames
 
@@ -24,17 +25,27 @@ def read_metrics(log_dir):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def monitor_curve(log_dirs):
+    """{epoch: kNN top-1} of the `--monitor` checks in the runs' logs, in order (a resume repeats its first)."""
+    return {int(r["epoch"]): r["knn_top1"] for log_dir in log_dirs for r in read_metrics(log_dir) if "knn_top1" in r}
+
+
 def training_curves(log_dirs, path):
-    """InfoNCE loss and instance-discrimination top-1 against the step, one line per pretraining."""
-    fig = Figure(figsize=(9, 3.2))
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    for name, log_dir in log_dirs.items():
-        rows = read_metrics(log_dir)
-        steps = [r["step"] for r in rows]
-        ax_loss.plot(steps, [r["loss_d"] for r in rows], label=name, color=COLOURS.get(name))
-        ax_acc.plot(steps, [r["acc1"] for r in rows], label=name, color=COLOURS.get(name))
+    """InfoNCE loss and instance-discrimination top-1 against the step, one line per pretraining.
+
+    log_dirs: name -> the log directories of its runs in order (a shared start, then its own continuation)."""
+    fig = Figure(figsize=(13, 3.2))
+    ax_loss, ax_acc, ax_knn = fig.subplots(1, 3)
+    for name, dirs in log_dirs.items():
+        rows = [row for log_dir in dirs for row in read_metrics(log_dir)]
+        train = [r for r in rows if "loss_d" in r]
+        checks = monitor_curve(dirs)
+        ax_loss.plot([r["step"] for r in train], [r["loss_d"] for r in train], label=name, color=COLOURS.get(name))
+        ax_acc.plot([r["step"] for r in train], [r["acc1"] for r in train], label=name, color=COLOURS.get(name))
+        ax_knn.plot(list(checks), list(checks.values()), marker="o", label=name, color=COLOURS.get(name))
     ax_loss.set(xlabel="step", ylabel="InfoNCE loss", title="pretraining loss")
     ax_acc.set(xlabel="step", ylabel="top-1 (%)", title="positive key ranked first")
+    ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="--monitor: kNN on the test videos")
     ax_loss.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -102,7 +113,7 @@ def dropped_frames_strip(checkpoint, dataset, path, num_clips=4, drop_ratio=0.25
 def robustness_lines(results, a="MoCo", b="VideoMoCo"):
     """Whether `b`'s features are more stable under random frame drops than `a`'s, ratio by ratio (one run)."""
     rows = {name: {r["ratio"]: r for r in m["robustness"] if r["dropper"] == "random"} for name, m in results.items()}
-    lines = [f"{b} against {a}, one run each (the ablation below gives the spread over seeds):", ""]
+    lines = [f"{b} against {a}, one run each (`videomoco demo --ablation` gives the spread over seeds):", ""]
     cells = []
     for ratio in sorted(rows[a]):
         if ratio == 0.0:
@@ -161,18 +172,36 @@ def resolution_lines(tests, metrics, n, p=0.05):
     return lines
 
 
-def write_report(out, summary):
-    """`report.md` from the demo's summary dict (see `videomoco.demo.run`)."""
-    results, budget, ratio = summary["results"], summary["budget"], summary["report_ratio"]
-    lines = [
-        "# videomoco demo", "",
+def header_lines(summary, title):
+    """The report's title and what was run: classes, videos, encoder, clips, device, chance."""
+    budget = summary["budget"]
+    return [
+        f"# {title}", "",
         f"{summary['num_classes']} motion classes ({', '.join(summary['classes'])}, scene `{budget.get('scene', 'object')}`), "
         f"{summary['num_train']} train and {summary['num_test']} test videos rendered under `{summary['data']}`; "
         f"encoder `{summary['arch']}` width {summary['width']}, clips of {budget['clip_frames']} frames "
         f"(stride {budget['frame_stride']}) at {budget['crop']} px, device `{summary['device']}`. "
         f"Chance is {100 / summary['num_classes']:.1f}%.", "",
-        "## Results", "",
     ]
+
+
+def time_lines(seconds):
+    return ["## Time", "", *markdown.table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in seconds.items()]),
+            "", f"Total: {sum(seconds.values()):.0f} s.", ""]
+
+
+def write_ablation_report(out, summary):
+    """`report.md` of `videomoco demo --ablation` (see `videomoco.demo.run_ablation`)."""
+    text = "\n".join(header_lines(summary, "videomoco demo --ablation") + ablation_lines(summary["ablation"], ABLATION_GROUPS)
+                     + [""] + time_lines(summary["seconds"]))
+    (Path(out) / "report.md").write_text(text)
+    return text
+
+
+def write_report(out, summary):
+    """`report.md` from the demo's summary dict (see `videomoco.demo.run`)."""
+    results, ratio = summary["results"], summary["report_ratio"]
+    lines = header_lines(summary, "videomoco demo") + ["## Results", ""]
     rows = []
     for name, m in results.items():
         drop = {(r["dropper"], r["ratio"]): r for r in m["robustness"]}
@@ -187,15 +216,19 @@ def write_report(out, summary):
               f"The `{summary['baseline_model']}` encoder on the same test clips with their frames shuffled or "
               "reduced to one frame, and classifiers on the raw pixels of one frame:", ""]
     lines += markdown.table(["input", "top-1 (%)"], [[k, f"{v:.1f}"] for k, v in summary["baselines"].items()])
-    lines += ["", "## Pretraining", "", "![training curves](training_curves.png)", "",
-              "![dropped frames](dropped_frames.png)", "",
+    lines += ["", "## Pretraining", "", "![training curves](training_curves.png)", ""]
+    curves = {name: {int(e): v for e, v in curve.items()} for name, curve in (summary.get("monitor") or {}).items()}
+    epochs = sorted({e for curve in curves.values() for e in curve})
+    if epochs:
+        lines += [f"kNN top-1 (k={MONITOR_K}, one centre clip per video, the test videos against the train videos) "
+                  "of the query encoder during pretraining (`--monitor`):", ""]
+        lines += markdown.table(["model", *(f"epoch {e}" for e in epochs)],
+                                [[name, *(f"{curve[e]:.1f}" if e in curve else "-" for e in epochs)]
+                                 for name, curve in curves.items()]) + [""]
+    lines += ["![dropped frames](dropped_frames.png)", "",
               "## Robustness to dropped frames", "", "![robustness](robustness.png)", "",
               *robustness_lines(results), ""]
-    if summary.get("ablation"):
-        lines += ablation_lines(summary["ablation"], ABLATION_GROUPS) + [""]
-    lines += ["## Time", ""]
-    lines += markdown.table(["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in summary["seconds"].items()])
-    lines += ["", f"Total: {sum(summary['seconds'].values()):.0f} s.", ""]
+    lines += time_lines(summary["seconds"])
     text = "\n".join(lines)
     (Path(out) / "report.md").write_text(text)
     return text

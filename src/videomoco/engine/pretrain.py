@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from videomoco.data.augment import AUGMENTATIONS, input_norm
 from videomoco.data.datasets import DataFailureError, clamp_workers, set_epoch
 from videomoco.engine import checkpoint as ck
 from videomoco.engine import retention
@@ -239,6 +240,10 @@ class Run:
         if trained != {"unit": cfg.decay_unit, "on": cfg.decay_on} and du.is_main_process():
             log.warning("%s was trained with --decay_unit %s --decay_on %s; this run goes on with --decay_unit %s "
                         "--decay_on %s", path, trained["unit"], trained["on"], cfg.decay_unit, cfg.decay_on)
+        recorded, used = ck.checkpoint_input_norm(ckpt), input_norm(AUGMENTATIONS[cfg.aug])
+        if recorded["name"] != used["name"] and du.is_main_process():
+            log.warning("%s was trained on inputs normalised with %s statistics; this run (--aug %s) normalises with "
+                        "%s (--aug authors keeps the ImageNet ones)", path, recorded["name"], cfg.aug, used["name"])
         if ck.is_official(ckpt):
             log.info("loaded the authors' checkpoint %s (epoch %d): weights and queue only, fresh optimiser",
                      path, self.epoch)
@@ -478,8 +483,6 @@ def _sizes(sizes):
 def recipe_lines(cfg, run, world_size):
     """What this run computes where the authors' code and ours can differ (docs/method.md): the augmentation, the
     normalisation, the decay's form, the BatchNorm batches and the optimisers at --adv_start_epoch."""
-    from videomoco.data.augment import AUGMENTATIONS, input_norm
-
     norm = input_norm(AUGMENTATIONS[cfg.aug])
     t, K, B = cfg.temporal_decay, cfg.moco_k, cfg.batch_size
     oldest = math.ceil(K / B) - 1 if cfg.decay_unit == "step" else K - 1

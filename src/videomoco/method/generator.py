@@ -178,7 +178,9 @@ class MotionDropGenerator(DropGenerator):
         self.score = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
 
     def frame_inputs(self, x):
-        previous = torch.cat([x[:, :, :1], x[:, :, :-1]], dim=2)  # frame 0 is its own previous: difference 0
+        # frame 0 takes frame 1's difference: a zero difference would mark it as the first frame, a position cue
+        # that G used to drop frame 0 in every clip (docs/method.md, "The motion generator")
+        previous = torch.cat([x[:, :, 1:2], x[:, :, :-1]], dim=2)
         return torch.cat([x, (x - previous).abs()], dim=1)  # (B, 2C, T, H, W)
 
     def score_frames(self, x):

@@ -43,6 +43,17 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert curve["0"] == summary["monitor"]["MoCo"]["0"]
     assert "(`--monitor`)" in report
 
+    # benchmarks.drop_shift reads the finished demo: one row per encoder and ratio, every test video placed
+    from benchmarks import drop_shift
+
+    capsys.readouterr()
+    assert drop_shift.main(["--demo", str(out), "--quick"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["encoder"] for r in rows] == ["MoCo", "VideoMoCo", "supervised"]
+    for r in rows:
+        assert sum(r["nearest_classes"]) == summary["num_test"] and -1 <= r["shift_cosine"] <= 1
+        assert 0 <= r["knn_top1"] <= 100 and 0 <= r["knn_centred"] <= 100 and r["shift_over_mean"] > 0
+
 
 def test_quick_ablation_end_to_end(tmp_path, capsys):
     """`demo --ablation` alone: its own render, a shared start per seed, every variant measured, the report."""

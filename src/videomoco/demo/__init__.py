@@ -1,12 +1,13 @@
 """`videomoco demo`: the whole system on synthetic videos, on a CPU, in minutes, with no download.
 
-    synth (videomoco.data.synthetic) -> index -> pretrain MoCo and VideoMoCo (videomoco.engine.pretrain)
-      -> supervised reference (videomoco.eval.finetune) -> kNN / linear / robustness of random init,
-      MoCo, VideoMoCo and supervised -> do the classes need time? -> report.md + PNGs in --out
+    synth (videomoco.data.synthetic) -> index -> pretrain a shared plain MoCo start, then MoCo and VideoMoCo
+      from it (videomoco.engine.pretrain, --monitor on the demo's labels) -> supervised reference
+      (videomoco.eval.finetune) -> kNN / linear / robustness of random init, MoCo, VideoMoCo and supervised
+      -> do the classes need time? -> report.md + PNGs in --out
 
-`--quick` shrinks everything (used by the tests, about a minute); `--ablation` adds MoCo, + each form of
-the decay, + each generator and the best combination over paired seeds (`demo.ablation`), compared with
-MoCo seed by seed (a paired t-test, `demo.stats`), with the robustness to dropped moving vs still frames
+`--quick` shrinks everything (used by the tests, about 15 seconds); `--ablation` runs, instead, MoCo, + each
+form of the decay, + each generator and the best combination over paired seeds (`demo.ablation`), compared
+with MoCo seed by seed (a paired t-test, `demo.stats`), with the robustness to dropped moving vs still frames
 on the window scene. Every phase prints its elapsed time.
 """
 
@@ -65,7 +66,7 @@ class Budget:
     ratios: tuple = (0.0, 0.25, 0.5)
     generator: str = "motion"  # VideoMoCo's G: the one that reads the clip (docs/demo.md, "What the generator learns")
     # --ablation: paired seeds, and its own test set of the same scene (more videos: a tighter paired difference)
-    ablation_seeds: int = 4
+    ablation_seeds: int = 4  # 35 minutes on 2 idle cores; 5 would take about 42 of issue 24's 45 (docs/demo.md)
     ablation_test_per_class: int = 100
     window_videos: int = 360  # --ablation: window-scene clips for the kNN bank and the test, each
 
@@ -213,7 +214,7 @@ def run_ablation(cfg, budget, out, device, timer):
         return pretrain(cfg, budget, train_index, root / tag, variant.decay, bool(variant.generator), seed,
                         resume=resume, max_steps=max_steps, generator=variant.generator, decay_unit=variant.decay_unit)
 
-    def measure(ckpt, seed):  # one clip per test video: 4 seeds fit in 45 minutes, 5 did not (docs/demo.md)
+    def measure(ckpt, seed):  # one clip per test video: about 20 s per run, two clips would double it
         ecfg = dataclasses.replace(eval_config(cfg, budget, data, device, ckpt, seed), num_clips=1)
         m = evaluate(ecfg, [0.0, *ablation_runs.RATIOS])
         rows = {r["ratio"]: r for r in m["robustness"] if r["dropper"] == "random"}
@@ -297,10 +298,11 @@ def run(cfg):
 def add_arguments(parser):
     d = DemoConfig()
     parser.add_argument("--out", default=d.out, help="output directory (data, checkpoints, report.md, PNGs)")
-    parser.add_argument("--quick", action="store_true", help="a tiny run of every phase (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run of every phase (about 15 seconds)")
     parser.add_argument("--ablation", action="store_true",
-                        help="also MoCo, + the decay (two forms), + each generator and the best combination over paired "
-                             "seeds, each compared with MoCo seed by seed (about 45 minutes on 2 cores)")
+                        help="instead of the default demo: MoCo, + the decay (two forms), + each generator and the best "
+                             "combination over paired seeds, each compared with MoCo seed by seed (about 35 minutes on 2 "
+                             "idle cores)")
     parser.add_argument(*SHARED["device"], default=d.device, help="auto, cpu, cuda or cuda:N")
     parser.add_argument(*SHARED["arch"], default=d.arch, choices=list_encoders(), help="encoder from the registry")
     parser.add_argument(*SHARED["width"], type=POSITIVE_INT, default=d.width, help="encoder base width")

@@ -41,18 +41,22 @@ class RanksDisagree(DistributedFailure):
 class Progress:
     """Where this rank is (step, phase), mirrored in the process group's store for the other ranks to read.
 
-    A phase change (a few a step) only records it here and wakes a writer thread, which sends the newest
-    record to the store (coalescing changes it has not sent yet): the store's round trips stay off the
-    training thread. Nothing is written without a store (one process). Every rank passes through the same
-    phases in the same order, so `count` tells who is behind.
+    A phase change (a few a step) records it here and wakes a writer thread, which sends the newest record
+    to the store (coalescing changes it has not sent yet). `set` waits for that write up to `FLUSH_S`, so a
+    rank that dies or hangs right after (in a data fetch, say) has told the others where; it does not wait
+    while an earlier write is still in flight, so a stalled store costs the training thread `FLUSH_S` once,
+    not at every phase. Nothing is written without a store (one process). Every rank passes through the
+    same phases in the same order, so `count` tells who is behind.
     """
 
     KEY = "videomoco/progress/{}"
+    FLUSH_S = 0.05
 
     def __init__(self, store=None, rank=0, world_size=1):
         self.store, self.rank, self.world_size = store, rank, world_size
         self.count, self.step, self.phase = 0, None, "starting"
-        self._record, self._wake, self._writer = None, threading.Event(), None
+        self._record, self._wake, self._sent, self._writer = None, threading.Event(), threading.Event(), None
+        self._in_flight = False
 
     def set(self, phase, step=None):
         self.count, self.step, self.phase = self.count + 1, step, phase
@@ -62,17 +66,25 @@ class Progress:
         if self._writer is None:
             self._writer = threading.Thread(target=self._write, name="videomoco-progress", daemon=True)
             self._writer.start()
+        stalled = self._in_flight
+        self._sent.clear()
         self._wake.set()
+        if not stalled:
+            self._sent.wait(self.FLUSH_S)
 
     def _write(self):
         key = self.KEY.format(self.rank)
         while True:
             self._wake.wait()
             self._wake.clear()
+            self._in_flight = True
             try:
                 self.store.set(key, self._record)
             except Exception:  # the store is gone (its host exited): nothing left to tell
+                self._sent.set()
                 return
+            self._in_flight = False
+            self._sent.set()
 
     def read(self):
         """{rank: (count, step, phase)} of every rank that has reported; {} if there is no store or it is gone."""

@@ -242,8 +242,9 @@ class Run:
                         "--decay_on %s", path, trained["unit"], trained["on"], cfg.decay_unit, cfg.decay_on)
         recorded, used = ck.checkpoint_input_norm(ckpt), input_norm(AUGMENTATIONS[cfg.aug])
         if recorded["name"] != used["name"] and du.is_main_process():
+            keeps = next(aug for aug, norm in AUGMENTATIONS.items() if norm == recorded["name"])
             log.warning("%s was trained on inputs normalised with %s statistics; this run (--aug %s) normalises with "
-                        "%s (--aug authors keeps the ImageNet ones)", path, recorded["name"], cfg.aug, used["name"])
+                        "%s (--aug %s keeps them)", path, recorded["name"], cfg.aug, used["name"], keeps)
         if ck.is_official(ckpt):
             log.info("loaded the authors' checkpoint %s (epoch %d): weights and queue only, fresh optimiser",
                      path, self.epoch)

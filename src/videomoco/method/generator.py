@@ -9,7 +9,7 @@ chosen by name with `build_generator(kind)` (`GENERATORS`, the `--generator` fla
         -> bidirectional GRU over T                                                     (B, T, hidden)
         -> linear score per frame                                                       (B, T)
     "motion"   MotionDropGenerator: each frame scored from itself and |x_t - x_{t-1}|, no recurrence
-      clip (B, C, T, H, W) -> [x_t, |x_t - x_{t-1}|] (B, 2C, T, H, W)   (frame 0: a zero difference)
+      clip (B, C, T, H, W) -> [x_t, |x_t - x_{t-1}|] (B, 2C, T, H, W)   (frame 0: frame 1's)
         -> the same per-frame CNN                                                       (B, T, hidden)
         -> MLP score per frame                                                          (B, T)
 
